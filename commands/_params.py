@@ -1,0 +1,20 @@
+"""Options shared by many commands, declared once so their help text never drifts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+OutputOpt = Annotated[Path, typer.Option("-o", "--output", help="Output checkpoint folder (refused if it exists, unless --force).")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: bfloat16, float16 or float32 (default: the input's).")]
+ShardSizeOpt = Annotated[str, typer.Option("--shard-size", help="Maximum shard size, e.g. 5GB, 500MB, 2GiB.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
+PushOpt = Annotated[Optional[str], typer.Option("--push-to-hub", metavar="REPO_ID", help="After writing, upload the output to this Hub repository.")]
+PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repository as private (with --push-to-hub).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where the math runs: cpu, cuda, cuda:1, mps.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout and nothing else.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+DEFAULT_SHARD_SIZE = "5GB"

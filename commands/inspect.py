@@ -1,0 +1,63 @@
+"""`surgery inspect`: what is in a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import _render
+from ._params import JsonOpt
+
+EXAMPLES = [
+    "surgery inspect fixtures/llama-tiny/base",
+    "surgery inspect HuggingFaceTB/SmolLM2-135M-Instruct --json | jq .num_parameters",
+]
+
+
+def inspect(
+    checkpoint: Annotated[str, typer.Argument(help="Folder, .safetensors file, index JSON, or Hub id org/name[@rev].")],
+    as_json: JsonOpt = False,
+    tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="List every tensor (human output).")] = True,
+) -> None:
+    """Tensors, shapes, dtypes, parameter count, shards and metadata of a checkpoint (headers only)."""
+    from surgery.checkpoint import open_checkpoint
+    from surgery.inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(open_checkpoint(checkpoint))
+
+    def human(console) -> None:
+        from rich.table import Table
+
+        if tensors:
+            table = Table(title=report["checkpoint"], show_lines=False)
+            for col in ("tensor", "shape", "dtype", "bytes", "file"):
+                table.add_column(col, justify="right" if col == "bytes" else "left")
+            for t in report["tensors"]:
+                table.add_row(t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"],
+                              _render.fmt_bytes(t["bytes"]), t["file"])
+            console.print(table)
+        console.print(f"parameters: [bold]{report['num_parameters']:,}[/]"
+                      + (f" (tied, counted once: {', '.join(report['tied_duplicates'])})" if report["tied_duplicates"] else ""))
+        console.print(f"tensors: {report['num_tensors']}   size: {_render.fmt_bytes(report['total_bytes'])}   "
+                      f"dtypes: " + ", ".join(f"{k} {_render.fmt_bytes(v)}" for k, v in report["dtypes"].items()))
+        console.print("shards: " + ", ".join(f"{s['file']} ({_render.fmt_bytes(s['bytes'])})" for s in report["shards"]))
+        if report["config"]:
+            console.print("config: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
+        meta = report["metadata"]
+        if meta:
+            rec = meta.get("surgery")
+            if isinstance(rec, dict) and "operation" in rec:
+                console.print(f"made by: surgery {rec.get('operation')} (record in README.md and __metadata__)")
+            other = {k: v for k, v in meta.items() if k != "surgery"}
+            if other:
+                console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in other.items()))
+
+    _render.emit(report, human, as_json)
+
+
+inspect.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)

@@ -1,0 +1,287 @@
+"""Lazy, validated access to a safetensors checkpoint (folder, file or sharded index).
+
+Opening reads only headers. Tensor bytes are read with ``pread`` into a fresh buffer when
+a tensor is asked for, and nothing is cached, so memory holds only what the caller keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError
+from .format import Header, TensorInfo, parse_header
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files copied from a donor checkpoint into an output folder.
+DONOR_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "spiece.model",
+    "preprocessor_config.json",
+)
+
+
+def _unsafe(path: Path) -> UnsafeFormatError:
+    return UnsafeFormatError(
+        f"{path} is a pickle-based checkpoint, which surgery never unpickles implicitly; "
+        f"convert it first with `surgery convert {path} OUT` (weights-only loading).", path=path)
+
+
+class Checkpoint:
+    """A safetensors checkpoint opened lazily.
+
+    Build one with :func:`open_checkpoint`. See docs/architecture.md for the API.
+    """
+
+    def __init__(self, root: Path, files: list[Path], headers: list[Header], label: str,
+                 index: dict | None = None):
+        self.root = root
+        self.files = files
+        self.label = label
+        self.index = index
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        for h in headers:
+            self.metadata.update(h.metadata)
+            for name, info in h.tensors.items():
+                if name in self.tensors:
+                    raise CorruptCheckpointError(
+                        f"tensor {name!r} appears in both {self.tensors[name].file.name} and {h.file.name} of {root}.",
+                        path=h.file, tensor=name)
+                self.tensors[name] = info
+        self.names = sorted(self.tensors)
+        self._sha: str | None = None
+        self._sha_thread: threading.Thread | None = None
+        self._config: dict | None | bool = False
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.label!r}, {len(self.tensors)} tensors)"
+
+    def info(self, name: str) -> TensorInfo:
+        """Header facts of one tensor; KeyError-free: raises an InputError naming the checkpoint."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            from ..errors import IncompatibleCheckpointsError
+
+            raise IncompatibleCheckpointsError(
+                f"{self.label} has no tensor {name!r}.", path=self.root, tensor=name) from None
+
+    @property
+    def config(self) -> dict | None:
+        """The parsed config.json next to the weights, or None."""
+        if self._config is False:
+            p = self.root / "config.json"
+            if p.is_file():
+                try:
+                    self._config = json.loads(p.read_text())
+                except (OSError, json.JSONDecodeError) as exc:
+                    raise CorruptCheckpointError(f"{p} is not valid JSON ({exc}).", path=p) from exc
+            else:
+                self._config = None
+        return self._config  # type: ignore[return-value]
+
+    def donor_files(self) -> list[Path]:
+        """Config and tokenizer files to copy into an output made from this checkpoint."""
+        return [self.root / n for n in DONOR_FILES if (self.root / n).is_file()]
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def _read_into(self, info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes == 0:
+            return buf
+        view = memoryview(buf.numpy())
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise CorruptCheckpointError(
+                        f"tensor {info.name!r} in {info.file} could not be read past byte {done} of {nbytes}: the file is truncated.",
+                        path=info.file, tensor=info.name)
+                done += n
+        except OSError as exc:
+            raise CorruptCheckpointError(
+                f"tensor {info.name!r} in {info.file} cannot be read: {exc.strerror or exc}.",
+                path=info.file, tensor=info.name) from exc
+        finally:
+            os.close(fd)
+        return buf
+
+    def get_raw(self, name: str) -> torch.Tensor:
+        """The tensor in its stored dtype, as a fresh CPU tensor."""
+        info = self.info(name)
+        buf = self._read_into(info, info.offset, info.nbytes)
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The tensor upcast to ``dtype`` (float32 by default; None keeps the stored dtype) on ``device``."""
+        t = self.get_raw(name)
+        if dtype is not None and (t.is_floating_point() or dtype.is_floating_point is False):
+            t = t.to(dtype)
+        return t.to(device) if str(device) != "cpu" else t
+
+    def get_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+        """Rows ``[start, stop)`` along dim 0, read without touching the rest of the tensor."""
+        info = self.info(name)
+        if not info.shape:
+            raise ValueError(f"get_rows needs a tensor with at least one dimension; {name!r} is a scalar")
+        stop = min(stop, info.shape[0])
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        buf = self._read_into(info, info.offset + start * row_bytes, (stop - start) * row_bytes)
+        t = buf.view(info.dtype).reshape((stop - start, *info.shape[1:]))
+        if dtype is not None:
+            t = t.to(dtype)
+        return t.to(device) if str(device) != "cpu" else t
+
+    def num_parameters(self) -> int:
+        """Element count over all tensors (each stored tensor counted once)."""
+        return sum(i.numel for i in self.tensors.values())
+
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    # ---- identity ------------------------------------------------------------------------
+
+    def _compute_sha(self) -> None:
+        h = hashlib.sha256()
+        for f in self.files:
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        self._sha = h.hexdigest()
+
+    def start_sha256(self) -> None:
+        """Start hashing the files in a background thread (hashlib releases the GIL)."""
+        if self._sha is None and self._sha_thread is None:
+            self._sha_thread = threading.Thread(target=self._compute_sha, daemon=True)
+            self._sha_thread.start()
+
+    def sha256(self) -> str:
+        """sha256 over the checkpoint's safetensors files in order (cached)."""
+        if self._sha is None:
+            if self._sha_thread is not None:
+                self._sha_thread.join()
+            if self._sha is None:
+                self._compute_sha()
+        return self._sha  # type: ignore[return-value]
+
+    def tensor_sha256(self, name: str) -> str:
+        """sha256 of one tensor's stored bytes."""
+        return hashlib.sha256(self.get_raw(name).reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _open_index(root: Path, index_path: Path, label: str) -> Checkpoint:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{index_path} is not a valid safetensors index ({exc}).", path=index_path) from exc
+    shard_names: list[str] = []
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or os.path.isabs(shard) or "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise CorruptCheckpointError(
+                f"{index_path} maps tensor {tensor!r} to {shard!r}, outside the checkpoint folder; shard names must be plain file names.",
+                path=index_path, tensor=tensor)
+        if shard not in shard_names:
+            shard_names.append(shard)
+    files = [root / s for s in sorted(shard_names)]
+    for f in files:
+        if not f.is_file():
+            raise CorruptCheckpointError(f"{index_path} names shard {f.name}, which is missing from {root}.", path=f)
+    headers = [parse_header(f) for f in files]
+    ckpt = Checkpoint(root, files, headers, label, index=index)
+    for tensor, shard in weight_map.items():
+        info = ckpt.tensors.get(tensor)
+        if info is None or info.file.name != shard:
+            raise CorruptCheckpointError(
+                f"{index_path} maps tensor {tensor!r} to {shard}, but that shard does not hold it.",
+                path=index_path, tensor=tensor)
+    extra = set(ckpt.tensors) - set(weight_map)
+    if extra:
+        name = sorted(extra)[0]
+        raise CorruptCheckpointError(
+            f"{ckpt.tensors[name].file} holds tensor {name!r}, which {index_path.name} does not list.",
+            path=ckpt.tensors[name].file, tensor=name)
+    return ckpt
+
+
+def open_local(path: Path, label: str | None = None) -> Checkpoint:
+    """Open a local folder, ``.safetensors`` file or index JSON."""
+    label = label or str(path)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise _unsafe(path)
+        if path.name.endswith(".index.json"):
+            return _open_index(path.parent, path, label)
+        return Checkpoint(path.parent, [path], [parse_header(path)], label)
+    if path.is_dir():
+        index = path / INDEX_NAME
+        if index.is_file():
+            return _open_index(path, index, label)
+        single = path / "model.safetensors"
+        if single.is_file():
+            return Checkpoint(path, [single], [parse_header(single)], label)
+        others = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+        if len(others) == 1:
+            return Checkpoint(path, others, [parse_header(others[0])], label)
+        if len(others) > 1:
+            raise CorruptCheckpointError(
+                f"{path} holds {len(others)} .safetensors files but no {INDEX_NAME} saying how they form one model; "
+                f"name one file instead.", path=path)
+        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise _unsafe(pickles[0])
+        raise CheckpointNotFoundError(f"{path} holds no safetensors checkpoint (no model.safetensors or {INDEX_NAME}).", path=path)
+    raise CheckpointNotFoundError(f"{path} does not exist.", path=path)
+
+
+def open_checkpoint(spec: str | os.PathLike, *, revision: str | None = None) -> Checkpoint:
+    """Open a checkpoint from a folder, a file, an index JSON or a Hub id ``org/name[@rev]``.
+
+    Args:
+        spec: Local path, or a Hugging Face Hub repository id with an optional ``@revision``.
+        revision: Hub revision; overrides one given with ``@``.
+
+    Returns:
+        The opened checkpoint (headers validated, no tensor data read).
+
+    Raises:
+        CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError, HubError.
+    """
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if path.exists():
+        return open_local(path, label=text)
+    from .hub import looks_like_repo_id, pull
+
+    if looks_like_repo_id(text):
+        repo_id, _, rev = text.partition("@")
+        local = pull(repo_id, revision=revision or rev or None)
+        return open_local(local, label=text)
+    raise CheckpointNotFoundError(
+        f"{text} does not exist, and is not a Hub repository id of the form org/name[@revision].", path=text)
+
+
+def matrix_like(info: TensorInfo) -> bool:
+    """True for floating 2-D tensors (weight matrices and embeddings)."""
+    return info.ndim == 2 and info.dtype.is_floating_point and math.prod(info.shape) > 0

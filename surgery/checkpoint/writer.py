@@ -1,0 +1,275 @@
+"""Streaming, sharded, atomic safetensors writer.
+
+The output plan (names, shapes, dtypes) is known before any tensor is computed, so every
+shard's header is written first, each shard file is sized up front, and each tensor's
+bytes go straight to their final offset when they are ready. Nothing waits in memory for a
+shard to fill. Everything is written under a temporary sibling folder that is renamed
+into place only after every tensor has been written and fsynced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import OutputExistsError, UsageError
+from .format import DTYPES, TORCH_TO_CODE, TensorInfo, build_header
+
+# Room left in every header so the final record can be written after the tensors.
+HEADER_RESERVE = 64 * 1024
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a shard size such as ``5GB`` (decimal, as transformers does), ``500MiB`` or ``1000000``."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    unit = (m.group(2) or "").upper() if m else None
+    if not m or unit not in _UNITS:
+        raise UsageError(f"shard size {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB.")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise UsageError(f"shard size {text!r} must be positive.")
+    return size
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor's name, shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[TORCH_TO_CODE[self.dtype]][1]
+
+
+def plan_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
+    """Split sorted tensors into shards of at most ``shard_size`` bytes (a larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    used = 0
+    for s in specs:
+        if shards[-1] and used + s.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(s)
+        used += s.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+class ShardedWriter:
+    """Writes a planned set of tensors into pre-sized shard files at their final offsets.
+
+    Args:
+        folder: Folder to create the files in (a temporary folder; see :func:`atomic_output`).
+        specs: Every output tensor; written in sorted name order.
+        shard_size: Maximum bytes of tensor data per shard.
+        metadata: ``__metadata__`` for every shard (may be replaced in :meth:`finish`).
+    """
+
+    def __init__(self, folder: Path, specs: list[TensorSpec], shard_size: int, metadata: dict[str, str]):
+        for s in specs:
+            if s.dtype not in TORCH_TO_CODE:
+                raise UsageError(f"tensor {s.name!r}: dtype {s.dtype} cannot be stored in safetensors.", tensor=s.name)
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            dup = sorted(n for n in names if names.count(n) > 1)[0]
+            raise UsageError(f"tensor {dup!r} is planned twice for the output.", tensor=dup)
+        self.folder = folder
+        specs = sorted(specs, key=lambda s: s.name)
+        self.shards = plan_shards(specs, shard_size)
+        self.files = [folder / n for n in shard_names(len(self.shards))]
+        self.location: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (shard idx, abs offset, spec)
+        self._header_len: list[int] = []
+        self._entries: list[list] = []
+        self._remaining: dict[str, int] = {}
+        self._fds: list[int] = []
+        for i, (shard, path) in enumerate(zip(self.shards, self.files)):
+            entries, pos = [], 0
+            for s in shard:
+                entries.append((s.name, TORCH_TO_CODE[s.dtype], s.shape, pos, pos + s.nbytes))
+                pos += s.nbytes
+            header = build_header(entries, metadata, min_size=_json_len(entries, metadata) + HEADER_RESERVE)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.ftruncate(fd, len(header) + pos)
+            os.pwrite(fd, header, 0)
+            self._header_len.append(len(header))
+            self._entries.append(entries)
+            for (name, _, _, begin, _), s in zip(entries, shard):
+                self.location[name] = (i, len(header) + begin, s)
+                self._remaining[name] = s.nbytes
+
+    def spec(self, name: str) -> TensorSpec:
+        return self.location[name][2]
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor (already in the planned dtype and shape)."""
+        spec = self.spec(name)
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}")
+        self.write_rows(name, 0, tensor)
+
+    def write_rows(self, name: str, start: int, block: torch.Tensor) -> None:
+        """Write rows ``[start, start + len(block))`` of a planned tensor."""
+        shard, offset, spec = self.location[name]
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else spec.nbytes
+        data = block.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if start * row_bytes + len(data) > spec.nbytes:
+            raise ValueError(f"tensor {name!r}: rows past the end")
+        self._pwrite(self._fds[shard], memoryview(data), offset + start * row_bytes)
+        self._remaining[name] -= len(data)
+
+    def copy_raw(self, name: str, src: TensorInfo) -> None:
+        """Copy a tensor's stored bytes from a source file without decoding them."""
+        shard, offset, spec = self.location[name]
+        if src.nbytes != spec.nbytes or src.dtype != spec.dtype:
+            raise ValueError(f"tensor {name!r}: raw copy needs the same dtype and size")
+        fd_out = self._fds[shard]
+        fd_in = os.open(src.file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < src.nbytes:
+                try:
+                    n = os.copy_file_range(fd_in, fd_out, src.nbytes - done, src.offset + done, offset + done)
+                except OSError:
+                    n = 0
+                if n <= 0:  # not supported across these files: fall back to read/write in chunks
+                    chunk = os.pread(fd_in, min(1 << 24, src.nbytes - done), src.offset + done)
+                    if not chunk:
+                        raise OSError(f"short read copying {name!r} from {src.file}")
+                    n = os.pwrite(fd_out, chunk, offset + done)
+                done += n
+        finally:
+            os.close(fd_in)
+        self._remaining[name] = 0
+
+    def missing(self) -> list[str]:
+        return sorted(n for n, r in self._remaining.items() if r != 0)
+
+    def finish(self, metadata: dict[str, str]) -> list[Path]:
+        """Rewrite the headers with the final metadata, write the index, fsync, close.
+
+        Raises:
+            ValueError: A planned tensor was never written (a bug in the operation).
+        """
+        missing = self.missing()
+        if missing:
+            raise ValueError(f"planned tensors were not written: {missing[:5]}")
+        for i, entries in enumerate(self._entries):
+            header = build_header(entries, metadata, min_size=self._header_len[i] - 8)
+            if len(header) != self._header_len[i]:  # record outgrew the reserve: keep a pointer
+                slim = {k: v for k, v in metadata.items() if k != "surgery"}
+                slim["surgery"] = json.dumps({"record": "see README.md (too large for the header)"})
+                header = build_header(entries, slim, min_size=self._header_len[i] - 8)
+            os.pwrite(self._fds[i], header, 0)
+            os.fsync(self._fds[i])
+        self.close()
+        if len(self.files) > 1:
+            total = sum(s.nbytes for shard in self.shards for s in shard)
+            weight_map = {s.name: f.name for shard, f in zip(self.shards, self.files) for s in shard}
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            write_text(self.folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        return list(self.files)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+
+
+def _json_len(entries, metadata) -> int:
+    return len(build_header(entries, metadata)) - 8
+
+
+def write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_output(output: Path, *, force: bool, inputs: list[Path] = ()) -> Path:
+    """Refuse an output that exists (unless ``force``) or that is, or holds, an input."""
+    output = Path(output).expanduser()
+    out_res = output.resolve()
+    for inp in inputs:
+        inp_res = Path(inp).resolve()
+        if out_res == inp_res or out_res in inp_res.parents:
+            raise UsageError(f"output {output} would overwrite the input {inp}; choose another output folder.", path=output)
+    if output.exists() or output.is_symlink():
+        if not force:
+            raise OutputExistsError(f"output {output} already exists; pass --force to replace it.", path=output)
+        if not output.is_dir():
+            raise UsageError(f"output {output} exists and is not a folder; remove it or choose another path.", path=output)
+    return output
+
+
+@contextmanager
+def atomic_output(output: Path, *, force: bool, inputs: list[Path] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``output`` atomically.
+
+    On any exception (KeyboardInterrupt included) the temporary folder is removed and
+    ``output`` is left exactly as it was.
+    """
+    output = check_output(output, force=force, inputs=inputs)
+    parent = output.parent if str(output.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{output.name}.surgery-tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if output.exists():
+            old = parent / f".{output.name}.surgery-old-{uuid.uuid4().hex[:8]}"
+            os.rename(output, old)
+            os.rename(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

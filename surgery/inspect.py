@@ -1,0 +1,67 @@
+"""What is in a checkpoint: tensors, parameter count, shards, metadata (headers only)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .checkpoint.format import TensorInfo
+from .checkpoint.reader import Checkpoint
+from .engine import dtype_name
+
+# Output heads that share storage with the input embedding when embeddings are tied.
+TIED_PAIRS = [("lm_head.weight", "model.embed_tokens.weight"), ("lm_head.weight", "transformer.wte.weight"),
+              ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")]
+
+
+def tied_duplicates(ckpt: Checkpoint) -> list[str]:
+    """Names stored twice only because embeddings are tied (counted once in the parameter count)."""
+    cfg = ckpt.config or {}
+    if not cfg.get("tie_word_embeddings", True if cfg else False):
+        return []
+    out = []
+    for head, emb in TIED_PAIRS:
+        if head in ckpt and emb in ckpt and ckpt.info(head).shape == ckpt.info(emb).shape:
+            out.append(head)
+    return out
+
+
+def _tensor_row(info: TensorInfo) -> dict[str, Any]:
+    return {"name": info.name, "shape": list(info.shape), "dtype": dtype_name(info.dtype),
+            "bytes": info.nbytes, "file": info.file.name}
+
+
+def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
+    """Summarise a checkpoint from its headers.
+
+    Returns:
+        ``tensors`` (name, shape, dtype, bytes, file), ``num_parameters`` (tied heads counted
+        once), ``num_tensors``, ``total_bytes``, ``dtypes`` (bytes per dtype), ``shards``
+        (file name and size), ``metadata`` (``surgery`` record decoded), ``config`` summary.
+    """
+    tied = set(tied_duplicates(ckpt))
+    params = sum(i.numel for n, i in ckpt.tensors.items() if n not in tied)
+    dtypes: dict[str, int] = {}
+    for i in ckpt.tensors.values():
+        dtypes[dtype_name(i.dtype)] = dtypes.get(dtype_name(i.dtype), 0) + i.nbytes
+    metadata: dict[str, Any] = dict(ckpt.metadata)
+    if "surgery" in metadata:
+        try:
+            metadata["surgery"] = json.loads(metadata["surgery"])
+        except json.JSONDecodeError:
+            pass
+    cfg = ckpt.config or {}
+    return {
+        "checkpoint": ckpt.label,
+        "root": str(ckpt.root),
+        "num_tensors": len(ckpt.tensors),
+        "num_parameters": params,
+        "tied_duplicates": sorted(tied),
+        "total_bytes": ckpt.total_bytes(),
+        "dtypes": dtypes,
+        "shards": [{"file": f.name, "bytes": f.stat().st_size} for f in ckpt.files],
+        "metadata": metadata,
+        "config": {k: cfg[k] for k in ("architectures", "model_type", "hidden_size", "num_hidden_layers",
+                                       "vocab_size", "n_embd", "n_layer") if k in cfg},
+        "tensors": [_tensor_row(ckpt.tensors[n]) for n in ckpt.names],
+    }
