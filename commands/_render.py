@@ -30,7 +30,8 @@ def _jsonable(obj: Any) -> Any:
 def stdout_console():
     from rich.console import Console
 
-    return Console(soft_wrap=True)
+    # Piped output is not cut to 80 columns: long tensor names stay whole for grep.
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 
 
 def stderr_console():

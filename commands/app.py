@@ -14,6 +14,18 @@ import traceback
 import click
 import typer
 
+try:  # typer >= 0.20 vendors its own click; its exceptions are not click's
+    from typer import exceptions as _tx
+    from typer._click import exceptions as _cx
+
+    _EXIT = (_tx.Exit, click.exceptions.Exit)
+    _ABORT = (getattr(_tx, "Abort", click.exceptions.Abort), click.exceptions.Abort, KeyboardInterrupt)
+    _CLICK_ERR = (_cx.ClickException, click.ClickException)
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _EXIT = (click.exceptions.Exit,)
+    _ABORT = (click.exceptions.Abort, KeyboardInterrupt)
+    _CLICK_ERR = (click.ClickException,)
+
 from surgery.errors import SurgeryError
 
 from . import analyze, check, convert, diff, edit, evaluate, fuse, grow, inspect, merge, push
@@ -46,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = command.main(args=argv, prog_name="surgery", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         code = exc.exit_code
-    except click.ClickException as exc:
+    except _CLICK_ERR as exc:
         exc.show()
         code = exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except _ABORT:
         sys.stderr.write("interrupted; no output was written.\n")
         code = 130
     except SurgeryError as exc:

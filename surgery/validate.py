@@ -16,6 +16,10 @@ from .errors import InputError, UsageError
 from .progress import Progress, ensure
 
 
+# Buffers (not parameters) that some checkpoints carry and transformers ignores on load.
+BUFFER_SUFFIXES = ("position_ids", "inv_freq", "masked_bias", "attn.bias")
+
+
 @dataclass
 class CheckResult:
     """One check's verdict."""
@@ -92,11 +96,14 @@ def check_config(ckpt: Checkpoint) -> CheckResult:
     for k, v in expected.items():
         for c in candidates(k):
             exp_lookup.setdefault(c, v)
-    failures, matched = [], 0
+    failures, matched, ignored = [], 0, []
     used: set[str] = set()
     for name in ckpt.names:
         shape = ckpt.info(name).shape
         key = next((c for c in candidates(name) if c in exp_lookup), None)
+        if key is None and name.endswith(BUFFER_SUFFIXES):
+            ignored.append(name)  # non-persistent buffers older checkpoints saved; loaders drop them
+            continue
         if key is None:
             failures.append({"tensor": name, "problem": "unexpected", "shape": list(shape)})
             continue
@@ -110,13 +117,14 @@ def check_config(ckpt: Checkpoint) -> CheckResult:
         if not any(c in used for c in candidates(k)):
             if tied and ("lm_head" in k or "decoder.weight" in k):
                 continue
-            if k.endswith(("position_ids", "inv_freq", "masked_bias", "attn.bias")):
+            if k.endswith(BUFFER_SUFFIXES):
                 continue
             missing.append(k)
     failures += [{"tensor": k, "problem": "missing", "expected": list(expected[k])} for k in missing]
     detail = (f"{matched} tensors match the shapes of {(cfg.get('architectures') or ['?'])[0]}" if not failures else
               f"{len(failures)} problem(s): first {failures[0]['problem']} {failures[0]['tensor']!r}")
-    return CheckResult("config", not failures, detail, {"matched": matched, "expected": len(expected)}, failures)
+    return CheckResult("config", not failures, detail,
+                       {"matched": matched, "expected": len(expected), "ignored_buffers": ignored}, failures)
 
 
 def check_against(ckpt: Checkpoint, ref: Checkpoint, atol: float, rtol: float = 0.0,
