@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, HubError, UnsafeFormatError
 from .format import Header, TensorInfo, parse_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -276,7 +276,10 @@ def open_checkpoint(spec: str | os.PathLike, *, revision: str | None = None) -> 
 
     if looks_like_repo_id(text):
         repo_id, _, rev = text.partition("@")
-        local = pull(repo_id, revision=revision or rev or None)
+        try:
+            local = pull(repo_id, revision=revision or rev or None)
+        except HubError as exc:
+            raise HubError(f"{text} is not a local path, and as a Hub repository id: {exc}", path=text) from exc
         return open_local(local, label=text)
     raise CheckpointNotFoundError(
         f"{text} does not exist, and is not a Hub repository id of the form org/name[@revision].", path=text)
