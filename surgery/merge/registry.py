@@ -1,0 +1,115 @@
+"""The merge methods, one explicit table keyed by name (no registration by import side effect).
+
+A method is added by writing its module, one :class:`MethodSpec` line below and a test.
+Batch methods see one tensor of every model at a time; continual methods fold the models
+in order into a running state that can be saved and resumed (see ``state.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import continual, dare, linear, slerp, task_arithmetic, ties
+
+# merge(base, models, shared, per_model, tensor_name, seed) -> merged tensor (float32)
+BatchMerge = Callable[[Any, list, dict, list, str, int], Any]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method is and which parameters it takes.
+
+    Attributes:
+        name: The ``-m`` / ``merge_method`` name.
+        kind: ``batch`` or ``continual``.
+        paper: Link to the paper.
+        shared: Global parameters and their defaults.
+        per_model: Per-model parameters and their defaults.
+        base: ``required``, ``optional`` or ``ignored`` (mergekit's base policy).
+        min_models, max_models: How many models (the base not counted).
+        merge: Batch methods: the per-tensor function.
+        step: Continual methods other than OPCM: ``step(state, tau, count, **shared)``.
+        output_scale: Continual: the merged task vector is ``output_scale(shared) · state``.
+    """
+
+    name: str
+    kind: str
+    paper: str
+    shared: dict[str, Any] = field(default_factory=dict)
+    per_model: dict[str, Any] = field(default_factory=dict)
+    base: str = "required"
+    min_models: int = 1
+    max_models: int | None = None
+    merge: BatchMerge | None = None
+    step: Callable | None = None
+    output_scale: Callable[[dict], float] = lambda shared: 1.0
+
+
+def _w(per_model, key="weight"):
+    return [float(p[key]) for p in per_model]
+
+
+def _linear(base, models, shared, per_model, name, seed):
+    return linear.linear(models, _w(per_model), bool(shared["normalize"]))
+
+
+def _task_arithmetic(base, models, shared, per_model, name, seed):
+    return task_arithmetic.task_arithmetic(base, models, _w(per_model), float(shared["lambda"]), bool(shared["normalize"]))
+
+
+def _ties(base, models, shared, per_model, name, seed):
+    return ties.ties(base, models, _w(per_model), _w(per_model, "density"), float(shared["lambda"]), bool(shared["normalize"]))
+
+
+def _dare(fn):
+    def run(base, models, shared, per_model, name, seed):
+        return fn(base, models, _w(per_model), _w(per_model, "density"), seed=seed, tensor_name=name,
+                  lam=float(shared["lambda"]), normalize=bool(shared["normalize"]), rescale=bool(shared["rescale"]))
+    return run
+
+
+def _slerp(base, models, shared, per_model, name, seed):
+    return slerp.slerp(float(shared["t"]), base, models[0])
+
+
+_GTA_SHARED = {"lambda": 1.0, "int8_mask": False}
+
+METHODS: dict[str, MethodSpec] = {
+    "linear": MethodSpec("linear", "batch", "https://arxiv.org/abs/2203.05482", {"normalize": True},
+                         {"weight": 1.0}, base="ignored", merge=_linear),
+    "task_arithmetic": MethodSpec("task_arithmetic", "batch", "https://arxiv.org/abs/2212.04089",
+                                  {**_GTA_SHARED, "normalize": False}, {"weight": 1.0}, merge=_task_arithmetic),
+    "ties": MethodSpec("ties", "batch", "https://arxiv.org/abs/2306.01708", {**_GTA_SHARED, "normalize": True},
+                       {"weight": 1.0, "density": 1.0}, merge=_ties),
+    "dare_linear": MethodSpec("dare_linear", "batch", "https://arxiv.org/abs/2311.03099",
+                              {**_GTA_SHARED, "normalize": False, "rescale": True}, {"weight": 1.0, "density": 1.0},
+                              merge=_dare(dare.dare_linear)),
+    "dare_ties": MethodSpec("dare_ties", "batch", "https://arxiv.org/abs/2311.03099",
+                            {**_GTA_SHARED, "normalize": False, "rescale": True}, {"weight": 1.0, "density": 1.0},
+                            merge=_dare(dare.dare_ties)),
+    "slerp": MethodSpec("slerp", "batch", "https://en.wikipedia.org/wiki/Slerp", {"t": 0.5}, {},
+                        min_models=1, max_models=1, merge=_slerp),
+    "opcm": MethodSpec("opcm", "continual", "https://arxiv.org/abs/2501.09522",
+                       {"alpha": 0.5, "keep_diagonal": False, "project_embeddings": False}),
+    "continual_task_arithmetic": MethodSpec(
+        "continual_task_arithmetic", "continual", "https://arxiv.org/abs/2501.09522", {"scaling": 0.3},
+        step=lambda s, tau, n, shared: continual.continual_task_arithmetic_step(s, tau, n, float(shared["scaling"]))),
+    "continual_weight_average": MethodSpec(
+        "continual_weight_average", "continual", "https://arxiv.org/abs/2501.09522", {},
+        step=lambda s, tau, n, shared: continual.continual_weight_average_step(s, tau, n)),
+    "magmax": MethodSpec(
+        "magmax", "continual", "https://arxiv.org/abs/2407.06322", {"scaling": 0.5},
+        step=lambda s, tau, n, shared: continual.magmax_step(s, tau, n),
+        output_scale=lambda shared: float(shared["scaling"])),
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of ``name``; UsageError listing the valid names otherwise."""
+    from ..errors import UsageError
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UsageError(f"unknown merge method {name!r}; choose one of {', '.join(METHODS)}.") from None

@@ -1,0 +1,514 @@
+"""``surgery merge``'s entry point: validate the inputs from their headers, then stream the
+merge through the engine one tensor at a time.
+
+Batch methods read one tensor from every model per output tensor. Continual methods fold
+the models in order into a running state; OPCM needs one whole-model scalar per step
+(λ_t), so each of its steps is one streaming pass that writes S_t to a float32 scratch file
+next to the output (memory stays at a few tensors, whatever the number of models), and a
+final pass writes θ0 + S_T / λ_T. ``state_dir`` saves the state; ``resume_dir`` continues one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..checkpoint.reader import Checkpoint, open_checkpoint, open_local
+from ..checkpoint.roles import TensorRole, depth_of, role_of
+from ..checkpoint.writer import ShardedWriter, TensorSpec
+from ..engine import OutputTensor, WriteResult, copy_tensor, dtype_name, parse_dtype, write_checkpoint
+from ..errors import IncompatibleCheckpointsError, InputError, UsageError
+from ..progress import Progress, ensure
+from . import opcm as opcm_math
+from .recipe import MergeRequest, evaluate
+from .registry import METHODS, MethodSpec, get_method
+from .state import ContinualState, load_state, state_writer
+
+@dataclass
+class MergeOptions:
+    """Options that are not merge parameters.
+
+    Attributes:
+        seed: DARE's drop seed and ``shuffle``'s seed.
+        allow_missing: Copy tensors that some models lack from the base instead of refusing.
+        decomposition: OPCM's SVD: ``gram`` (eigh of the smaller Gram matrix, float64) or ``svd``.
+        shuffle: Shuffle the models (continual methods) with ``seed`` before merging.
+        device: Where the math runs.
+        state_dir: Save the continual state here.
+        resume_dir: Continue the continual merge saved here.
+    """
+
+    seed: int = 0
+    allow_missing: bool = False
+    decomposition: str = "gram"
+    shuffle: bool = False
+    device: str = "cpu"
+    state_dir: Path | None = None
+    resume_dir: Path | None = None
+
+
+@dataclass
+class MergeResult:
+    """What :func:`merge` did."""
+
+    write: WriteResult
+    method: str
+    order: list[str]
+    parameters: dict[str, Any]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    lam: float | None = None
+    state_dir: Path | None = None
+
+
+# ---- parameters -----------------------------------------------------------------------------
+
+def _num_layers(ref: Checkpoint) -> int:
+    cfg = ref.config or {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return cfg[key]
+    depths = [d for d in (depth_of(n) for n in ref.names) if d is not None]
+    return max(depths) + 1 if depths else 1
+
+
+class Params:
+    """Resolves the shared and per-model parameter values of every tensor (mergekit's precedence:
+    a model's own setting, then the top-level one, then the method's default)."""
+
+    def __init__(self, spec: MethodSpec, request: MergeRequest, num_layers: int):
+        self.spec, self.request, self.num_layers = spec, request, num_layers
+        known = set(spec.shared) | set(spec.per_model)
+        unknown = sorted(set(request.parameters) - known)
+        for i, m in enumerate(request.models):
+            unknown += [f"{k} (model {m.location})" for k in sorted(set(m.parameters) - set(spec.per_model))]
+        if unknown:
+            valid = ", ".join(sorted(known)) or "none"
+            raise UsageError(f"merge method {spec.name!r} does not take parameter(s) {', '.join(unknown)}; "
+                             f"it takes: {valid} (per-model: {', '.join(spec.per_model) or 'none'}).")
+
+    def layer_t(self, name: str) -> float:
+        d = depth_of(name)
+        if d is None:
+            return 0.0
+        return d / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+
+    def _value(self, key: str, settings: list[dict], default: Any, name: str, t: float) -> Any:
+        for s in settings:
+            if key in s:
+                v = evaluate(s[key], name, t)
+                if v is not None:
+                    return v
+        return default
+
+    def shared(self, name: str) -> dict[str, Any]:
+        t = self.layer_t(name)
+        return {k: self._value(k, [self.request.parameters], d, name, t) for k, d in self.spec.shared.items()}
+
+    def per_model(self, name: str) -> list[dict[str, Any]]:
+        t = self.layer_t(name)
+        return [{k: self._value(k, [m.parameters, self.request.parameters], d, name, t)
+                 for k, d in self.spec.per_model.items()} for m in self.request.models]
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+def _check_compatible(ref: Checkpoint, models: list[Checkpoint], allow_missing: bool, ref_is_base: bool) -> set[str]:
+    """Report every disagreement between ``ref`` and the models from the headers; returns the
+    tensors to copy from the base (missing from some model, with ``allow_missing``)."""
+    problems: list[str] = []
+    copy_from_base: set[str] = set()
+    for m in models:
+        missing = [n for n in ref.names if n not in m]
+        extra = [n for n in m.names if n not in ref]
+        if missing:
+            if allow_missing and ref_is_base:
+                copy_from_base.update(missing)
+            else:
+                problems.append(f"{m.label} lacks {len(missing)} tensor(s) of {ref.label}, e.g. {missing[0]!r}"
+                                + (" (pass --allow-missing to copy them from the base)" if ref_is_base else ""))
+        if extra:
+            problems.append(f"{m.label} has {len(extra)} tensor(s) that {ref.label} lacks, e.g. {extra[0]!r}")
+        for n in ref.names:
+            if n not in m:
+                continue
+            a, b = ref.info(n), m.info(n)
+            if a.shape != b.shape:
+                what = "vocabulary sizes differ" if role_of(a).role == TensorRole.EMBEDDING and a.shape[1:] == b.shape[1:] \
+                    else "shapes differ"
+                problems.append(f"tensor {n!r}: {what}, {tuple(a.shape)} in {ref.label} vs {tuple(b.shape)} in {m.label}")
+            elif a.dtype != b.dtype:
+                problems.append(f"tensor {n!r}: dtypes differ, {dtype_name(a.dtype)} in {ref.label} vs "
+                                f"{dtype_name(b.dtype)} in {m.label} (convert one with `surgery convert --dtype`)")
+    if problems:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more problem(s): {'; '.join(problems[1:4])})" if len(problems) > 1 else ""
+        raise IncompatibleCheckpointsError(f"cannot merge: {first}{more}.", path=ref.label)
+    return copy_from_base
+
+
+def _mergeable(ref: Checkpoint, name: str) -> bool:
+    return ref.info(name).dtype.is_floating_point
+
+
+def _out_dtype(target: torch.dtype | None, ref: Checkpoint, name: str) -> torch.dtype:
+    return target if target is not None else ref.info(name).dtype
+
+
+# ---- batch ----------------------------------------------------------------------------------
+
+def _merge_batch(spec: MethodSpec, request: MergeRequest, base: Checkpoint | None, models: list[Checkpoint],
+                 options: MergeOptions, target: torch.dtype | None) -> tuple[list[OutputTensor], Checkpoint]:
+    ref = base if base is not None else models[0]
+    copy_from_base = _check_compatible(ref, models, options.allow_missing, base is not None)
+    params = Params(spec, request, _num_layers(ref))
+    dev = options.device
+    plan = []
+    for name in ref.names:
+        if not _mergeable(ref, name) or name in copy_from_base:
+            plan.append(copy_tensor(ref, name) if target is None or not _mergeable(ref, name)
+                        else OutputTensor(name, ref.info(name).shape, target, compute=lambda n=name: ref.get(n)))
+            continue
+
+        def compute(n: str = name) -> torch.Tensor:
+            b = base.get(n, device=dev) if base is not None else None
+            xs = [m.get(n, device=dev) for m in models]
+            return spec.merge(b, xs, params.shared(n), params.per_model(n), n, options.seed)
+
+        plan.append(OutputTensor(name, ref.info(name).shape, _out_dtype(target, ref, name), compute=compute))
+    return plan, ref
+
+
+# ---- continual ------------------------------------------------------------------------------
+
+def _projected(ref: Checkpoint, name: str, project_embeddings: bool) -> bool:
+    info = ref.info(name)
+    if info.ndim != 2 or min(info.shape) == 0:
+        return False
+    role = role_of(info)
+    if role.role == TensorRole.MATRIX or (role.role == TensorRole.EMBEDDING and role.sublayer == "lm_head"):
+        return True
+    return role.role == TensorRole.EMBEDDING and project_embeddings
+
+
+def _sq(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x.double()) ** 2)
+
+
+class _Continual:
+    """Runs one continual merge (OPCM or a fold baseline) with an optional resumed state."""
+
+    def __init__(self, spec, request, base, models, options, target, state, state_tensors, progress):
+        self.spec, self.request, self.base, self.models = spec, request, base, models
+        self.options, self.target, self.progress = options, target, ensure(progress)
+        self.dev = options.device
+        copy_from_base = _check_compatible(base, models, options.allow_missing, True)
+        if copy_from_base:
+            raise UsageError(f"--allow-missing is not supported by the continual method {spec.name!r}: "
+                             f"{sorted(copy_from_base)[0]!r} is missing from a model.")
+        self.params = Params(spec, request, _num_layers(base))
+        self.names = [n for n in base.names if _mergeable(base, n)]
+        self.shared = {n: self.params.shared(n) for n in self.names}
+        self.state = state
+        self.state_tensors = state_tensors
+        if state_tensors is not None:
+            problems = [n for n in self.names if n not in state_tensors or state_tensors.info(n).shape != base.info(n).shape]
+            if problems or len(state_tensors.names) != len(self.names):
+                raise IncompatibleCheckpointsError(
+                    f"the continual state does not match the base's tensors (e.g. {(problems or state_tensors.names)[0]!r}); "
+                    f"it was made for another architecture.", path=str(options.resume_dir))
+
+    def _project(self, name: str) -> bool:
+        return _projected(self.base, name, bool(self.shared[name].get("project_embeddings", False)))
+
+    # OPCM: one pass per step, S_t to scratch files.
+    def _opcm_pass(self, prev: Callable[[str], torch.Tensor], model: Checkpoint, scratch: Path,
+                   lazy_first: bool) -> tuple[float, float, float, Checkpoint, dict[str, int]]:
+        specs = [TensorSpec(n, self.base.info(n).shape, torch.float32) for n in self.names]
+        writer = ShardedWriter(scratch, specs, 1 << 62, {"format": "pt"})
+        tau_sq = s_sq = first_sq = 0.0
+        ranks: dict[str, int] = {}
+        self.progress.start(len(self.names), f"opcm step {self.count + 1}: {model.label}")
+        try:
+            for n in self.names:
+                b = self.base.get(n, device=self.dev)
+                tau = model.get(n, device=self.dev) - b
+                del b
+                s_prev = prev(n)
+                if lazy_first:
+                    first_sq += _sq(s_prev)
+                tau_sq += _sq(tau)
+                sh = self.shared[n]
+                s_new, r = opcm_math.opcm_tensor(s_prev, tau, 1.0, alpha=float(sh["alpha"]), project=self._project(n),
+                                                 keep_diagonal=bool(sh["keep_diagonal"]),
+                                                 decomposition=self.options.decomposition)
+                if r is not None:
+                    ranks[n] = r
+                s_sq += _sq(s_new)
+                writer.write(n, s_new.to("cpu", torch.float32).contiguous())
+                del tau, s_prev, s_new
+                self.progress.advance()
+            writer.finish({"format": "pt"})
+        finally:
+            writer.close()
+            self.progress.close()
+        return math.sqrt(tau_sq), math.sqrt(s_sq), math.sqrt(first_sq), open_local(scratch / "model.safetensors"), ranks
+
+    def run(self, output, *, shard_size, force, sink_factory) -> MergeResult:
+        st = self.state
+        self.count = st.count if st else 0
+        self.sum_norms = st.sum_norms if st else 0.0
+        self.lam = st.lam if st else 1.0
+        order = list(st.order) if st else []
+        steps = list(st.steps) if st else []
+        prev: Callable[[str], torch.Tensor | None]
+        if self.state_tensors is not None:
+            stt = self.state_tensors
+            prev = lambda n: stt.get(n, device=self.dev)  # noqa: E731
+        else:
+            prev = lambda n: None  # noqa: E731
+        is_opcm = self.spec.name == "opcm"
+        lazy_first = False
+        parent = Path(output).expanduser().resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        scratch_root = Path(tempfile.mkdtemp(prefix=".surgery-merge-", dir=parent))
+        try:
+            fold_models = []
+            for k, model in enumerate(self.models):
+                entry = {"label": model.label, "sha256": model.sha256(), "tau_norm": None}
+                if not is_opcm:
+                    fold_models.append(model)
+                    order.append(entry)
+                    continue
+                if self.count == 0:
+                    b, m = self.base, model
+                    prev = lambda n, m=m, b=b: m.get(n, device=self.dev) - b.get(n, device=self.dev)  # noqa: E731
+                    lazy_first = True
+                    self.count, self.lam = 1, 1.0
+                    order.append(entry)
+                    steps.append({"step": 1, "model": model.label, "tau_norm": None, "merged_norm": None, "lambda": 1.0})
+                    continue
+                scratch = scratch_root / f"step{self.count + 1}"
+                scratch.mkdir()
+                tau_norm, s_norm, first_norm, ckpt, ranks = self._opcm_pass(prev, model, scratch, lazy_first)
+                if lazy_first:
+                    self._fill_first(order, steps, first_norm)
+                    lazy_first = False
+                self.count += 1
+                self.sum_norms += tau_norm
+                mean = self.sum_norms / self.count
+                self.lam = s_norm / mean if mean > 0 and s_norm > 0 else 1.0
+                entry["tau_norm"] = tau_norm
+                order.append(entry)
+                steps.append({"step": self.count, "model": model.label, "tau_norm": tau_norm, "merged_norm": s_norm,
+                              "mean_tau_norm": mean, "lambda": self.lam,
+                              "mean_split_rank": (sum(ranks.values()) / len(ranks)) if ranks else None})
+                prev = lambda n, c=ckpt: c.get(n, device=self.dev)  # noqa: E731
+                for old in scratch_root.iterdir():  # only S_t is needed from here on
+                    if old != scratch:
+                        shutil.rmtree(old, ignore_errors=True)
+            return self._write(output, prev, fold_models, order, steps, lazy_first, shard_size, force, sink_factory)
+        finally:
+            shutil.rmtree(scratch_root, ignore_errors=True)
+
+    def _fill_first(self, order, steps, norm: float) -> None:
+        for e in order:
+            if e["tau_norm"] is None:
+                e["tau_norm"] = norm
+        for s in steps:
+            if s["tau_norm"] is None:
+                s["tau_norm"] = s["merged_norm"] = s["mean_tau_norm"] = norm
+        self.sum_norms += norm
+
+    def _write(self, output, prev, fold_models, order, steps, lazy_first, shard_size, force, sink_factory) -> MergeResult:
+        base, dev, spec = self.base, self.dev, self.spec
+        count0 = self.count
+        acc = {"first": 0.0, "tau": [0.0] * len(fold_models)}
+        specs = [TensorSpec(n, base.info(n).shape, torch.float32) for n in self.names]
+        names = set(self.names)
+        is_opcm = spec.name == "opcm"
+
+        def run_write(sink):
+            plan = []
+            for name in base.names:
+                if name not in names:
+                    plan.append(copy_tensor(base, name))
+                    continue
+
+                def compute(n: str = name) -> torch.Tensor:
+                    b = base.get(n, device=dev)
+                    s = prev(n)
+                    if is_opcm:
+                        if lazy_first:
+                            acc["first"] += _sq(s)
+                        out = b + s / self.lam
+                    else:
+                        for i, m in enumerate(fold_models):
+                            tau = m.get(n, device=dev) - b
+                            acc["tau"][i] += _sq(tau)
+                            s = spec.step(s, tau, count0 + i + 1, self.shared[n])
+                        out = b + spec.output_scale(self.shared[n]) * s
+                    if sink is not None:
+                        sink.write(n, s)
+                    return out
+
+                plan.append(OutputTensor(name, base.info(name).shape, _out_dtype(self.target, base, name), compute=compute))
+
+            def extra() -> dict[str, Any]:
+                if is_opcm and lazy_first:
+                    self._fill_first(order, steps, math.sqrt(acc["first"]))
+                if not is_opcm:
+                    for i, m in enumerate(fold_models):
+                        norm = math.sqrt(acc["tau"][i])
+                        order[count0 + i]["tau_norm"] = norm
+                        self.sum_norms += norm
+                        steps.append({"step": count0 + i + 1, "model": m.label, "tau_norm": norm})
+                    self.count = count0 + len(fold_models)
+                return {"order": [dict(e) for e in order], "steps": steps,
+                        "lambda": self.lam if is_opcm else None, "count": self.count,
+                        "mean_tau_norm": self.sum_norms / self.count if self.count else None}
+
+            inputs = [base] + self.models
+            result = write_checkpoint(plan, output, donor=base, operation="merge", parameters=self.record_params,
+                                      inputs=inputs, input_roles=["base"] + ["model"] * len(self.models),
+                                      shard_size=shard_size, force=force, progress=self.progress, extra_record=extra)
+            return result
+
+        st_params = {k: self.shared[self.names[0]][k] for k in spec.shared} if self.names else {}
+        if self.options.state_dir is not None:
+            with sink_factory(specs) as sink:
+                result = run_write(sink)
+                sink.finish(ContinualState(spec.name, st_params, self.base_identity, order, self.count,
+                                           self.sum_norms, self.lam, steps))
+        else:
+            result = run_write(None)
+        return MergeResult(result, spec.name, [e["label"] for e in order], self.record_params, steps,
+                           self.lam if is_opcm else None, self.options.state_dir)
+
+
+# ---- entry point ----------------------------------------------------------------------------
+
+def _open_all(request: MergeRequest) -> tuple[Checkpoint | None, list[Checkpoint]]:
+    base = open_checkpoint(request.base) if request.base else None
+    models = [open_checkpoint(m.location) for m in request.models]
+    return base, models
+
+
+def _base_identity(base: Checkpoint) -> dict[str, str]:
+    p = Path(base.label)
+    return {"label": base.label, "path": str(p.resolve()) if p.exists() else base.label, "sha256": base.sha256()}
+
+
+def _resume(request: MergeRequest, options: MergeOptions) -> tuple[ContinualState, Checkpoint, Checkpoint, MergeRequest]:
+    state, tensors = load_state(options.resume_dir)
+    if request.method and request.method != state.method:
+        raise UsageError(f"the state in {options.resume_dir} continues an {state.method!r} merge; drop -m "
+                         f"{request.method} or start a new state.", path=options.resume_dir)
+    for k, v in request.parameters.items():
+        if k in state.parameters and state.parameters[k] != v:
+            raise UsageError(f"the state in {options.resume_dir} was made with {k}={state.parameters[k]!r}; "
+                             f"a resumed merge keeps it (drop the {k} setting).", path=options.resume_dir)
+    where = request.base or state.base.get("path") or state.base["label"]
+    try:
+        base = open_checkpoint(where)
+    except InputError as exc:
+        raise InputError(f"the base recorded in {options.resume_dir} ({where}) cannot be opened ({exc}); pass --base "
+                         f"with its current location.", path=where) from exc
+    if base.sha256() != state.base["sha256"]:
+        raise IncompatibleCheckpointsError(
+            f"base {base.label} (sha256 {base.sha256()[:12]}…) is not the base of the state in {options.resume_dir} "
+            f"({state.base['label']}, sha256 {state.base['sha256'][:12]}…); resume with the same base.",
+            path=base.label)
+    req = MergeRequest(state.method, where, request.models, {**state.parameters}, request.dtype)
+    return state, tensors, base, req
+
+
+def merge(request: MergeRequest, output: str | Path, *, options: MergeOptions | None = None,
+          dtype: str | None = None, shard_size: str | int = "5GB", force: bool = False,
+          progress: Progress | None = None) -> MergeResult:
+    """Merge the models of ``request`` into a new checkpoint at ``output``.
+
+    Args:
+        request: Method, base, models and parameter settings (from the CLI or a recipe).
+        output: Output folder.
+        options: Seed, device, continual state and resume folders, ...
+        dtype: Output dtype (default: the recipe's, else each tensor's input dtype).
+        shard_size: Maximum shard size.
+        force: Replace an existing output.
+        progress: Progress sink.
+
+    Returns:
+        A MergeResult (for OPCM with λ_t and the per-step norms).
+
+    Raises:
+        UsageError: Unknown method or parameters, wrong number of models, bad flag combinations.
+        InputError: Unreadable inputs; IncompatibleCheckpointsError when they disagree or the
+            resumed state's base does not match.
+    """
+    options = options or MergeOptions()
+    if options.decomposition not in opcm_math.DECOMPOSITIONS:
+        raise UsageError(f"unknown decomposition {options.decomposition!r}; choose one of "
+                         f"{', '.join(opcm_math.DECOMPOSITIONS)}.")
+    state = state_tensors = None
+    if options.resume_dir is not None:
+        state, state_tensors, base, request = _resume(request, options)
+        models = [open_checkpoint(m.location) for m in request.models]
+    spec = get_method(request.method)
+    if not request.models:
+        raise UsageError(f"merge method {spec.name!r} needs at least {spec.min_models} model(s) to merge.")
+    if options.resume_dir is None:
+        if spec.base == "required" and not request.base:
+            raise UsageError(f"merge method {spec.name!r} needs a base model (--base or base_model).")
+        # A model listed that is the base itself is the base, not another input (mergekit recipes list it).
+        if request.base:
+            keep = [m for m in request.models if m.location != request.base
+                    and not (Path(m.location).exists() and Path(request.base).exists()
+                             and Path(m.location).resolve() == Path(request.base).resolve())]
+            if spec.base != "ignored":
+                request = MergeRequest(request.method, request.base, keep, request.parameters, request.dtype)
+        base, models = _open_all(request)
+    n = len(request.models)
+    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+        want = f"exactly {spec.min_models}" if spec.max_models == spec.min_models else f"at least {spec.min_models}"
+        raise UsageError(f"merge method {spec.name!r} takes {want} model(s) besides the base; got {n}.")
+    if spec.kind == "batch" and (options.state_dir or options.resume_dir):
+        raise UsageError(f"--state/--resume need a continual method (opcm, continual_task_arithmetic, "
+                         f"continual_weight_average, magmax), not {spec.name!r}.")
+    target = parse_dtype(dtype or request.dtype)
+    if options.shuffle:
+        order = list(range(n))
+        random.Random(options.seed).shuffle(order)
+        request = MergeRequest(request.method, request.base, [request.models[i] for i in order], request.parameters,
+                               request.dtype)
+        models = [models[i] for i in order]
+    record = {"method": spec.name, "paper": spec.paper, "base": base.label if base is not None else None,
+              "models": [m.location for m in request.models], "parameters": request.parameters,
+              "model_parameters": [m.parameters for m in request.models], "dtype": dtype_name(target) if target else None,
+              "seed": options.seed, "allow_missing": options.allow_missing}
+    if spec.kind == "batch":
+        ref_base = base if spec.base != "ignored" else None
+        plan, ref = _merge_batch(spec, request, ref_base, models, options, target)
+        donor = base if base is not None else ref
+        inputs = ([base] if base is not None and spec.base != "ignored" else []) + models
+        roles = (["base"] if base is not None and spec.base != "ignored" else []) + ["model"] * len(models)
+        result = write_checkpoint(plan, output, donor=donor, operation="merge", parameters=record, inputs=inputs,
+                                  input_roles=roles, shard_size=shard_size, force=force, progress=progress)
+        return MergeResult(result, spec.name, [m.label for m in models], record)
+    record.update({"decomposition": options.decomposition, "shuffle": options.shuffle,
+                   "resume": str(options.resume_dir) if options.resume_dir else None,
+                   "state": str(options.state_dir) if options.state_dir else None})
+    runner = _Continual(spec, request, base, models, options, target, state, state_tensors, progress)
+    runner.base_identity = state.base if state is not None else _base_identity(base)
+    runner.record_params = record
+    replace_ok = [Path(options.resume_dir)] if options.resume_dir else []
+
+    def sink_factory(specs):
+        return state_writer(options.state_dir, specs, replace_ok=replace_ok)
+
+    return runner.run(output, shard_size=shard_size, force=force, sink_factory=sink_factory)

@@ -1,0 +1,79 @@
+"""TIES merging (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging
+Models", https://arxiv.org/abs/2306.01708): trim, elect sign, disjoint mean — with
+mergekit's semantics (sign elected by the sum of the weighted, trimmed task vectors; ties
+go to +; the divisor is the sum of the weights of the agreeing models)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest magnitude, zero the rest.
+
+    ``k = max(1, int(density · numel))`` entries are kept (at least one, as in mergekit);
+    ties in magnitude are broken by position (earlier first).
+    """
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    flat = delta.reshape(-1)
+    keep = torch.argsort(flat.abs(), descending=True, stable=True)[:k]
+    mask = torch.zeros_like(flat)
+    mask[keep] = 1
+    return (flat * mask).reshape(delta.shape)
+
+
+def elect_sign(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sign (+1/−1) of Σ of the weighted trimmed task vectors per element (0 counts as +)."""
+    total = torch.zeros_like(weighted[0])
+    for w in weighted:
+        total.add_(w)
+    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+
+
+def ties_combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """Sign election plus disjoint (weighted) mean of already sparsified task vectors.
+
+    Args:
+        deltas: Sparsified task vectors.
+        weights: w_i.
+        normalize: Divide by the sum of the weights of the models agreeing with the elected
+            sign at each element (1 where none agrees).
+    """
+    weighted = [d * float(w) for d, w in zip(deltas, weights)]
+    sign = elect_sign(weighted)
+    mixed = torch.zeros_like(weighted[0])
+    divisor = torch.zeros_like(weighted[0])
+    for wd, w in zip(weighted, weights):
+        agree = (torch.sign(wd) == sign).to(wd.dtype)
+        mixed.add_(wd * agree)
+        divisor.add_(agree, alpha=float(w))
+    if normalize:
+        divisor[divisor == 0] = 1
+        mixed.div_(divisor)
+    return mixed
+
+
+def ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
+         densities: Sequence[float], lam: float = 1.0, normalize: bool = True,
+         sparsify: Callable[[torch.Tensor, float, int], torch.Tensor] | None = None) -> torch.Tensor:
+    """θ0 + λ · TIES(τ_1..τ_n).
+
+    Args:
+        base: θ0.
+        models: θ_i.
+        weights: w_i.
+        densities: Fraction of each τ_i kept.
+        lam: Global scale λ.
+        normalize: Disjoint mean (on by default, as in mergekit).
+        sparsify: ``sparsify(delta, density, model_index)``; magnitude trimming by default
+            (DARE passes its random drop here).
+    """
+    sparsify = sparsify or (lambda d, dens, i: trim(d, dens))
+    deltas = [sparsify(m - base, dens, i) for i, (m, dens) in enumerate(zip(models, densities))]
+    return base + lam * ties_combine(deltas, weights, normalize)
