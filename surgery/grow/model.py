@@ -98,15 +98,28 @@ class TokenFormerConfig:
         norm_type = cfg.get("norm_activation_type", "l2_norm_gelu")
         if norm_type not in NORM_TYPES:
             raise InputError(f"{where} has norm_activation_type {norm_type!r}; supported: {', '.join(NORM_TYPES)}.")
-        kw: dict[str, Any] = {k: cfg[k] for k in (
-            "pos_emb", "rotary_pct", "rotary_emb_base", "norm", "final_norm", "layernorm_epsilon",
-            "rms_norm_epsilon", "no_weight_tying", "gpt_j_residual") if cfg.get(k) is not None}
+        # YAML 1.1 reads "1e-05" as a string: coerce every field to its declared type.
+        kinds = {"pos_emb": str, "rotary_pct": float, "rotary_emb_base": float, "norm": str, "final_norm": str,
+                 "layernorm_epsilon": float, "rms_norm_epsilon": float, "no_weight_tying": _boolean,
+                 "gpt_j_residual": _boolean}
+        try:
+            kw: dict[str, Any] = {k: conv(cfg[k]) for k, conv in kinds.items() if cfg.get(k) is not None}
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{where} has a value of the wrong type ({exc}).") from exc
         frozen = {kind: float(cfg[f]) for kind, f in NORM_SLOT_FIELDS.items() if cfg.get(f) is not None}
         return cls(hidden_size=int(cfg["hidden_size"]), num_layers=int(cfg["num_layers"]),
                    num_attention_heads=int(cfg["num_attention_heads"]),
                    qkv_slot_num=int(cfg["qkv_slot_num"]), proj_slot_num=int(cfg["proj_slot_num"]),
                    ffn_slot_num=int(cfg["ffn_slot_num"]), norm_activation_type=norm_type,
                    norm_slot_num=frozen, **kw)
+
+
+def _boolean(v: Any) -> bool:
+    if isinstance(v, str):
+        if v.strip().lower() in ("true", "false"):
+            return v.strip().lower() == "true"
+        raise ValueError(f"{v!r} is not true or false")
+    return bool(v)
 
 
 def normalize_keys(raw: dict[str, Any]) -> dict[str, Any]:
