@@ -27,11 +27,15 @@ DECOMPOSITIONS = ("gram", "svd")
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
-    """First index j with cumsum(σ)_j / Σσ > alpha (plain sum of σ); 0 when none (alpha ≥ 1) or Σσ = 0."""
-    total = float(s.sum())
+    """First index j with cumsum(σ)_j / Σσ > alpha (plain sum of σ); 0 when none (alpha ≥ 1) or Σσ = 0.
+
+    The ratio is clamped to 1: rounding can make the last cumulative sum exceed the total,
+    which would otherwise turn alpha = 1 into r = k − 1 instead of 0.
+    """
+    total = float(s.double().sum())
     if not total > 0:
         return 0
-    above = torch.nonzero(torch.cumsum(s.double(), 0) / total > alpha)
+    above = torch.nonzero((torch.cumsum(s.double(), 0) / total).clamp(max=1.0) > alpha)
     return int(above[0, 0]) if above.numel() else 0
 
 

@@ -13,8 +13,10 @@ import torch
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude, zero the rest.
 
-    ``k = max(1, int(density · numel))`` entries are kept (at least one, as in mergekit);
-    ties in magnitude are broken by position (earlier first).
+    ``k = max(1, int(density · numel))`` entries are kept (at least one, as in mergekit).
+    Equal magnitudes at the threshold are broken the way ``torch.argsort`` orders them, the
+    same call mergekit makes, so the two agree entry for entry on the same float32 input
+    (bf16 task vectors have many equal magnitudes).
     """
     if density >= 1:
         return delta
@@ -22,7 +24,7 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
     flat = delta.reshape(-1)
-    keep = torch.argsort(flat.abs(), descending=True, stable=True)[:k]
+    keep = torch.argsort(flat.abs().float(), descending=True)[:k]
     mask = torch.zeros_like(flat)
     mask[keep] = 1
     return (flat * mask).reshape(delta.shape)

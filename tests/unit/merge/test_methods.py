@@ -1,0 +1,266 @@
+"""Each merge method's tensor function against an independent float64 computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from surgery.errors import UsageError
+from surgery.merge import continual, dare, linear, opcm, slerp, task_arithmetic, ties
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ---- linear / task arithmetic ---------------------------------------------------------------
+
+def test_linear_weighted_mean_and_plain_sum():
+    xs = [_rand(5, 3, seed=i) for i in range(3)]
+    w = [0.5, 2.0, 1.5]
+    expect = sum(wi * x for wi, x in zip(w, xs)) / sum(w)
+    assert torch.allclose(linear.linear(xs, w), expect, atol=1e-12)
+    assert torch.allclose(linear.linear(xs, w, normalize=False), expect * sum(w), atol=1e-12)
+
+
+def test_linear_zero_weight_sum_is_a_usage_error():
+    with pytest.raises(UsageError, match="sum to zero.*--no-normalize"):
+        linear.linear([_rand(2), _rand(2, seed=1)], [1.0, -1.0])
+
+
+def test_task_arithmetic_matches_formula():
+    base = _rand(4, 6)
+    ms = [base + 0.1 * _rand(4, 6, seed=i + 1) for i in range(3)]
+    w, lam = [1.0, 0.5, -0.25], 0.7
+    expect = base + lam * sum(wi * (m - base) for wi, m in zip(w, ms))
+    assert torch.allclose(task_arithmetic.task_arithmetic(base, ms, w, lam), expect, atol=1e-12)
+    assert torch.allclose(task_arithmetic.task_arithmetic(base, ms, w, lam, normalize=True),
+                          base + (expect - base) / sum(w), atol=1e-12)
+
+
+# ---- TIES -----------------------------------------------------------------------------------
+
+def test_trim_keeps_the_largest_magnitudes():
+    d = torch.tensor([0.1, -3.0, 2.0, -0.5, 1.0, 0.0], dtype=torch.float64)
+    assert ties.trim(d, 0.5).tolist() == [0.0, -3.0, 2.0, 0.0, 1.0, 0.0]
+    assert ties.trim(d, 1.0) is d
+    assert ties.trim(d, 0.0).abs().sum() == 0
+    assert int((ties.trim(d, 0.01) != 0).sum()) == 1    # at least one entry survives
+
+
+def test_ties_closed_form_example():
+    base = torch.zeros(4, dtype=torch.float64)
+    a = torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64)
+    b = torch.tensor([-3.0, -1.0, 1.0, -0.5], dtype=torch.float64)
+    # density 1: elected signs from a + b = [-2, -3, 4, 0] -> [-, -, +, + (tie goes to +)]
+    # element 0: only b agrees -> -3 / 1; element 1: both -> (-2 - 1)/2; element 2: (3 + 1)/2; element 3: only a -> 0.5
+    out = ties.ties(base, [a, b], [1.0, 1.0], [1.0, 1.0])
+    assert out.tolist() == [-3.0, -1.5, 2.0, 0.5]
+    # without normalize the agreeing entries are summed
+    assert ties.ties(base, [a, b], [1.0, 1.0], [1.0, 1.0], normalize=False).tolist() == [-3.0, -3.0, 4.0, 0.5]
+
+
+def _ties_reference(base, models, weights, densities, lam):
+    """Element by element, in float64, straight from the TIES recipe (mergekit variant)."""
+    deltas = []
+    for m, dens in zip(models, densities):
+        d = (m - base).reshape(-1)
+        k = max(1, int(dens * d.numel()))
+        thr = d.abs().sort(descending=True).values[k - 1]
+        deltas.append(torch.where(d.abs() >= thr, d, torch.zeros_like(d)))   # no ties in random data
+    out = torch.zeros_like(deltas[0])
+    for j in range(out.numel()):
+        vals = [w * d[j].item() for w, d in zip(weights, deltas)]
+        sign = 1.0 if sum(vals) >= 0 else -1.0
+        agree = [(v, w) for v, w in zip(vals, weights) if v != 0 and math.copysign(1.0, v) == sign]
+        num = sum(v for v, _ in agree)
+        den = sum(w for _, w in agree) or 1.0
+        out[j] = num / den
+    return base + lam * out.reshape(base.shape)
+
+
+def test_ties_matches_elementwise_reference():
+    base = _rand(6, 7)
+    ms = [base + _rand(6, 7, seed=i + 1) for i in range(3)]
+    w, dens = [1.0, 0.6, 0.8], [0.5, 0.7, 0.3]
+    got = ties.ties(base, ms, w, dens, lam=0.9)
+    assert torch.allclose(got, _ties_reference(base, ms, w, dens, 0.9), atol=1e-12)
+
+
+# ---- DARE -----------------------------------------------------------------------------------
+
+def test_dare_drop_is_seeded_and_rescaled():
+    d = _rand(200, 50)
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    a, b = dare.dare_drop(d, 0.3, g(1)), dare.dare_drop(d, 0.3, g(1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, dare.dare_drop(d, 0.3, g(2)))
+    kept = a != 0
+    assert abs(kept.double().mean().item() - 0.3) < 0.02
+    assert torch.allclose(a[kept], d[kept] / 0.3, atol=1e-12)
+    assert torch.allclose(dare.dare_drop(d, 0.3, g(1), rescale=False)[kept], d[kept])
+    assert dare.dare_drop(d, 1.0, g(1)) is d
+
+
+def test_dare_seed_depends_on_tensor_and_model_not_on_order():
+    assert dare.drop_seed(0, "w", 0) == dare.drop_seed(0, "w", 0)
+    assert len({dare.drop_seed(0, "w", 0), dare.drop_seed(0, "w", 1), dare.drop_seed(0, "v", 0),
+                dare.drop_seed(1, "w", 0)}) == 4
+
+
+def test_dare_linear_and_ties_match_manual_drop():
+    base = _rand(30, 20)
+    ms = [base + _rand(30, 20, seed=i + 1) for i in range(2)]
+    w, dens = [1.0, 0.5], [0.4, 0.6]
+    dropped = []
+    for i, (m, p) in enumerate(zip(ms, dens)):
+        gen = torch.Generator().manual_seed(dare.drop_seed(7, "x", i))
+        keep = torch.rand(base.shape, generator=gen, dtype=torch.float64) < p
+        dropped.append(torch.where(keep, (m - base) / p, torch.zeros_like(base)))
+    lin = dare.dare_linear(base, ms, w, dens, seed=7, tensor_name="x")
+    assert torch.allclose(lin, base + w[0] * dropped[0] + w[1] * dropped[1], atol=1e-12)
+    tie = dare.dare_ties(base, ms, w, dens, seed=7, tensor_name="x", normalize=True)
+    ref = ties.ties(base, [base + d for d in dropped], w, [1.0, 1.0], normalize=True)
+    assert torch.allclose(tie, ref, atol=1e-12)
+
+
+# ---- SLERP ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_slerp_orthogonal_closed_form(t):
+    v0 = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    v1 = torch.tensor([[0.0, 3.0], [0.0, 0.0]], dtype=torch.float64)
+    theta = math.pi / 2
+    expect = math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1
+    assert torch.allclose(slerp.slerp(t, v0, v1), expect, atol=1e-12)
+
+
+def test_slerp_general_angle_against_formula():
+    v0, v1 = _rand(10, seed=1), _rand(10, seed=2)
+    cos = float(v0 @ v1 / (v0.norm() * v1.norm()))
+    th = math.acos(cos)
+    expect = (math.sin(0.3 * th) * v1 + math.sin(0.7 * th) * v0) / math.sin(th)
+    assert torch.allclose(slerp.slerp(0.3, v0, v1), expect, atol=1e-12)
+
+
+def test_slerp_falls_back_to_linear_when_nearly_parallel():
+    v0 = _rand(50)
+    v1 = 1.5 * v0 + 1e-4 * _rand(50, seed=3)          # |cos| > 0.9995
+    assert torch.equal(slerp.slerp(0.3, v0, v1), 0.7 * v0 + 0.3 * v1)
+    anti = -2.0 * v0                                  # antiparallel: linear too
+    assert torch.equal(slerp.slerp(0.4, v0, anti), 0.6 * v0 + 0.4 * anti)
+
+
+# ---- OPCM -----------------------------------------------------------------------------------
+
+def test_split_rank_on_plain_sum_of_singular_values():
+    s = torch.tensor([3.0, 2.0, 1.0])                  # cumsum/6 = 0.5, 0.833, 1.0
+    assert opcm.split_rank(s, 0.5) == 1                 # strictly greater than alpha
+    assert opcm.split_rank(s, 0.4) == 0
+    assert opcm.split_rank(s, 0.9) == 2
+    assert opcm.split_rank(s, 1.0) == 0 and opcm.split_rank(s, 1.5) == 0   # none exceeds: r = 0
+    assert opcm.split_rank(torch.zeros(3), 0.5) == 0
+
+
+def _opcm_reference(m, tau, alpha, keep_diagonal=False):
+    """FusionBench's rule with a full float64 SVD: zero the top-left r×r block and the diagonal
+    of Uᵀ τ V (diagonal only where M has a nonzero singular value)."""
+    u, s, vh = torch.linalg.svd(m, full_matrices=True)
+    v = vh.T
+    total = s.sum()
+    frac = (torch.cumsum(s, 0) / total).clamp(max=1.0)   # the ratio cannot exceed 1
+    above = (frac > alpha).nonzero()
+    r = int(above[0]) if len(above) else 0
+    p = u.T @ tau @ v
+    rank = int((s > s.max() * max(m.shape) * 1.2e-7).sum())
+    if not keep_diagonal:
+        idx = torch.arange(rank)
+        p[idx, idx] = 0
+    p[:r, :r] = 0
+    return u @ p @ v.T, r
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12), (10, 10)])
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8, 1.0, 1.5])
+@pytest.mark.parametrize("decomposition", ["svd", "gram"])
+def test_projection_matches_full_svd_reference(shape, alpha, decomposition):
+    m = _rand(*shape, seed=1)
+    tau = _rand(*shape, seed=2)
+    got, r = opcm.project_task_vector(m, tau, alpha, decomposition=decomposition)
+    ref, r_ref = _opcm_reference(m, tau, alpha)
+    assert r == r_ref
+    assert torch.allclose(got, ref, atol=1e-9)
+    if alpha >= 1:
+        assert r == 0                                   # only the diagonal is removed
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "gram"])
+def test_projection_keep_diagonal_switch(decomposition):
+    m, tau = _rand(9, 6, seed=3), _rand(9, 6, seed=4)
+    got, _ = opcm.project_task_vector(m, tau, 0.5, keep_diagonal=True, decomposition=decomposition)
+    ref, _ = _opcm_reference(m, tau, 0.5, keep_diagonal=True)
+    assert torch.allclose(got, ref, atol=1e-9)
+    off, _ = opcm.project_task_vector(m, tau, 0.5, keep_diagonal=False, decomposition=decomposition)
+    assert not torch.allclose(got, off)
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "gram"])
+def test_projection_with_rank_deficient_merged_vector(decomposition):
+    m = _rand(10, 3, seed=5) @ _rand(3, 7, seed=6)      # rank 3 of 7
+    tau = _rand(10, 7, seed=7)
+    got, r = opcm.project_task_vector(m, tau, 0.5, decomposition=decomposition)
+    ref, r_ref = _opcm_reference(m, tau, 0.5)
+    assert r == r_ref
+    assert torch.allclose(got, ref, atol=1e-8)
+    # the part of τ outside M's row and column spaces is untouched
+    q_u, _ = torch.linalg.qr(m)
+    q_v, _ = torch.linalg.qr(m.T)
+    outside = lambda x: x - q_u @ (q_u.T @ x) - (x - q_u @ (q_u.T @ x)) @ q_v @ q_v.T  # noqa: E731
+    assert torch.allclose(outside(got), outside(tau), atol=1e-9)
+    zero, r0 = opcm.project_task_vector(torch.zeros(4, 5, dtype=torch.float64), _rand(4, 5), 0.5,
+                                        decomposition=decomposition)
+    assert r0 == 0 and torch.equal(zero, _rand(4, 5))   # nothing to project against
+
+
+def test_gram_decomposition_accuracy_against_exact_svd():
+    # fine-tune-like task vectors in float32: a few strong directions plus dense noise
+    g = torch.Generator().manual_seed(0)
+    for rows, cols in [(256, 96), (96, 256)]:
+        m = (torch.randn(rows, 8, generator=g) @ torch.randn(8, cols, generator=g) + 0.1 * torch.randn(rows, cols, generator=g))
+        tau = torch.randn(rows, cols, generator=g) * 0.5
+        exact, _ = opcm.project_task_vector(m, tau, 0.5, decomposition="svd")
+        fast, _ = opcm.project_task_vector(m, tau, 0.5, decomposition="gram")
+        assert float((fast - exact).norm() / exact.norm()) < 1e-3
+
+
+def test_opcm_tensor_first_step_and_other_tensors():
+    tau = _rand(5)
+    s, r = opcm.opcm_tensor(None, tau, 1.0, alpha=0.5, project=False)
+    assert s is tau and r is None
+    prev = _rand(5, seed=1)
+    s, _ = opcm.opcm_tensor(prev, tau, 1.7, alpha=0.5, project=False)
+    assert torch.allclose(s, 1.7 * prev + tau)
+
+
+# ---- continual baselines --------------------------------------------------------------------
+
+def test_continual_baselines_fold():
+    taus = [_rand(4, 3, seed=i) for i in range(4)]
+    s = None
+    for i, t in enumerate(taus):
+        s = continual.continual_task_arithmetic_step(s, t, i + 1, 0.3)
+    assert torch.allclose(s, 0.3 * sum(taus), atol=1e-12)
+    s = None
+    for i, t in enumerate(taus):
+        s = continual.continual_weight_average_step(s, t, i + 1)
+    assert torch.allclose(s, sum(taus) / 4, atol=1e-12)
+    s = None
+    for i, t in enumerate(taus):
+        s = continual.magmax_step(s, t, i + 1)
+    stacked = torch.stack(taus)
+    idx = stacked.abs().argmax(0, keepdim=True)
+    assert torch.equal(s, stacked.gather(0, idx)[0])
+    # a later task vector wins a tie in magnitude
+    assert continual.magmax_step(torch.tensor([1.0]), torch.tensor([-1.0]), 2).item() == -1.0
