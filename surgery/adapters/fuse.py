@@ -9,6 +9,7 @@ its adapter factors and the shared factors of VeRA / TeRA.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from ..checkpoint.reader import Checkpoint, open_checkpoint
 from ..engine import OutputTensor, WriteResult, cast_tensor, copy_tensor, dtype_name, parse_dtype, write_checkpoint
-from ..errors import IncompatibleCheckpointsError, UsageError
+from ..errors import IncompatibleCheckpointsError, OutputExistsError, UsageError
 from ..progress import Progress
 from .base import Adapter, Update, open_adapter
 from .registry import KINDS, detect
@@ -120,7 +121,7 @@ def _tied_pair(base: Checkpoint) -> tuple[str, str] | None:
 
 
 def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path, *, dtype: str | None = None,
-         shard_size: str = "5GB", force: bool = False, device: str = "cpu",
+         shard_size: str = "5GB", force: bool = False, device: str = "cpu", check: bool = False,
          progress: Progress | None = None) -> tuple[WriteResult, dict[str, Any]]:
     """Fuse ``adapters`` into ``base`` and write the result to ``output``.
 
@@ -132,13 +133,17 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
         shard_size: Maximum shard size.
         force: Replace an existing output.
         device: Where the math runs.
+        check: Before the output appears, compare its logits with PEFT's forward pass of
+            base + adapter (one PEFT adapter at weight 1); a failure leaves no output.
         progress: Progress sink.
 
     Returns:
         The engine's WriteResult and a report (adapters, kinds, changed tensors, tying).
 
     Raises:
-        UsageError: No adapters.
+        UsageError: No adapters; ``check`` with adapters PEFT cannot run.
+        OutputExistsError: The output exists and ``force`` is not set.
+        CheckFailedError: ``check`` found the logits too far from PEFT's.
         InputError: An adapter is unknown, refused (PiSSA/OLoRA/LoftQ/CorDA), malformed, or
             names a module the base does not have, or whose shape does not fit.
     """
@@ -245,14 +250,38 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
     params = {"adapters": [{"path": str(a.path), "kind": a.kind, "weight": a.weight} for a in opened],
               "dtype": dtype_name(target) if target else None, "untied_embeddings": untied}
     adapter_ckpts = [a.tensors for a in opened]
-    result = write_checkpoint(plan, output, donor=ckpt, operation="fuse", parameters=params,
+    out_path = Path(output)
+    if check:
+        if len(opened) != 1:
+            raise UsageError("--check compares with PEFT's forward pass of one adapter; give a single adapter.")
+        if out_path.exists() and not force:
+            raise OutputExistsError(f"{out_path} exists; pass --force to replace it.", path=out_path)
+        final, out_path = out_path, out_path.with_name(f".{out_path.name}.fuse-check")
+        if out_path.exists():
+            shutil.rmtree(out_path)
+    result = write_checkpoint(plan, out_path, donor=ckpt, operation="fuse", parameters=params,
                               inputs=[ckpt, *adapter_ckpts], input_roles=["base"] + ["adapter"] * len(opened),
                               shard_size=shard_size, force=force, progress=progress,
                               config_update=config_update or None)
+    check_report = None
+    if check:
+        from .check import check_against_peft
+
+        try:
+            check_report = check_against_peft(ckpt.root, params["adapters"][0], out_path,
+                                              out_dtype(_dominant_dtype(ckpt)))
+        except BaseException:
+            shutil.rmtree(out_path, ignore_errors=True)
+            raise
+        if final.exists():
+            shutil.rmtree(final)
+        out_path.rename(final)
+        result.output_dir = final
+        result.files = [final / f.name for f in result.files]
     report = {"base": ckpt.label, "adapters": report_adapters,
               "tensors_changed": sorted(steps), "tensors_added": sorted(new_from),
               "tensors_copied": sum(1 for o in plan if o.source is not None),
-              "untied_embeddings": untied}
+              "untied_embeddings": untied, "check": check_report}
     return result, report
 
 
