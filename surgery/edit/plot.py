@@ -1,0 +1,49 @@
+"""Perplexity against edit index, as a PNG (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+
+def plot_perplexity(report: dict[str, Any], path: str | Path) -> Path:
+    """Draw the checks of an ``edit apply`` report: perplexity after each checked edit, the
+    baseline, the collapse threshold, and collapsed checks in red.
+
+    Raises:
+        UsageError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise UsageError("--plot needs matplotlib: pip install 'surgery[plot]'.") from exc
+    checks = report["checks"]
+    base = report["baseline_perplexity"]
+    xs = [0 if c["after_edit"] is None else c["after_edit"] + 1 for c in checks]
+    ys = [c["perplexity"] if c["perplexity"] is not None and math.isfinite(c["perplexity"]) else float("nan")
+          for c in checks]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, ys, marker="o", color="tab:blue", label=report.get("metric", "perplexity"))
+    bad = [(x, y) for x, y, c in zip(xs, ys, checks) if c["collapsed"]]
+    if bad:
+        ax.scatter([b[0] for b in bad], [b[1] for b in bad], color="tab:red", zorder=3, label="collapsed")
+    ax.axhline(base, color="gray", linestyle=":", label="baseline")
+    ax.axhline(base * report["thresholds"]["max_ppl_ratio"], color="tab:red", linestyle="--",
+               label=f"collapse threshold (x{report['thresholds']['max_ppl_ratio']:g})")
+    ax.set_yscale("log")
+    ax.set_xlabel("edits applied")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"edit apply on {Path(str(report['base'])).name}")
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
