@@ -108,8 +108,8 @@ def _drift_bounds(tolerance: float) -> tuple[float, float]:
 
 
 def analyze_gain(ckpt: Checkpoint, *, vs: Checkpoint | None = None, tolerance: float = 0.1,
-                 expect_exponent: float = 0.0, exact: bool = False, device: str = "cpu",
-                 progress: Progress | None = None) -> dict[str, Any]:
+                 expect_exponent: float = 0.0, ignore_types: tuple[str, ...] | list[str] = (), exact: bool = False,
+                 device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
     """σ_max, RMS and gain of every matrix; with ``vs``, ratios against a proxy of another width.
 
     Args:
@@ -117,6 +117,8 @@ def analyze_gain(ckpt: Checkpoint, *, vs: Checkpoint | None = None, tolerance: f
         vs: Optional proxy checkpoint (usually narrower), paired by name and relative depth.
         tolerance: A pair drifts when ratio / (d_t/d_p)^expect_exponent leaves [1/(1+T), 1+T].
         expect_exponent: The width exponent the ratio should follow; 0 = width-invariant gains.
+        ignore_types: Sublayer types reported but left out of the drift verdict (e.g. ``embed``,
+            whose vocabulary dimension does not grow with the width).
         exact: Full SVD instead of Lanczos for σ_max.
         device: Where the math runs.
         progress: Progress sink.
@@ -175,11 +177,14 @@ def analyze_gain(ckpt: Checkpoint, *, vs: Checkpoint | None = None, tolerance: f
         "non_finite": [r["name"] for r in rows if not r["finite"]],
     }
     if vs is not None:
-        drifted = [p for p in pair_rows if not p["within_tolerance"]]
+        ignored = set(ignore_types)
+        for p in pair_rows:
+            p["judged"] = p["sublayer"] not in ignored
+        drifted = [p for p in pair_rows if p["judged"] and not p["within_tolerance"]]
         report.update({
             "proxy": vs.label,
             "widths": {"target": d_t, "proxy": d_p},
-            "tolerance": tolerance, "expect_exponent": expect_exponent,
+            "tolerance": tolerance, "expect_exponent": expect_exponent, "ignore_types": sorted(ignored),
             "bounds": [lo, hi],
             "pairs": pair_rows,
             "pairs_by_type": summarize(pair_rows, "sublayer", PAIR_FIELDS),
