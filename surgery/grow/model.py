@@ -255,7 +255,9 @@ def check_supported(config: TokenFormerConfig) -> None:
 
 
 def lm_logits(get: Callable[[str], torch.Tensor], has: Callable[[str], bool], sites: list[PattentionSite],
-              config: TokenFormerConfig, input_ids: torch.Tensor) -> torch.Tensor:
+              config: TokenFormerConfig, input_ids: torch.Tensor, *,
+              get_rows: Callable[[str, int, int], torch.Tensor] | None = None, vocab_size: int | None = None,
+              rows_per_block: int = 8192) -> torch.Tensor:
     """Logits of a TokenFormer LM on ``input_ids`` [B, S].
 
     Args:
@@ -264,6 +266,11 @@ def lm_logits(get: Callable[[str], torch.Tensor], has: Callable[[str], bool], si
         sites: :func:`find_pattention` of the checkpoint.
         config: The model config (slot counts are read from the tensors, not from here).
         input_ids: Token ids.
+        get_rows: Optional ``get_rows(name, start, stop)``; with ``vocab_size`` the embedding
+            and head are read in blocks of ``rows_per_block`` rows, so a large vocabulary
+            never sits in memory at the compute precision all at once.
+        vocab_size: Rows of the embedding (needed with ``get_rows``).
+        rows_per_block: Block size for ``get_rows``.
 
     Returns:
         ``[B, S, vocab]`` logits in the compute dtype.
@@ -283,8 +290,20 @@ def lm_logits(get: Callable[[str], torch.Tensor], has: Callable[[str], bool], si
         return pattention(x, get(site.key_name), get(site.value_name), config.norm_activation_type,
                           config.scale_tokens(site.kind))
 
-    emb = get(EMBEDDING)
-    h = F.embedding(input_ids.to(emb.device), emb)
+    def blocks_of(name: str):
+        if get_rows is None or vocab_size is None:
+            yield 0, get(name)
+            return
+        for start in range(0, vocab_size, rows_per_block):
+            yield start, get_rows(name, start, min(vocab_size, start + rows_per_block))
+
+    h = None
+    for start, emb in blocks_of(EMBEDDING):
+        local = input_ids.to(emb.device) - start
+        inside = (local >= 0) & (local < emb.shape[0])
+        part = F.embedding(local.clamp(0, emb.shape[0] - 1), emb) * inside[..., None]
+        h = part if h is None else h + part
+        del emb
     bsz, seq, _ = h.shape
     mask = torch.ones(seq, seq, dtype=torch.bool, device=h.device).triu(1)
     for block in blocks(sites):
@@ -303,4 +322,4 @@ def lm_logits(get: Callable[[str], torch.Tensor], has: Callable[[str], bool], si
         x = _norm(h, config.norm, eps, rms_eps, get, has, f"{block}.post_attention_layernorm")
         h = h + pat(mods["mlp"], x)
     h = _norm(h, config.final_norm, eps, rms_eps, get, has, final_norm_prefix(sites))
-    return h @ get(head_name(sites, config)).transpose(0, 1)
+    return torch.cat([h @ w.transpose(0, 1) for _, w in blocks_of(head_name(sites, config))], dim=-1)

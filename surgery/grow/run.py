@@ -310,10 +310,13 @@ def _verify(ckpt: Checkpoint, sites: list[PattentionSite], before: TokenFormerCo
             return grown(name).to(out_dtype(name)).to(device=device, dtype=compute)
         return get_before(name)
 
+    def rows(name: str, start: int, stop: int) -> torch.Tensor:  # embedding / head: never grown
+        return ckpt.get_rows(name, start, stop, dtype=None).to(out_dtype(name)).to(device=device, dtype=compute)
+
     has = ckpt.__contains__
     with torch.no_grad():
-        ref = lm_logits(get_before, has, sites, before, ids)
-        new = lm_logits(get_after, has, sites, after, ids)
+        ref = lm_logits(get_before, has, sites, before, ids, get_rows=rows, vocab_size=vocab)
+        new = lm_logits(get_after, has, sites, after, ids, get_rows=rows, vocab_size=vocab)
     dev = (new - ref).abs()
     max_abs = float(dev.max())
     scale = float(ref.abs().max())

@@ -78,3 +78,16 @@ def test_config_reading():
     learned = TokenFormerConfig(8, 1, 2, 4, 4, 8, pos_emb="learned")
     with pytest.raises(InputError, match="pos_emb 'learned'.*--no-verify"):
         check_supported(learned)
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_row_blocked_embedding_and_head_match(tmp_path, untied):
+    folder = build_tiny_tokenformer(tmp_path / "m", seed=4, no_weight_tying=untied)
+    ck = open_checkpoint(folder)
+    cfg = TokenFormerConfig.from_dict(ck.config)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    get = lambda n: ck.get(n, dtype=torch.float64)  # noqa: E731
+    whole = lm_logits(get, ck.__contains__, find_pattention(ck.names), cfg, ids)
+    blocked = lm_logits(get, ck.__contains__, find_pattention(ck.names), cfg, ids, vocab_size=96, rows_per_block=10,
+                        get_rows=lambda n, a, b: ck.get_rows(n, a, b, dtype=torch.float64))
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
