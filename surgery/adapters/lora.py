@@ -89,8 +89,9 @@ def updates(adapter: Adapter) -> list[Update]:
     for name in adapter.names:
         if name in claimed:
             continue
-        if name.endswith(".base_layer.weight"):
-            out.append(replace_update(adapter, module_of(name, ".base_layer.weight"), "weight", name, "saved base layer"))
+        if ".base_layer." in name and name.rsplit(".", 1)[1] in ("weight", "bias"):
+            param = name.rsplit(".", 1)[1]
+            out.append(replace_update(adapter, module_of(name, ".base_layer." + param), param, name, "saved base layer"))
         elif name.endswith(".weight") or name.endswith(".bias"):
             param = name.rsplit(".", 1)[1]
             out.append(replace_update(adapter, module_of(name, "." + param), param, name))
