@@ -80,35 +80,44 @@ def pad_zeros(tokens: torch.Tensor, new_n: int) -> torch.Tensor:
     return torch.cat((tokens, pad), dim=0)
 
 
-def key_rank(keys: torch.Tensor) -> int:
-    """Numerical rank of ``keys`` at float32 resolution (stored keys carry no more)."""
-    s = torch.linalg.svdvals(keys.to(torch.float64))
+def _gram_spectrum(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Singular values (descending) and right singular vectors of ``keys`` from the eigen-
+    decomposition of its d×d Gram matrix (cheaper than an SVD of [n, d] when n > d), and the
+    numerical rank at float32 resolution (stored keys carry no more)."""
+    k64 = keys.to(torch.float64)
+    w, vecs = torch.linalg.eigh(k64.T @ k64)
+    s = w.flip(0).clamp_min(0).sqrt()
+    vecs = vecs.flip(1)
     if s.numel() == 0 or s[0] == 0:
-        return 0
+        return s, vecs, 0
     tol = s[0] * max(keys.shape) * torch.finfo(torch.float32).eps
-    return int((s > tol).sum())
+    return s, vecs, int((s > tol).sum())
+
+
+def key_rank(keys: torch.Tensor) -> int:
+    """Numerical rank of ``keys`` [n, d] at float32 resolution."""
+    return _gram_spectrum(keys)[2]
 
 
 def gram_keys(keys: torch.Tensor, m: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
     """``m`` new keys whose Gram matrix is ``ratio · keysᵀ keys``.
 
-    With the thin SVD keys = U S Vᵀ (rank r), the new keys are √ratio · Q S_r V_rᵀ for a
-    random Q [m, r] with orthonormal columns (QR of a seeded Gaussian), so
-    K_newᵀ K_new = ratio · V_r S_r² V_rᵀ = ratio · keysᵀ keys.
+    With keysᵀ keys = V S² Vᵀ (rank r), the new keys are √ratio · Q S_r V_rᵀ for a random
+    Q [m, r] with orthonormal columns (QR of a seeded Gaussian), so
+    K_newᵀ K_new = ratio · V_r S_r² V_rᵀ = ratio · keysᵀ keys (up to the dropped
+    directions below float32 resolution).
 
     Raises:
         UsageError: m < rank(keys): no m rows can carry that Gram matrix.
     """
-    k64 = keys.to(torch.float64)
-    _, s, vh = torch.linalg.svd(k64, full_matrices=False)
-    r = key_rank(keys)
+    s, vecs, r = _gram_spectrum(keys)
     if m < r:
         raise UsageError(f"gram growth needs at least rank(K) = {r} new tokens, got {m}.")
     if r == 0:
-        return k64.new_zeros(m, keys.shape[1])
+        return torch.zeros(m, keys.shape[1], dtype=torch.float64)
     g = torch.randn(m, r, generator=generator, dtype=torch.float64)
     q, _ = torch.linalg.qr(g)
-    return math.sqrt(ratio) * q @ (s[:r, None] * vh[:r])
+    return math.sqrt(ratio) * q @ (s[:r, None] * vecs[:, :r].T)
 
 
 def random_tokens(m: int, d: int, std: float, generator: torch.Generator) -> torch.Tensor:
