@@ -198,7 +198,45 @@ def _projected(ref: Checkpoint, name: str, project_embeddings: bool) -> bool:
 
 
 def _sq(x: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(x.double()) ** 2)
+    # float32 norm (torch reduces in cascaded blocks): no float64 copy of an embedding-sized tensor
+    return float(torch.linalg.vector_norm(x)) ** 2
+
+
+BLOCK_ELEMENTS = 4 * 1024 * 1024   # elementwise work runs in row blocks of at most this many elements
+
+
+def _blocks(shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
+    """Row ranges covering dim 0 in blocks of <= BLOCK_ELEMENTS (None for scalars)."""
+    if not shape:
+        return None
+    row = max(1, math.prod(shape[1:]))
+    step = max(1, BLOCK_ELEMENTS // row)
+    return [(a, min(shape[0], a + step)) for a in range(0, shape[0], step)] or [(0, 0)]
+
+
+class _Source:
+    """Where S_{t−1} comes from: nothing (before the first model), a state or scratch file,
+    or θ_1 − θ0 read lazily (the first model, whose S_1 = τ_1 is never materialized)."""
+
+    def __init__(self, ckpt: Checkpoint | None = None, model: Checkpoint | None = None,
+                 base: Checkpoint | None = None, device: str = "cpu"):
+        self.ckpt, self.model, self.base, self.dev = ckpt, model, base, device
+
+    def full(self, n: str) -> torch.Tensor | None:
+        if self.ckpt is not None:
+            return self.ckpt.get(n, device=self.dev)
+        if self.model is not None:
+            return self.model.get(n, device=self.dev) - self.base.get(n, device=self.dev)
+        return None
+
+    def rows(self, n: str, a: int, b: int) -> torch.Tensor | None:
+        f32 = torch.float32
+        if self.ckpt is not None:
+            return self.ckpt.get_rows(n, a, b, dtype=f32, device=self.dev)
+        if self.model is not None:
+            return (self.model.get_rows(n, a, b, dtype=f32, device=self.dev)
+                    - self.base.get_rows(n, a, b, dtype=f32, device=self.dev))
+        return None
 
 
 class _Continual:
@@ -228,37 +266,53 @@ class _Continual:
         return _projected(self.base, name, bool(self.shared[name].get("project_embeddings", False)))
 
     # OPCM: one pass per step, S_t to scratch files.
-    def _opcm_pass(self, prev: Callable[[str], torch.Tensor], model: Checkpoint, scratch: Path,
+    def _opcm_pass(self, prev: _Source, model: Checkpoint, scratch: Path,
                    lazy_first: bool) -> tuple[float, float, float, Checkpoint, dict[str, int]]:
         specs = [TensorSpec(n, self.base.info(n).shape, torch.float32) for n in self.names]
         writer = ShardedWriter(scratch, specs, 1 << 62, {"format": "pt"})
-        tau_sq = s_sq = first_sq = 0.0
+        acc = {"tau": 0.0, "s": 0.0, "first": 0.0}
         ranks: dict[str, int] = {}
+        f32, dev = torch.float32, self.dev
         self.progress.start(len(self.names), f"opcm step {self.count + 1}: {model.label}")
         try:
             for n in self.names:
-                b = self.base.get(n, device=self.dev)
-                tau = model.get(n, device=self.dev) - b
-                del b
-                s_prev = prev(n)
-                if lazy_first:
-                    first_sq += _sq(s_prev)
-                tau_sq += _sq(tau)
-                sh = self.shared[n]
-                s_new, r = opcm_math.opcm_tensor(s_prev, tau, 1.0, alpha=float(sh["alpha"]), project=self._project(n),
-                                                 keep_diagonal=bool(sh["keep_diagonal"]),
-                                                 decomposition=self.options.decomposition)
-                if r is not None:
-                    ranks[n] = r
-                s_sq += _sq(s_new)
-                writer.write(n, s_new.to("cpu", torch.float32).contiguous())
-                del tau, s_prev, s_new
+                blocks = _blocks(self.base.info(n).shape)
+                if self._project(n) or blocks is None:
+                    b = self.base.get(n, device=dev)
+                    tau = model.get(n, device=dev) - b
+                    del b
+                    s_prev = prev.full(n)
+                    sh = self.shared[n]
+                    s_new, r = opcm_math.opcm_tensor(s_prev, tau, 1.0, alpha=float(sh["alpha"]),
+                                                     project=self._project(n), keep_diagonal=bool(sh["keep_diagonal"]),
+                                                     decomposition=self.options.decomposition)
+                    if r is not None:
+                        ranks[n] = r
+                    self._accumulate(acc, tau, s_prev, s_new, lazy_first)
+                    writer.write(n, s_new.to("cpu", f32).contiguous())
+                    del tau, s_prev, s_new
+                else:
+                    for a, e in blocks:   # elementwise: S_t = S_{t-1} + τ, a row block at a time
+                        tau = model.get_rows(n, a, e, dtype=f32, device=dev) - self.base.get_rows(n, a, e, dtype=f32, device=dev)
+                        s_prev = prev.rows(n, a, e)
+                        s_new = tau if s_prev is None else s_prev + tau
+                        self._accumulate(acc, tau, s_prev, s_new, lazy_first)
+                        writer.write_rows(n, a, s_new.to("cpu", f32).contiguous())
+                        del tau, s_prev, s_new
                 self.progress.advance()
             writer.finish({"format": "pt"})
         finally:
             writer.close()
             self.progress.close()
-        return math.sqrt(tau_sq), math.sqrt(s_sq), math.sqrt(first_sq), open_local(scratch / "model.safetensors"), ranks
+        return (math.sqrt(acc["tau"]), math.sqrt(acc["s"]), math.sqrt(acc["first"]),
+                open_local(scratch / "model.safetensors"), ranks)
+
+    @staticmethod
+    def _accumulate(acc, tau, s_prev, s_new, lazy_first) -> None:
+        acc["tau"] += _sq(tau)
+        acc["s"] += _sq(s_new)
+        if lazy_first and s_prev is not None:
+            acc["first"] += _sq(s_prev)
 
     def run(self, output, *, shard_size, force, sink_factory) -> MergeResult:
         st = self.state
@@ -267,12 +321,7 @@ class _Continual:
         self.lam = st.lam if st else 1.0
         order = list(st.order) if st else []
         steps = list(st.steps) if st else []
-        prev: Callable[[str], torch.Tensor | None]
-        if self.state_tensors is not None:
-            stt = self.state_tensors
-            prev = lambda n: stt.get(n, device=self.dev)  # noqa: E731
-        else:
-            prev = lambda n: None  # noqa: E731
+        prev = _Source(self.state_tensors, device=self.dev)
         is_opcm = self.spec.name == "opcm"
         lazy_first = False
         parent = Path(output).expanduser().resolve().parent
@@ -287,8 +336,7 @@ class _Continual:
                     order.append(entry)
                     continue
                 if self.count == 0:
-                    b, m = self.base, model
-                    prev = lambda n, m=m, b=b: m.get(n, device=self.dev) - b.get(n, device=self.dev)  # noqa: E731
+                    prev = _Source(model=model, base=self.base, device=self.dev)
                     lazy_first = True
                     self.count, self.lam = 1, 1.0
                     order.append(entry)
@@ -309,7 +357,7 @@ class _Continual:
                 steps.append({"step": self.count, "model": model.label, "tau_norm": tau_norm, "merged_norm": s_norm,
                               "mean_tau_norm": mean, "lambda": self.lam,
                               "mean_split_rank": (sum(ranks.values()) / len(ranks)) if ranks else None})
-                prev = lambda n, c=ckpt: c.get(n, device=self.dev)  # noqa: E731
+                prev = _Source(ckpt, device=self.dev)
                 for old in scratch_root.iterdir():  # only S_t is needed from here on
                     if old != scratch:
                         shutil.rmtree(old, ignore_errors=True)
@@ -340,25 +388,40 @@ class _Continual:
                 if name not in names:
                     plan.append(copy_tensor(base, name))
                     continue
+                shape = base.info(name).shape
+                whole = (is_opcm and self._project(name)) or not shape
 
-                def compute(n: str = name) -> torch.Tensor:
-                    b = base.get(n, device=dev)
-                    s = prev(n)
+                def block(n: str, b: torch.Tensor, s: torch.Tensor | None, rows_of) -> torch.Tensor:
                     if is_opcm:
                         if lazy_first:
                             acc["first"] += _sq(s)
                         out = b + s / self.lam
                     else:
                         for i, m in enumerate(fold_models):
-                            tau = m.get(n, device=dev) - b
+                            tau = rows_of(m) - b
                             acc["tau"][i] += _sq(tau)
                             s = spec.step(s, tau, count0 + i + 1, self.shared[n])
                         out = b + spec.output_scale(self.shared[n]) * s
-                    if sink is not None:
-                        sink.write(n, s)
-                    return out
+                    return out, s
 
-                plan.append(OutputTensor(name, base.info(name).shape, _out_dtype(self.target, base, name), compute=compute))
+                if whole:
+                    def compute(n: str = name) -> torch.Tensor:
+                        out, s = block(n, base.get(n, device=dev), prev.full(n), lambda m: m.get(n, device=dev))
+                        if sink is not None:
+                            sink.write(n, s)
+                        return out
+
+                    plan.append(OutputTensor(name, shape, _out_dtype(self.target, base, name), compute=compute))
+                else:
+                    def rows(a: int, e: int, n: str = name) -> torch.Tensor:
+                        f32 = torch.float32
+                        out, s = block(n, base.get_rows(n, a, e, dtype=f32, device=dev), prev.rows(n, a, e),
+                                       lambda m: m.get_rows(n, a, e, dtype=f32, device=dev))
+                        if sink is not None:
+                            sink.write_rows(n, a, s)
+                        return out
+
+                    plan.append(OutputTensor(name, shape, _out_dtype(self.target, base, name), rows=rows))
 
             def extra() -> dict[str, Any]:
                 if is_opcm and lazy_first:

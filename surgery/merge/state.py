@@ -117,6 +117,9 @@ class StateSink:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.writer.write(name, tensor.detach().to("cpu", torch.float32).contiguous())
 
+    def write_rows(self, name: str, start: int, block: torch.Tensor) -> None:
+        self.writer.write_rows(name, start, block.detach().to("cpu", torch.float32).contiguous())
+
     def finish(self, state: ContinualState) -> None:
         self.writer.finish({"format": "pt", "surgery": json.dumps({"operation": "merge-state", "method": state.method})})
         write_text(self.tmp / STATE_JSON, json.dumps(state.to_json(), indent=2, sort_keys=True) + "\n")
