@@ -58,7 +58,8 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         raise UsageError(f"{folder} is not a folder; push uploads a checkpoint folder.", path=folder)
     api = HfApi(token=token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        # private=False would force a public repo even where the organisation defaults to private
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
