@@ -2,7 +2,7 @@
 and the small pure helpers of ``surgery.checkpoint.hub``.
 
 huggingface_hub reads ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` into module constants at import
-time: two tests run the real CLI in a subprocess with those variables set (the path a user
+time: one test runs the real CLI in a subprocess with those variables set (the path a user
 takes); the others run in-process with the constants patched, which is much faster.
 """
 
@@ -96,27 +96,31 @@ def test_revision_by_commit_and_branch_selects_that_snapshot(offline, cli, fixtu
     assert other["summary"]["changed"] == 20 and other["summary"]["max_rel_change"] > 0.01
 
 
-def test_missing_repo_offline_is_input_error(hub_cache):
-    home, cache, _ = hub_cache
-    r = _surgery(home, cache, "inspect", "org/missing")
-    assert r.returncode == 3
-    assert r.stdout == ""
-    err = r.stderr.strip().splitlines()
-    assert err[0].startswith("error: org/missing is not a local path")
-    assert "Hub repository org/missing could not be fetched" in err[0]
-    assert "HF_HUB_OFFLINE" in err[0]
-    assert "Traceback" not in r.stderr
-
-
-def test_missing_revision_offline_is_input_error(offline):
+def _main(*args: str) -> tuple[int, str, str]:
     from surgery.commands.app import main
 
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = main(["inspect", "org/name@nope", "--json"])
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_missing_repo_offline_is_input_error(offline):
+    code, out, stderr = _main("inspect", "org/missing")
     assert code == 3
-    assert out.getvalue() == ""
-    assert "org/name at revision nope could not be fetched" in err.getvalue()
+    assert out == ""
+    err = stderr.strip().splitlines()
+    assert err[0].startswith("error: org/missing is not a local path")
+    assert "Hub repository org/missing could not be fetched" in err[0]
+    assert "HF_HUB_OFFLINE" in err[0]
+    assert "Traceback" not in stderr
+
+
+def test_missing_revision_offline_is_input_error(offline):
+    code, out, err = _main("inspect", "org/name@nope", "--json")
+    assert code == 3
+    assert out == ""
+    assert "org/name at revision nope could not be fetched" in err
 
 
 def test_pull_raises_hub_error_in_process(monkeypatch, tmp_path):
