@@ -47,7 +47,8 @@ def fuse(
         if report["untied_embeddings"]:
             u = report["untied_embeddings"]
             console.print(f"untied {u['output']} from {u['input']} (config tie_word_embeddings=false)")
-        console.print(f"{len(report['tensors_changed'])} tensor(s) fused, {report['tensors_copied']} copied untouched")
+        cast = f", {report['tensors_cast']} cast to {dtype}" if report["tensors_cast"] else ""
+        console.print(f"{len(report['tensors_changed'])} tensor(s) fused, {report['tensors_copied']} copied untouched{cast}")
         if report["check"]:
             c = report["check"]
             console.print(f"[bold green]check passed[/]: max |Δlogit| {c['max_abs_diff']:.3g} "

@@ -281,6 +281,7 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
     report = {"base": ckpt.label, "adapters": report_adapters,
               "tensors_changed": sorted(steps), "tensors_added": sorted(new_from),
               "tensors_copied": sum(1 for o in plan if o.source is not None),
+              "tensors_cast": sum(1 for o in plan if o.source is None and o.name not in steps),
               "untied_embeddings": untied, "check": check_report}
     return result, report
 
