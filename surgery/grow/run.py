@@ -78,7 +78,7 @@ def plan_targets(current: dict[str, int], *, tokens: int | None = None, qkv_toke
         raise UsageError("say how many parameter tokens to grow to: --tokens N, --qkv-tokens/--proj-tokens/"
                          "--ffn-tokens N, or --factor F.")
     if len(given) > 1:
-        raise UsageError(f"give only one of {' , '.join(given)}.")
+        raise UsageError(f"give only one of {', '.join(given)}.")
     if tokens is not None:
         targets = {k: int(tokens) for k in KINDS}
     elif factor is not None:
@@ -194,7 +194,7 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
         if k in frozen_after or NORM_SLOT_FIELDS[k] in raw_cfg:
             cfg_update[NORM_SLOT_FIELDS[k]] = _as_number(new_eff[k])
 
-    exact = all(exact_for(init, norm_type) for _ in grown_kinds)
+    exact = exact_for(init, norm_type)
     notes = _notes(init, norm_type, frozen_after)
     report: dict[str, Any] = {
         "init": init, "seed": seed, "norm_activation_type": norm_type, "exact": exact,

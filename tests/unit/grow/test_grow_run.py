@@ -133,7 +133,7 @@ def test_no_verify(tokenformers, tmp_path):
     (dict(init="tile", factor=1.5), "must become a multiple of 16, not 24"),
     (dict(init="gram", qkv_tokens=24), r"needs at least rank\(K\) = 16 new tokens for sequential.2.attention.query.key_param_tokens"),
     (dict(init="tile"), "say how many parameter tokens"),
-    (dict(init="tile", tokens=64, factor=2.0), "give only one of --tokens , --factor"),
+    (dict(init="tile", tokens=64, factor=2.0), "give only one of --tokens, --factor"),
     (dict(init="tile", factor=0.5), "would shrink"),
     (dict(init="tile", qkv_tokens=16), "nothing to grow"),
     (dict(init="bogus", tokens=64), "unknown --init 'bogus'; choose one of tile, gram, zero, random"),
@@ -183,3 +183,20 @@ def test_official_yaml_config_for_a_bare_checkpoint(tmp_path):
     out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out_cfg["qkv_slot_num"] == 128 and out_cfg["num_layers"] == 2 and out_cfg["no_weight_tying"] is False
     assert res.report["verify"]["passed"] is True
+
+
+def test_config_file_errors(tokenformers, tmp_path):
+    src = tokenformers["l2_norm_gelu"]
+    with pytest.raises(InputError, match="config file .*missing.yml does not exist") as e:
+        grow(src, tmp_path / "x", tokens=64, config_file=tmp_path / "missing.yml")
+    assert e.value.exit_code == 3
+    bad = tmp_path / "bad.yml"
+    bad.write_text("{ this is: [not yaml\n")
+    with pytest.raises(InputError, match="bad.yml could not be parsed"):
+        grow(src, tmp_path / "x", tokens=64, config_file=bad)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="does not hold a mapping"):
+        grow(src, tmp_path / "x", tokens=64, config_file=tmp_path / "list.json")
+    (tmp_path / "typo.json").write_text('{"no_weight_tying": "maybe"}')
+    with pytest.raises(InputError, match="has a value of the wrong type"):
+        grow(src, tmp_path / "x", tokens=64, config_file=tmp_path / "typo.json")
