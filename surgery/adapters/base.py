@@ -65,6 +65,7 @@ class Adapter:
     weight: float = 1.0
     kind: str = ""
     device: str = "cpu"
+    meta: bool = False              # validation pass: tensors are shape-only (meta device)
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -77,13 +78,23 @@ class Adapter:
 
     def get(self, name: str) -> torch.Tensor:
         """An adapter tensor in float32 (a fresh copy; nothing is kept)."""
+        if self.meta:
+            return torch.empty(self.tensors.info(name).shape, dtype=torch.float32, device="meta")
         return self.tensors.get(name, dtype=torch.float32, device=self.device)
 
     def shared(self, name: str) -> torch.Tensor:
         """A tensor many modules use (VeRA / TeRA factors), read once and kept."""
         if name not in self._cache:
-            self._cache[name] = self.get(name)
-        return self._cache[name]
+            self._cache[name] = self.tensors.get(name, dtype=torch.float32, device=self.device)
+        return self.on(self._cache[name])
+
+    def on(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the current pass needs it (shape-only during validation)."""
+        return t.to("meta") if self.meta else t
+
+    def scalar(self, name: str) -> float:
+        """A stored scalar (0.0 during the shape-only validation pass)."""
+        return 0.0 if self.meta else float(self.get(name).reshape(()))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors.info(name).shape)

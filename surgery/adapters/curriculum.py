@@ -68,10 +68,10 @@ def updates(adapter: Adapter) -> list[Update]:
             raise adapter.error(f"module {module!r} lacks base_weight_scale.logit.", tensor=module)
 
         def fn(current, original, p=parts, stage=stage):
-            alpha0 = base_init + rng * math.tanh(float(adapter.get(p["base"]).reshape(())))
+            alpha0 = base_init + rng * math.tanh(adapter.scalar(p["base"]))
             new = alpha0 * original
             for j in range(stage):
-                aj = ad_init + rng * math.tanh(float(adapter.get(p["scales"][j]).reshape(())))
+                aj = ad_init + rng * math.tanh(adapter.scalar(p["scales"][j]))
                 ab = p["adapters"][j]
                 new = new + (aj * scaling) * (adapter.get(ab["lora_B"]) @ adapter.get(ab["lora_A"]))
             return current + (new - original)

@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint.reader import Checkpoint, open_checkpoint
 from ..engine import OutputTensor, WriteResult, cast_tensor, copy_tensor, dtype_name, parse_dtype, write_checkpoint
-from ..errors import IncompatibleCheckpointsError, OutputExistsError, UsageError
+from ..errors import IncompatibleCheckpointsError, OutputExistsError, SurgeryError, UsageError
 from ..progress import Progress
 from .base import Adapter, Update, open_adapter
 from .registry import KINDS, detect
@@ -203,6 +203,8 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
         if tied[0] not in steps:
             new_from[tied[0]] = tied[1]
 
+    _validate(ckpt, steps, new_from)
+
     def out_dtype(src_dtype: torch.dtype) -> torch.dtype:
         return target if (target is not None and src_dtype.is_floating_point) else src_dtype
 
@@ -284,6 +286,38 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
               "tensors_cast": sum(1 for o in plan if o.source is None and o.name not in steps),
               "untied_embeddings": untied, "check": check_report}
     return result, report
+
+
+def _validate(ckpt: Checkpoint, steps: dict[str, list[_Step]], new_from: dict[str, str]) -> None:
+    """Run every update on shape-only (meta) tensors before anything is written or any base
+    tensor is read, and report every problem at once."""
+    problems: list[str] = []
+    for name, chain in steps.items():
+        start = name if name in ckpt else new_from.get(name) or None
+        current = torch.empty(ckpt.info(start).shape, device="meta") if start else None
+        original = current
+        for st in chain:
+            st.adapter.meta = True
+            try:
+                new = st.update.fn(current, original)
+            except SurgeryError as exc:
+                problems.append(str(exc))
+                break
+            except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                break                      # this update cannot run shape-only; it is checked when written
+            finally:
+                st.adapter.meta = False
+            if st.update.shape is None and current is not None and tuple(new.shape) != tuple(current.shape):
+                problems.append(f"adapter {st.adapter.path}: {st.update.key} gives {list(new.shape)} for base tensor "
+                                f"{name!r} of shape {list(current.shape)}.")
+                break
+            current = new
+            if st.update.shape is not None:
+                original = current
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s): {'; '.join(problems[1:4])}{'…' if len(problems) > 4 else ''})" \
+            if len(problems) > 1 else ""
+        raise IncompatibleCheckpointsError(problems[0].rstrip(".") + more + ".", path=ckpt.root)
 
 
 def _dominant_dtype(ckpt: Checkpoint) -> torch.dtype:

@@ -98,7 +98,8 @@ def updates(adapter: Adapter) -> list[Update]:
             n_modes = len(spec["tensor_shape"])
             names = ["core"] + [f"factor_{k}" for k in range(n_modes)]
             if all(f"tera.{gname}.{n}" in adapter.names for n in names):
-                cache[gname] = {n: adapter.shared(f"tera.{gname}.{n}") for n in names}
+                cache[gname] = {n: adapter.tensors.get(f"tera.{gname}.{n}", dtype=torch.float32, device=adapter.device)
+                                for n in names}
             elif spec.get("generator"):
                 gen = spec["generator"]
                 if gen.get("distribution", "normal") not in ("normal", "uniform"):
@@ -111,7 +112,7 @@ def updates(adapter: Adapter) -> list[Update]:
                                      f"with sha256 {got[:16]}…, not the recorded {str(gen.get('sha256'))[:16]}…; the "
                                      f"shared factors cannot be rebuilt on this setup, so save them explicitly "
                                      f"(tera.{gname}.core / factor_k).", path=adapter.path)
-                cache[gname] = tensors
+                cache[gname] = {n: t.to(adapter.device) for n, t in tensors.items()}
             else:
                 raise InputError(f"adapter {adapter.path}: TeRA group {gname!r} has neither stored factors "
                                  f"(tera.{gname}.core, factor_k) nor a generator recipe.", path=adapter.path)
@@ -121,7 +122,7 @@ def updates(adapter: Adapter) -> list[Update]:
                 if tuple(cache[gname][n].shape) != tuple(int(x) for x in shp):
                     raise adapter.error(f"TeRA group {gname!r}: {n} has shape {list(cache[gname][n].shape)}, "
                                         f"expected {list(shp)}.", tensor=f"tera.{gname}.{n}")
-        return cache[gname]
+        return {n: adapter.on(t) for n, t in cache[gname].items()}
 
     modules: dict[str, dict[int, str]] = {}
     for name in adapter.names:

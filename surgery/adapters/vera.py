@@ -37,7 +37,8 @@ def updates(adapter: Adapter, shape_of: Callable[[str], tuple[int, ...]] | None 
     def projections() -> tuple[torch.Tensor, torch.Tensor]:
         if not shared:
             if SHARED_A in adapter.names and SHARED_B in adapter.names:
-                shared["A"], shared["B"] = adapter.shared(SHARED_A), adapter.shared(SHARED_B)
+                shared["A"] = adapter.tensors.get(SHARED_A, dtype=torch.float32, device=adapter.device)
+                shared["B"] = adapter.tensors.get(SHARED_B, dtype=torch.float32, device=adapter.device)
             else:
                 if shape_of is None:
                     raise adapter.error("the shared VeRA matrices are not saved (save_projection=False) and no base "
@@ -49,9 +50,9 @@ def updates(adapter: Adapter, shape_of: Callable[[str], tuple[int, ...]] | None 
                     n_in = math.prod(shape) // n_out
                     out_max, in_max = max(out_max, n_out), max(in_max, n_in)
                 g = torch.Generator(device="cpu").manual_seed(int(cfg.get("projection_prng_key", 0)))
-                shared["A"] = _kaiming((r, in_max), g)
-                shared["B"] = _kaiming((out_max, r), g)
-        return shared["A"], shared["B"]
+                shared["A"] = _kaiming((r, in_max), g).to(adapter.device)
+                shared["B"] = _kaiming((out_max, r), g).to(adapter.device)
+        return adapter.on(shared["A"]), adapter.on(shared["B"])
 
     out: list[Update] = []
     for module, parts in sorted(groups.items()):

@@ -109,12 +109,20 @@ def test_adapter_for_another_model(tmp_path, llama_f32):
     assert e.value.exit_code == 3
 
 
-def test_shape_mismatch(tmp_path, lora_adapter):
+def test_shape_mismatch_reported_before_any_tensor_is_read(tmp_path, lora_adapter, monkeypatch):
+    from surgery.checkpoint.reader import Checkpoint
+
     wide = FIXTURES / "llama-wide" / "base"
     if not (wide / "model.safetensors").exists():
         pytest.skip("no llama-wide fixture")
+
+    def no_reads(self, name):
+        raise AssertionError(f"read {name} before validating")
+
+    monkeypatch.setattr(Checkpoint, "get_raw", no_reads)
     with pytest.raises(IncompatibleCheckpointsError, match=r"produces an update of shape \[\d+, \d+\] but the base "
-                                                           r"tensor is .*trained on a different model"):
+                                                           r"tensor is .*trained on a different model \(and 3 more "
+                                                           r"problem\(s\): .*"):
         fuse(wide, [str(lora_adapter)], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
