@@ -1,0 +1,264 @@
+"""Benchmark `surgery merge` on the real SmolLM2-135M workload against the anchor tools.
+
+Runs, each as a whole process with wall time and peak RSS (``/usr/bin/time -v``):
+
+1. ``task_arithmetic`` and ``ties`` of base + 3 fine-tunes: ``mergekit-yaml`` and
+   ``surgery merge --config`` on the same recipe (float32 math, bfloat16 output in both),
+   plus how far the outputs are apart (in bf16 rounding steps).
+2. ``opcm`` over the 3 fine-tunes: surgery with the Gram eigendecomposition and with the
+   exact SVD (their per-tensor relative difference), and FusionBench's own OPCM class
+   (``fusion_bench.method.opcm.opcm_general.OPCM``) from the venv /work/venvs/fusionbench
+   when it exists (FusionBench needs transformers<5), on the same models, alpha and order.
+3. Memory as models are added: an OPCM state made from 2 models, resumed one model at a
+   time up to 8 (the 3 fine-tunes cycled), peak RSS of every run.
+
+Prints the ratios and writes docs/benchmarks/merge.md.
+
+    python benchmarks/merge.py [--skip-fusionbench] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+FUSIONBENCH_PY = Path("/work/venvs/fusionbench/bin/python")
+DOC = ROOT / "docs" / "benchmarks" / "merge.md"
+
+
+def measured(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v: wall seconds, peak RSS in MB, exit code."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    rss = int(m.group(1)) / 1024 if m else float("nan")
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    return {"wall_s": round(wall, 2), "rss_mb": round(rss, 1), "stdout": proc.stdout}
+
+
+def surgery_cmd() -> list[str]:
+    return [shutil.which("surgery") or "surgery"]
+
+
+def bf16_steps(a_dir: Path, b_dir: Path) -> dict:
+    """Largest distance in bf16 rounding steps between two bf16 checkpoints, and the share of entries that differ."""
+    import torch
+
+    from surgery.checkpoint import open_checkpoint
+
+    a, b = open_checkpoint(a_dir), open_checkpoint(b_dir)
+    worst, differ, total = 0, 0, 0
+    for n in a.names:
+        x, y = a.get_raw(n), b.get_raw(n)
+        if x.dtype != torch.bfloat16:
+            continue
+        d = (x.view(torch.int16).int() - y.view(torch.int16).int()).abs()
+        d = torch.where(x.float() == y.float(), torch.zeros_like(d), d)
+        worst = max(worst, int(d.max()))
+        differ += int((d > 0).sum())
+        total += d.numel()
+    return {"max_bf16_steps": worst, "share_differing": differ / max(total, 1)}
+
+
+def relative_per_tensor(a_dir: Path, b_dir: Path) -> dict:
+    """Max over tensors of ‖a − b‖ / ‖b‖ (float32)."""
+    import torch
+
+    from surgery.checkpoint import open_checkpoint
+
+    a, b = open_checkpoint(a_dir), open_checkpoint(b_dir)
+    worst, where = 0.0, None
+    for n in b.names:
+        if n not in a:
+            continue
+        x, y = a.get(n), b.get(n)
+        rel = float(torch.linalg.vector_norm(x - y) / torch.linalg.vector_norm(y).clamp_min(1e-30))
+        if rel > worst:
+            worst, where = rel, n
+    return {"max_rel": worst, "tensor": where}
+
+
+def batch(work: Path, base: Path, fts: list[Path]) -> list[dict]:
+    rows = []
+    recipes = {
+        "task_arithmetic": {"parameters": {"lambda": 1.0}, "model": {"weight": 1.0 / 3}},
+        "ties": {"parameters": {"lambda": 1.0, "normalize": True}, "model": {"weight": 1.0, "density": 0.5}},
+    }
+    for method, spec in recipes.items():
+        recipe = work / f"{method}.yml"
+        lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+        for f in fts:
+            lines += [f"  - model: {f}", f"    parameters: {json.dumps(spec['model'])}"]
+        lines += [f"parameters: {json.dumps(spec['parameters'])}", "dtype: float32", "out_dtype: bfloat16"]
+        recipe.write_text("\n".join(lines) + "\n")
+        mk = measured([shutil.which("mergekit-yaml"), str(recipe), str(work / f"mk-{method}")])
+        ours = measured([*surgery_cmd(), "merge", "--config", str(recipe), "-o", str(work / f"s-{method}"), "--quiet"])
+        diff = bf16_steps(work / f"s-{method}", work / f"mk-{method}")
+        rows.append({"method": method, "surgery": ours, "mergekit": mk, **diff,
+                     "wall_ratio": ours["wall_s"] / mk["wall_s"], "rss_ratio": ours["rss_mb"] / mk["rss_mb"]})
+        print(f"{method:16s} surgery {ours['wall_s']:6.1f} s {ours['rss_mb']:7.0f} MB | mergekit {mk['wall_s']:6.1f} s "
+              f"{mk['rss_mb']:7.0f} MB | wall x{rows[-1]['wall_ratio']:.2f} rss x{rows[-1]['rss_ratio']:.2f} | "
+              f"max {diff['max_bf16_steps']} bf16 step(s), {100 * diff['share_differing']:.4f}% entries differ")
+        shutil.rmtree(work / f"mk-{method}", ignore_errors=True)
+    return rows
+
+
+FUSIONBENCH_DRIVER = r'''
+import sys, time, torch
+from transformers import AutoModelForCausalLM
+from fusion_bench.method.opcm.opcm_general import OPCM
+from fusion_bench.modelpool import BaseModelPool
+base, out, fts = sys.argv[1], sys.argv[2], sys.argv[3:]
+torch.set_grad_enabled(False)
+load = lambda p: AutoModelForCausalLM.from_pretrained(p, torch_dtype=torch.float32)
+pool = BaseModelPool({"_pretrained_": load(base), **{f"m{i}": load(p) for i, p in enumerate(fts)}})
+algo = OPCM(alpha=0.5, shuffle_order=False, seed=0, save_on_every_step=False, evaluate_on_every_step=False)
+merged = algo.run(pool)
+merged.to(torch.bfloat16).save_pretrained(out)
+'''
+
+
+def opcm(work: Path, base: Path, fts: list[Path], fusionbench: bool) -> dict:
+    res: dict = {}
+    args = ["merge", "-m", "opcm", "--base", str(base), *map(str, fts), "--quiet"]
+    res["gram"] = measured([*surgery_cmd(), *args, "-o", str(work / "opcm-gram"), "--json"])
+    res["svd"] = measured([*surgery_cmd(), *args, "--decomposition", "svd", "-o", str(work / "opcm-svd"), "--json"])
+    res["lambda"] = json.loads(res["gram"]["stdout"])["lambda"]
+    res["gram_vs_svd"] = relative_per_tensor(work / "opcm-gram", work / "opcm-svd")
+    for k in ("gram", "svd"):
+        res[k].pop("stdout")
+    print(f"opcm (gram)      surgery {res['gram']['wall_s']:6.1f} s {res['gram']['rss_mb']:7.0f} MB; "
+          f"(svd) {res['svd']['wall_s']:6.1f} s {res['svd']['rss_mb']:7.0f} MB; gram vs svd max rel "
+          f"{res['gram_vs_svd']['max_rel']:.2e}; lambda_3 = {res['lambda']:.4f}")
+    if fusionbench and FUSIONBENCH_PY.exists():
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        fb = measured([str(FUSIONBENCH_PY), "-c", FUSIONBENCH_DRIVER, str(base), str(work / "opcm-fb"), *map(str, fts)], env)
+        fb.pop("stdout")
+        res["fusionbench"] = fb
+        res["vs_fusionbench"] = relative_per_tensor(work / "opcm-gram", work / "opcm-fb")
+        res["wall_ratio"] = res["gram"]["wall_s"] / fb["wall_s"]
+        res["rss_ratio"] = res["gram"]["rss_mb"] / fb["rss_mb"]
+        print(f"opcm FusionBench {fb['wall_s']:6.1f} s {fb['rss_mb']:7.0f} MB | wall x{res['wall_ratio']:.2f} "
+              f"rss x{res['rss_ratio']:.2f} | max rel per tensor {res['vs_fusionbench']['max_rel']:.2e} "
+              f"({res['vs_fusionbench']['tensor']})")
+    return res
+
+
+def memory_growth(work: Path, base: Path, fts: list[Path], upto: int = 8) -> list[dict]:
+    st = work / "state"
+    rows = []
+    r = measured([*surgery_cmd(), "merge", "-m", "opcm", "--base", str(base), str(fts[0]), str(fts[1]),
+                  "--state", str(st), "-o", str(work / "grow-2"), "--quiet"])
+    rows.append({"models": 2, "wall_s": r["wall_s"], "rss_mb": r["rss_mb"]})
+    for k in range(3, upto + 1):
+        m = fts[(k - 1) % len(fts)]
+        out = work / f"grow-{k}"
+        r = measured([*surgery_cmd(), "merge", "--resume", str(st), str(m), "--state", str(st), "-o", str(out), "--quiet"])
+        rows.append({"models": k, "wall_s": r["wall_s"], "rss_mb": r["rss_mb"]})
+        shutil.rmtree(work / f"grow-{k - 1}", ignore_errors=True)
+    for row in rows:
+        print(f"opcm state with {row['models']} models: {row['wall_s']:5.1f} s, peak RSS {row['rss_mb']:6.0f} MB")
+    print(f"peak RSS at {upto} / at 2 models: x{rows[-1]['rss_mb'] / rows[0]['rss_mb']:.3f}")
+    return rows
+
+
+def machine() -> str:
+    mem = "?"
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f"{kb / 1024 ** 2:.0f} GiB"
+    except Exception:
+        pass
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem} RAM, no GPU; "
+            f"python {platform.python_version()}, torch {torch.__version__}")
+
+
+def write_doc(results: dict) -> None:
+    b = results["batch"]
+    lines = ["# `surgery merge` benchmark", "",
+             "Produced by `python benchmarks/merge.py` (SmolLM2-135M-Instruct in bf16 as the base, the three "
+             "full fine-tunes of `benchmarks/workload.py`). Every tool runs as a whole process; wall time and "
+             "peak RSS come from `/usr/bin/time -v`, all in the same run.", "",
+             f"Machine: {results['machine']}. Other agents were running on the same 2 cores at the same time, "
+             "so absolute times are noisy; ratios come from runs made back to back.", "",
+             f"Run at {results['when']}.", "",
+             "## Batch methods vs mergekit-yaml (base + 3 fine-tunes)", "",
+             "Same recipe for both tools: float32 math (`dtype: float32`), bfloat16 output (`out_dtype: bfloat16`).", "",
+             "| method | surgery wall | surgery peak RSS | mergekit wall | mergekit peak RSS | wall ratio | RSS ratio | max diff | entries differing |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in b:
+        lines.append(f"| {r['method']} | {r['surgery']['wall_s']:.1f} s | {r['surgery']['rss_mb']:.0f} MB | "
+                     f"{r['mergekit']['wall_s']:.1f} s | {r['mergekit']['rss_mb']:.0f} MB | {r['wall_ratio']:.2f}× | "
+                     f"{r['rss_ratio']:.2f}× | {r['max_bf16_steps']} bf16 step(s) | {100 * r['share_differing']:.4f}% |")
+    o = results["opcm"]
+    lines += ["", "Targets from the issue: wall ≤ 0.5×, peak RSS ≤ 0.4× mergekit's.", "",
+              "## OPCM over 3 fine-tunes (alpha 0.5, command-line order)", "",
+              "| run | wall | peak RSS |", "| --- | --- | --- |",
+              f"| surgery, `--decomposition gram` (default) | {o['gram']['wall_s']:.1f} s | {o['gram']['rss_mb']:.0f} MB |",
+              f"| surgery, `--decomposition svd` | {o['svd']['wall_s']:.1f} s | {o['svd']['rss_mb']:.0f} MB |"]
+    if "fusionbench" in o:
+        fb = o["fusionbench"]
+        lines += [f"| FusionBench `OPCM` (float32 models in memory) | {fb['wall_s']:.1f} s | {fb['rss_mb']:.0f} MB |", "",
+                  f"Ratios surgery (gram) / FusionBench: wall {o['wall_ratio']:.2f}×, peak RSS {o['rss_ratio']:.2f}× "
+                  "(targets 0.2× and 0.25×). Largest per-tensor relative difference of the outputs: "
+                  f"{o['vs_fusionbench']['max_rel']:.2e} (`{o['vs_fusionbench']['tensor']}`; target 1e-3; "
+                  "both written in bf16, so one bf16 rounding, ~4e-3 relative per entry, bounds what can agree)."]
+    else:
+        lines += ["", "FusionBench was not run (no /work/venvs/fusionbench): no ratio against it in this run."]
+    lines += ["", f"Gram eigendecomposition vs exact SVD, largest per-tensor relative difference of the merged "
+              f"model: {o['gram_vs_svd']['max_rel']:.2e} (`{o['gram_vs_svd']['tensor']}`; target 1e-3). "
+              f"Final λ_3 = {o['lambda']:.4f}.", "",
+              "## Memory as models are added (OPCM state resumed from 2 to 8 models)", "",
+              "| models in the state | wall | peak RSS |", "| --- | --- | --- |"]
+    g = results["growth"]
+    for r in g:
+        lines.append(f"| {r['models']} | {r['wall_s']:.1f} s | {r['rss_mb']:.0f} MB |")
+    lines += ["", f"Peak RSS at 8 models / at 2 models: {g[-1]['rss_mb'] / g[0]['rss_mb']:.3f}× (target ≤ 1.1×). "
+              "Each resume reads only the base, the state and the one new model.", ""]
+    DOC.write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip-fusionbench", action="store_true")
+    ap.add_argument("--keep", type=Path, help="Keep the outputs in this folder.")
+    args = ap.parse_args()
+    from workload import build_workload
+
+    w = build_workload(log=print)
+    base, fts = Path(w["base"]), [Path(p) for p in w["finetunes"]]
+    work = args.keep or Path(tempfile.mkdtemp(prefix="surgery-bench-merge-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        results = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        results["batch"] = batch(work, base, fts)
+        results["opcm"] = opcm(work, base, fts, not args.skip_fusionbench)
+        results["growth"] = memory_growth(work, base, fts)
+        write_doc(results)
+        (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        print(f"wrote {DOC}")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
