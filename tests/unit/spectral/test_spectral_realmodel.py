@@ -15,13 +15,7 @@ def test_lanczos_sigma_max_within_1e_3_on_every_smollm2_matrix(smollm2_dir):
     ckpt = open_checkpoint(smollm2_dir)
     names = matrix_names(ckpt)
     assert len(names) == 211  # 30 blocks × 7 projections + the (tied) embedding
-    threads = torch.get_num_threads()
-    # One thread: the small eigensolves run 5-7× slower with two threads on a shared 2-core machine.
-    torch.set_num_threads(1)
-    try:
-        worst, worst_name = _worst_error(ckpt, names)
-    finally:
-        torch.set_num_threads(threads)
+    worst, worst_name = _worst_error(ckpt, names)  # one torch thread: see conftest.py
     assert worst <= 1e-3, f"{worst_name}: relative error {worst:.2e}"
 
 
