@@ -126,7 +126,14 @@ from fusion_bench.method.opcm.opcm_general import OPCM
 from fusion_bench.modelpool import BaseModelPool
 base, out, fts = sys.argv[1], sys.argv[2], sys.argv[3:]
 torch.set_grad_enabled(False)
-load = lambda p: AutoModelForCausalLM.from_pretrained(p, torch_dtype=torch.float32)
+def load(p):
+    m = AutoModelForCausalLM.from_pretrained(p, torch_dtype=torch.float32)
+    # SmolLM2 ties lm_head to embed_tokens. FusionBench walks leaf modules: it would treat the tied
+    # head as a Linear (projecting the embedding) and count it twice in every task-vector norm.
+    # The checkpoints hold the embedding once, so the head is dropped here (no parameters of its own).
+    if m.config.tie_word_embeddings:
+        m.lm_head = torch.nn.Identity()
+    return m
 pool = BaseModelPool({"_pretrained_": load(base), **{f"m{i}": load(p) for i, p in enumerate(fts)}})
 algo = OPCM(alpha=0.5, shuffle_order=False, seed=0, save_on_every_step=False, evaluate_on_every_step=False)
 merged = algo.run(pool)
