@@ -144,7 +144,7 @@ def _eval_loss(model, held) -> float:
     return loss / len(held)
 
 
-def _train(model, params, train, *, steps: int, lr: float, seed: int) -> list[float]:
+def _train(model, params, train, *, steps: int, lr: float, seed: int, log=None) -> list[float]:
     import torch
 
     torch.manual_seed(seed)
@@ -157,6 +157,8 @@ def _train(model, params, train, *, steps: int, lr: float, seed: int) -> list[fl
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
+        if log and (len(losses) % 10 == 0 or len(losses) == steps):
+            log(f"    step {len(losses)}/{steps} loss {losses[-1]}")
     del opt
     return losses
 
@@ -193,7 +195,7 @@ def _finish_dir(tmp: Path, dest: Path) -> None:
     tmp.rename(dest)
 
 
-def build_finetune(base: Path, name: str, lr: float, seed: int, dest: Path) -> dict:
+def build_finetune(base: Path, name: str, lr: float, seed: int, dest: Path, log=None) -> dict:
     """Fine-tune ``base`` on one domain and save it as a bf16 safetensors folder at ``dest``."""
     import torch
     from safetensors import safe_open
@@ -204,7 +206,7 @@ def build_finetune(base: Path, name: str, lr: float, seed: int, dest: Path) -> d
     train, held = chunks(tok, domain_text(name))
     before = _eval_loss(model, held)
     t1 = time.perf_counter()
-    losses = _train(model, list(model.parameters()), train, steps=STEPS, lr=lr, seed=seed)
+    losses = _train(model, list(model.parameters()), train, steps=STEPS, lr=lr, seed=seed, log=log)
     t2 = time.perf_counter()
     after = _eval_loss(model, held)
     with safe_open(str(base / "model.safetensors"), "pt") as f:
@@ -225,7 +227,7 @@ def build_finetune(base: Path, name: str, lr: float, seed: int, dest: Path) -> d
             "seconds_train": round(t2 - t1, 1), "seconds_total": round(time.perf_counter() - t0, 1)}
 
 
-def build_lora(base: Path, dest: Path) -> dict:
+def build_lora(base: Path, dest: Path, log=None) -> dict:
     """Train a PEFT LoRA adapter a few steps on the prose text and save it at ``dest``."""
     from peft import LoraConfig, get_peft_model
 
@@ -237,7 +239,7 @@ def build_lora(base: Path, dest: Path) -> dict:
     model = get_peft_model(model, cfg)
     before = _eval_loss(model, held)
     params = [p for p in model.parameters() if p.requires_grad]
-    losses = _train(model, params, train, steps=LORA["steps"], lr=LORA["lr"], seed=LORA["seed"])
+    losses = _train(model, params, train, steps=LORA["steps"], lr=LORA["lr"], seed=LORA["seed"], log=log)
     after = _eval_loss(model, held)
     b_norm = sum(float(p.detach().norm() ** 2) for n, p in model.named_parameters() if "lora_B" in n) ** 0.5
     if b_norm == 0.0:
@@ -288,7 +290,7 @@ def build_workload(cache: Path | None = None, *, log=None) -> dict:
                 record["finetunes"].append({"path": str(dest), "domain": name, "reused": True})
                 say(f"ft-{name:<8}{dest}  (already built)")
                 continue
-            info = build_finetune(base, name, lr, seed, dest)
+            info = build_finetune(base, name, lr, seed, dest, log=log)
             record["finetunes"].append(info)
             say(f"ft-{name:<8}{dest}  ({info['seconds_total']} s, held-out loss "
                 f"{info['heldout_loss_base']} -> {info['heldout_loss_finetuned']})")
@@ -296,7 +298,7 @@ def build_workload(cache: Path | None = None, *, log=None) -> dict:
             record["lora"] = {"path": str(p["lora"]), "reused": True}
             say(f"lora      {p['lora']}  (already built)")
         else:
-            record["lora"] = build_lora(base, p["lora"])
+            record["lora"] = build_lora(base, p["lora"], log=log)
             say(f"lora      {p['lora']}  ({record['lora']['seconds_total']} s, held-out loss "
                 f"{record['lora']['heldout_loss_base']} -> {record['lora']['heldout_loss_adapted']})")
         record["seconds_total"] = round(time.perf_counter() - t0, 1)
