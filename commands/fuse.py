@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -26,6 +26,7 @@ def fuse(
     shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
     check: Annotated[bool, typer.Option("--check", help="Before the output appears, compare its logits with PEFT's base + adapter forward pass (needs peft; one PEFT adapter).")] = False,
     device: DeviceOpt = "cpu",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads for the math (default: torch's); 1 avoids oversubscription on a busy machine.")] = None,
     force: ForceOpt = False,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
@@ -36,7 +37,7 @@ def fuse(
     from surgery.adapters import fuse as run
 
     result, report = run(base, adapters, output, dtype=dtype, shard_size=shard_size, force=force, device=device,
-                         check=check, progress=_render.progress(quiet))
+                         check=check, threads=threads, progress=_render.progress(quiet))
     summary = _common.written_summary(result, _common.push_if_asked(result.output_dir, push_to_hub, private))
     summary["fuse"] = report
 

@@ -41,6 +41,10 @@ class Update:
             base does not have (a new head), ``current`` and ``original`` are None.
         shape: The stored shape the update produces, when known without the base (replacements).
         optional: Skip silently when the base lacks the tensor.
+        out_in: The update's ``[out, in]`` shape as the adapter's headers give it, checked against
+            the base before anything is read (None: checked when the tensor is computed).
+        fan_in_fan_out: The config flag that settles square matrices.
+        match: ``orient`` (stored as ``[out, in]`` or ``[in, out]``) or ``numel`` (reshaped to fit).
     """
 
     module: str
@@ -49,6 +53,9 @@ class Update:
     fn: UpdateFn
     shape: tuple[int, ...] | None = None
     optional: bool = False          # skipped when the base has no such tensor (IA3 on a bias-free layer)
+    out_in: tuple[int, int] | None = None   # [out, in] of the update, from the headers (validation)
+    fan_in_fan_out: bool = False
+    match: str = "orient"           # "orient": the stored tensor is [out, in] or [in, out]; "numel": reshaped
 
     @property
     def key(self) -> str:
@@ -65,7 +72,6 @@ class Adapter:
     weight: float = 1.0
     kind: str = ""
     device: str = "cpu"
-    meta: bool = False              # validation pass: tensors are shape-only (meta device)
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -78,23 +84,17 @@ class Adapter:
 
     def get(self, name: str) -> torch.Tensor:
         """An adapter tensor in float32 (a fresh copy; nothing is kept)."""
-        if self.meta:
-            return torch.empty(self.tensors.info(name).shape, dtype=torch.float32, device="meta")
         return self.tensors.get(name, dtype=torch.float32, device=self.device)
 
     def shared(self, name: str) -> torch.Tensor:
         """A tensor many modules use (VeRA / TeRA factors), read once and kept."""
         if name not in self._cache:
             self._cache[name] = self.tensors.get(name, dtype=torch.float32, device=self.device)
-        return self.on(self._cache[name])
-
-    def on(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` as the current pass needs it (shape-only during validation)."""
-        return t.to("meta") if self.meta else t
+        return self._cache[name]
 
     def scalar(self, name: str) -> float:
-        """A stored scalar (0.0 during the shape-only validation pass)."""
-        return 0.0 if self.meta else float(self.get(name).reshape(()))
+        """A stored scalar (a 0-d or 1-element tensor)."""
+        return float(self.get(name).reshape(()))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors.info(name).shape)
@@ -159,6 +159,21 @@ def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) ->
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def header_problem(update: Update, stored: tuple[int, ...], adapter_path) -> str | None:
+    """Why ``update`` cannot apply to a base tensor of shape ``stored`` (None when it fits)."""
+    if update.out_in is None:
+        return None
+    o, i = update.out_in
+    if update.match == "numel":
+        fits = o * i == math.prod(stored)
+    else:
+        fits = is_transposed((o, i), stored, update.fan_in_fan_out) is not None
+    if fits:
+        return None
+    return (f"adapter {adapter_path}: module {update.module!r} produces an update of shape [{o}, {i}] but the base "
+            f"tensor is {list(stored)}; the adapter was trained on a different model")
 
 
 def orient(delta: torch.Tensor, stored: tuple[int, ...], fan_in_fan_out: bool, adapter: Adapter, module: str) -> torch.Tensor:

@@ -76,5 +76,7 @@ def updates(adapter: Adapter) -> list[Update]:
                 new = new + (aj * scaling) * (adapter.get(ab["lora_B"]) @ adapter.get(ab["lora_A"]))
             return current + (new - original)
 
-        out.append(Update(module, "weight", f"curriculum lora (stage {stage})", fn))
+        first = parts["adapters"][0]
+        out.append(Update(module, "weight", f"curriculum lora (stage {stage})", fn,
+                          out_in=(adapter.shape(first["lora_B"])[0], adapter.shape(first["lora_A"])[1])))
     return out

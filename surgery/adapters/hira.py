@@ -22,7 +22,9 @@ def updates(adapter: Adapter) -> list[Update]:
             ba = adapter.get(p["hira_B"]) @ adapter.get(p["hira_A"])
             return current + original * orient(ba, tuple(current.shape), fan, adapter, module)
 
-        out.append(Update(module, "weight", "hira", fn))
+        out.append(Update(module, "weight", "hira", fn, out_in=(adapter.shape(parts["hira_B"])[0],
+                                                                adapter.shape(parts["hira_A"])[1]),
+                          fan_in_fan_out=fan))
     claimed = {n for p in groups.values() for n in p.values()}
     out += [replace_update(adapter, *_split(n), n) for n in adapter.names if n not in claimed]
     return out

@@ -43,5 +43,7 @@ def updates(adapter: Adapter) -> list[Update]:
             # the change this adapter makes to W0, applied on top of earlier adapters
             return current + (new - original)
 
-        out.append(Update(module, "weight", f"hut ({form})", fn))
+        out.append(Update(module, "weight", f"hut ({form})", fn, out_in=(adapter.shape(parts["hut_B"])[0],
+                                                                         adapter.shape(parts["hut_A"])[1]),
+                          fan_in_fan_out=fan))
     return out

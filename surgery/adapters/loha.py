@@ -34,7 +34,8 @@ def updates(adapter: Adapter) -> list[Update]:
                                     f"{list(current.shape)}.", tensor=module)
             return current + d.reshape(current.shape)
 
-        out.append(Update(module, "weight", "loha", fn))
+        out_in = (adapter.shape(parts["hada_w1_a"])[0], adapter.shape(parts["hada_w1_b"])[-1])
+        out.append(Update(module, "weight", "loha", fn, out_in=out_in, match="numel"))
     claimed = {n for p in groups.values() for n in p.values()}
     out += [replace_update(adapter, *_split(n), n) for n in adapter.names if n not in claimed]
     return out

@@ -41,7 +41,13 @@ def updates(adapter: Adapter) -> list[Update]:
                                     f"{list(current.shape)}.", tensor=module)
             return current + d.reshape(current.shape)
 
-        out.append(Update(module, "weight", "lokr", fn))
+        def dims(p, side):
+            if f"lokr_{side}" in p:
+                return adapter.shape(p[f"lokr_{side}"])[:2]
+            return adapter.shape(p[f"lokr_{side}_a"])[0], adapter.shape(p[f"lokr_{side}_b"])[1]
+
+        (o1, i1), (o2, i2) = dims(parts, "w1"), dims(parts, "w2")
+        out.append(Update(module, "weight", "lokr", fn, out_in=(o1 * o2, i1 * i2), match="numel"))
     claimed = {n for p in groups.values() for n in p.values()}
     out += [replace_update(adapter, *_split(n), n) for n in adapter.names if n not in claimed]
     return out

@@ -105,13 +105,19 @@ def updates(adapter: Adapter) -> list[Update]:
 def _linear(adapter: Adapter, module: str, a_name: str, b_name: str, s: float, fan: bool, mag: str | None,
             embedding: bool) -> Update:
     def delta_out_in() -> torch.Tensor:
-        ba = adapter.get(b_name) @ adapter.get(a_name)          # [out, in] (embedding: [dim, vocab])
-        return ba * s
+        return (adapter.get(b_name) @ adapter.get(a_name)).mul_(s)   # [out, in] (embedding: [dim, vocab])
+
+    out_in = (adapter.shape(b_name)[0], adapter.shape(a_name)[1])
 
     def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        d = delta_out_in()
         if mag is None:
-            return current + orient(d, tuple(current.shape), fan, adapter, module)
+            # one fused pass: current + s·B A (or its transpose for [in, out] storage)
+            t = is_transposed(out_in, tuple(current.shape), fan)
+            a, b = adapter.get(a_name), adapter.get(b_name)
+            if t is None:
+                orient(b @ a, tuple(current.shape), fan, adapter, module)   # raises the shape error
+            return torch.addmm(current, a.T, b.T, alpha=s) if t else torch.addmm(current, b, a, alpha=s)
+        d = delta_out_in()
         # DoRA: norms per output unit on the unmerged base (embeddings: per embedding dimension).
         t = is_transposed(tuple(d.shape), tuple(current.shape), fan)
         if t is None:
@@ -124,7 +130,8 @@ def _linear(adapter: Adapter, module: str, a_name: str, b_name: str, s: float, f
         factor = (m / norm).unsqueeze(1)
         return out_major(factor * (out_major(current, t) + d), t)
 
-    return Update(module, "weight", ("dora" if mag else "lora") + (" (embedding)" if embedding else ""), fn)
+    return Update(module, "weight", ("dora" if mag else "lora") + (" (embedding)" if embedding else ""), fn,
+                  out_in=out_in, fan_in_fan_out=fan)
 
 
 def _bias(adapter: Adapter, module: str, name: str, s: float) -> Update:

@@ -122,7 +122,7 @@ def updates(adapter: Adapter) -> list[Update]:
                 if tuple(cache[gname][n].shape) != tuple(int(x) for x in shp):
                     raise adapter.error(f"TeRA group {gname!r}: {n} has shape {list(cache[gname][n].shape)}, "
                                         f"expected {list(shp)}.", tensor=f"tera.{gname}.{n}")
-        return {n: adapter.on(t) for n, t in cache[gname].items()}
+        return cache[gname]
 
     modules: dict[str, dict[int, str]] = {}
     for name in adapter.names:

@@ -52,7 +52,7 @@ def updates(adapter: Adapter, shape_of: Callable[[str], tuple[int, ...]] | None 
                 g = torch.Generator(device="cpu").manual_seed(int(cfg.get("projection_prng_key", 0)))
                 shared["A"] = _kaiming((r, in_max), g).to(adapter.device)
                 shared["B"] = _kaiming((out_max, r), g).to(adapter.device)
-        return adapter.on(shared["A"]), adapter.on(shared["B"])
+        return shared["A"], shared["B"]
 
     out: list[Update] = []
     for module, parts in sorted(groups.items()):
