@@ -215,3 +215,14 @@ def test_help_lists_the_three_commands(cli):
     r = cli("analyze", "--help")
     assert r.code == 0
     assert all(c in r.stdout for c in ("spectrum", "subspace", "gain"))
+
+
+def test_subspace_text_needs_a_loadable_base(cli, fixtures_dir, fx, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((fixtures_dir / "llama-tiny/base/model.safetensors").read_bytes())
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to run the model on.")
+    r = cli("analyze", "subspace", "--base", bare, fx("llama-tiny/ft-a"), fx("llama-tiny/ft-b"), "--text", text)
+    assert r.code == 3
+    assert "cannot load" in r.stderr and "to compute activations for --text" in r.stderr and "drop --text" in r.stderr
