@@ -37,9 +37,9 @@ def plot_perplexity(report: dict[str, Any], path: str | Path) -> Path:
     ax.axhline(base * report["thresholds"]["max_ppl_ratio"], color="tab:red", linestyle="--",
                label=f"collapse threshold (x{report['thresholds']['max_ppl_ratio']:g})")
     ax.set_yscale("log")
-    ax.set_xlabel("edits applied")
+    ax.set_xlabel("edits processed (0 = baseline)")
     ax.set_ylabel("perplexity")
-    ax.set_title(f"edit apply on {Path(str(report['base'])).name}")
+    ax.set_title(f"edit apply on {report['base']}", fontsize="medium")
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     out = Path(path)

@@ -17,7 +17,7 @@ def rank1_edit(ckpt, name: str, scale: float, path: Path, seed: int = 0, record_
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(rows, 1, generator=g, dtype=torch.float64)
     v = torch.randn(cols, 1, generator=g, dtype=torch.float64)
-    te = TensorEdit(name, u=(u / u.norm()).float(), v=(v / v.norm()).float(), s=torch.tensor([scale]))
+    te = TensorEdit(name, u=(u / u.norm()).float(), v=(v / v.norm()).float(), s=torch.tensor([float(scale)]))
     sha = {name: ckpt.tensor_sha256(name)} if record_sha else {}
     save_edit(Edit({name: te}, base_sha256=sha, info={"description": description or f"rank-1 x{scale:g}"}), path)
     return path
