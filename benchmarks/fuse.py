@@ -78,47 +78,56 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print only; do not rewrite docs/benchmarks/fuse.md")
+    ap.add_argument("--base", type=Path, help="base folder (default: the workload's SmolLM2 base)")
+    ap.add_argument("--adapter", type=Path, help="PEFT adapter folder (default: the workload's LoRA)")
     args = ap.parse_args()
 
-    from workload import build_workload
+    if args.base and args.adapter:
+        base, lora = args.base, args.adapter
+    else:
+        from workload import build_workload
 
-    wl = build_workload()
-    base, lora = Path(wl["base"]), Path(wl["lora"])
+        wl = build_workload()
+        base, lora = Path(wl["base"]), Path(wl["lora"])
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    one = dict(env, OMP_NUM_THREADS="1")
+    # name -> (command builder, environment); "default" = torch's default threads for both tools,
+    # "1 thread" = both limited to one intra-op thread (surgery --threads 1, PEFT OMP_NUM_THREADS=1)
+    configs = {
+        "surgery": (lambda out: [sys.executable, "-m", "surgery.commands.app", "fuse", str(base), str(lora),
+                                 "-o", str(out), "--quiet", "--json"], env),
+        "peft": (lambda out: [sys.executable, "-c", PEFT_SCRIPT, str(base), str(lora), str(out)], env),
+        "surgery-1t": (lambda out: [sys.executable, "-m", "surgery.commands.app", "fuse", str(base), str(lora),
+                                    "-o", str(out), "--quiet", "--json", "--threads", "1"], env),
+        "peft-1t": (lambda out: [sys.executable, "-c", PEFT_SCRIPT, str(base), str(lora), str(out)], one),
+    }
     tmp = Path(tempfile.mkdtemp(prefix="fuse-bench-"))
-    runs: dict[str, list[tuple[float, int]]] = {"surgery": [], "peft": []}
-    try:
-        for i in range(args.repeats):
-            order = ["surgery", "peft"] if i % 2 == 0 else ["peft", "surgery"]
-            for tool in order:
-                out = tmp / tool
-                shutil.rmtree(out, ignore_errors=True)
-                if tool == "surgery":
-                    cmd = [sys.executable, "-m", "surgery.commands.app", "fuse", str(base), str(lora), "-o", str(out),
-                           "--quiet", "--json"]
-                else:
-                    cmd = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(lora), str(out)]
-                runs[tool].append(timed(cmd, env))
-                print(f"run {i + 1} {tool:8s} wall {runs[tool][-1][0]:6.2f} s  peak RSS "
-                      f"{runs[tool][-1][1] / 2**20:7.1f} MiB", flush=True)
-        agreement = compare(tmp / "surgery", tmp / "peft", base)
-    finally:
-        pass
+    runs: dict[str, list[tuple[float, int]]] = {k: [] for k in configs}
+    for i in range(args.repeats):
+        order = list(configs) if i % 2 == 0 else list(reversed(configs))
+        for tool in order:
+            out = tmp / tool
+            shutil.rmtree(out, ignore_errors=True)
+            make, tool_env = configs[tool]
+            runs[tool].append(timed(make(out), tool_env))
+            print(f"run {i + 1} {tool:11s} wall {runs[tool][-1][0]:6.2f} s  peak RSS "
+                  f"{runs[tool][-1][1] / 2**20:7.1f} MiB", flush=True)
+    agreement = compare(tmp / "surgery", tmp / "peft", base)
     med = {t: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for t, r in runs.items()}
-    ratio_wall = med["surgery"][0] / med["peft"][0]
-    ratio_rss = med["surgery"][1] / med["peft"][1]
     result = {
         "base": str(base), "adapter": str(lora), "repeats": args.repeats,
-        "surgery": {"wall_s": med["surgery"][0], "peak_rss_mib": med["surgery"][1] / 2**20,
-                    "runs": [[w, m / 2**20] for w, m in runs["surgery"]]},
-        "peft": {"wall_s": med["peft"][0], "peak_rss_mib": med["peft"][1] / 2**20,
-                 "runs": [[w, m / 2**20] for w, m in runs["peft"]]},
-        "wall_ratio": ratio_wall, "rss_ratio": ratio_rss, "agreement": agreement,
+        "tools": {t: {"wall_s": med[t][0], "peak_rss_mib": med[t][1] / 2**20,
+                      "runs": [[w, m / 2**20] for w, m in runs[t]]} for t in runs},
+        "wall_ratio": med["surgery"][0] / med["peft"][0], "rss_ratio": med["surgery"][1] / med["peft"][1],
+        "wall_ratio_1t": med["surgery-1t"][0] / med["peft-1t"][0],
+        "rss_ratio_1t": med["surgery-1t"][1] / med["peft-1t"][1],
+        "agreement": agreement, "load_average": os.getloadavg(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
     }
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result, indent=2))
-    print(f"wall ratio surgery/PEFT = {ratio_wall:.3f} (target <= 0.5); peak RSS ratio = {ratio_rss:.3f} (target <= 0.5)")
+    print(f"defaults: wall ratio surgery/PEFT = {result['wall_ratio']:.3f}, peak RSS ratio = {result['rss_ratio']:.3f}; "
+          f"one thread each: {result['wall_ratio_1t']:.3f}, {result['rss_ratio_1t']:.3f} (targets <= 0.5)")
     if not args.no_write:
         write_doc(result)
 
@@ -128,8 +137,10 @@ def write_doc(r: dict) -> None:
     import torch
     import transformers
 
-    ag = r["agreement"]
-    runs = lambda t: ", ".join(f"{w:.2f} s / {m:.0f} MiB" for w, m in r[t]["runs"])  # noqa: E731
+    ag, tl = r["agreement"], r["tools"]
+    runs = lambda t: ", ".join(f"{w:.2f} s / {m:.0f} MiB" for w, m in tl[t]["runs"])  # noqa: E731
+    row = lambda t, label: (f"| {label} | {tl[t]['wall_s']:.2f} s | {tl[t]['peak_rss_mib']:.0f} MiB | "  # noqa: E731
+                            f"{runs(t)} |")
     text = f"""# Benchmark: `surgery fuse` vs PEFT merge_and_unload + save_pretrained
 
 Produced by `python benchmarks/fuse.py --repeats {r['repeats']}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.
@@ -143,11 +154,19 @@ PEFT LoRA adapter (r=16, alpha=32, q/k/v/o/gate/up/down projections of all 30 la
 - PEFT: `AutoModelForCausalLM.from_pretrained(BASE, dtype=bfloat16)` →
   `PeftModel.from_pretrained` → `merge_and_unload()` → `save_pretrained(OUT)`.
 
+Two settings: torch's default intra-op threads for both tools, and both limited to one thread
+(`surgery fuse --threads 1`; PEFT under `OMP_NUM_THREADS=1`).
+
 | | wall (median) | peak RSS (median) | all runs (wall / RSS) |
 |---|---:|---:|---|
-| surgery fuse | {r['surgery']['wall_s']:.2f} s | {r['surgery']['peak_rss_mib']:.0f} MiB | {runs('surgery')} |
-| PEFT merge + save | {r['peft']['wall_s']:.2f} s | {r['peft']['peak_rss_mib']:.0f} MiB | {runs('peft')} |
-| **ratio surgery / PEFT** | **{r['wall_ratio']:.2f}×** (target ≤ 0.5) | **{r['rss_ratio']:.2f}×** (target ≤ 0.5) | |
+{row('surgery', 'surgery fuse (default threads)')}
+{row('peft', 'PEFT merge + save (default threads)')}
+| **ratio surgery / PEFT, default threads** | **{r['wall_ratio']:.2f}×** (target ≤ 0.5) | **{r['rss_ratio']:.2f}×** (target ≤ 0.5) | |
+{row('surgery-1t', 'surgery fuse --threads 1')}
+{row('peft-1t', 'PEFT merge + save, OMP_NUM_THREADS=1')}
+| **ratio surgery / PEFT, one thread each** | **{r['wall_ratio_1t']:.2f}×** | **{r['rss_ratio_1t']:.2f}×** | |
+
+Load average during the run (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in r['load_average'])} on 2 cores.
 
 Same work: the two outputs were compared tensor by tensor: {ag['tensors_compared']} tensors,
 {ag['tensors_changed_by_fuse']} changed by the adapter, largest difference
@@ -158,6 +177,11 @@ Tensors only in PEFT's output: {ag['only_in_peft'] or 'none'}; only in surgery's
 Machine: {r['machine']}, 24 GiB RAM, no GPU; torch {torch.__version__}, transformers
 {transformers.__version__}, peft {peft.__version__}. Other agents were running on the same 2
 cores at the same time, so absolute times are noisy; the runs alternate to share the noise.
+
+Threads: on a machine whose cores are busy with other processes, torch's default intra-op
+threads spin and wait for each other, and small operations (a rank-16 product, a bf16 cast of
+one matrix) become tens of times slower; both tools suffer, which is why the one-thread rows
+are shown. `surgery fuse --threads 1` is the setting to use on a shared machine.
 
 Why surgery is lighter: it never builds a model. It reads the 7×30 target tensors one at a
 time, adds `s·B A` in float32, writes each in bf16 at its final offset, and copies the other
