@@ -9,12 +9,11 @@ reproducible bit for bit, whatever the device and the order tensors are processe
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .task_arithmetic import combine
-from .ties import ties_combine
+from .ties import ties_streamed
 
 
 def drop_seed(seed: int, tensor_name: str, model_index: int) -> int:
@@ -41,25 +40,36 @@ def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator, r
     return out / density if rescale else out
 
 
-def _dropped(base, models, densities, seed, tensor_name, rescale):
-    out = []
-    for i, (m, dens) in enumerate(zip(models, densities)):
+def dare_streamed(base: torch.Tensor, load: Callable[[int], torch.Tensor], n: int, weights: Sequence[float],
+                  densities: Sequence[float], *, seed: int, tensor_name: str, lam: float = 1.0,
+                  normalize: bool = False, rescale: bool = True, consensus: bool = False) -> torch.Tensor:
+    """DARE reading model ``i`` with ``load(i)``, one at a time; TIES' sign election when ``consensus``."""
+    def drop(d: torch.Tensor, density: float, i: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(drop_seed(seed, tensor_name, i))
-        out.append(dare_drop(m - base, dens, g, rescale))
-    return out
+        return dare_drop(d, density, g, rescale)
+
+    if consensus:
+        return ties_streamed(base, load, n, weights, densities, lam, normalize, sparsify=drop)
+    out = torch.zeros_like(base)
+    for i in range(n):
+        out.add_(drop(load(i).sub_(base), float(densities[i]), i), alpha=float(weights[i]))
+    if normalize:
+        total = float(sum(weights))
+        out.div_(total if abs(total) >= 1e-8 else 1.0)
+    return out.mul_(lam).add_(base)
 
 
 def dare_linear(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
                 densities: Sequence[float], *, seed: int, tensor_name: str, lam: float = 1.0,
                 normalize: bool = False, rescale: bool = True) -> torch.Tensor:
     """θ0 + λ Σ w_i DARE(τ_i) (divided by Σ w_i when ``normalize``)."""
-    deltas = _dropped(base, models, densities, seed, tensor_name, rescale)
-    return base + lam * combine(deltas, weights, normalize)
+    return dare_streamed(base, lambda i: models[i].clone(), len(models), weights, densities, seed=seed,
+                         tensor_name=tensor_name, lam=lam, normalize=normalize, rescale=rescale)
 
 
 def dare_ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
               densities: Sequence[float], *, seed: int, tensor_name: str, lam: float = 1.0,
               normalize: bool = False, rescale: bool = True) -> torch.Tensor:
     """θ0 + λ · TIES sign election and disjoint sum of the DARE-dropped task vectors."""
-    deltas = _dropped(base, models, densities, seed, tensor_name, rescale)
-    return base + lam * ties_combine(deltas, weights, normalize)
+    return dare_streamed(base, lambda i: models[i].clone(), len(models), weights, densities, seed=seed,
+                         tensor_name=tensor_name, lam=lam, normalize=normalize, rescale=rescale, consensus=True)

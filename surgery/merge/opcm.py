@@ -51,27 +51,26 @@ def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reduced SVD of ``m`` from the eigendecomposition of its smaller Gram matrix (float64).
+    """Reduced SVD of ``m`` from the eigendecomposition of its smaller Gram matrix.
 
-    Only the directions with σ above the rank floor are returned (the others are not
-    determined by ``m``); singular values are in descending order.
+    The Gram matrix and its eigendecomposition are float64 (squaring the singular values
+    must not lose the small ones); the other factor is then ``m`` times the eigenvectors
+    divided by σ, in ``m``'s dtype. Only the directions with σ above the rank floor are
+    returned (the others are not determined by ``m``), in descending order of σ.
     """
     rows, cols = m.shape
-    m64 = m.double()
     tall = rows >= cols
+    m64 = m.double()
     gram = m64.mT @ m64 if tall else m64 @ m64.mT
+    del m64
     evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0), evecs.flip(1)
     s = evals.clamp_min(0).sqrt()
     keep = s > _rank_floor(s, (rows, cols))
-    s, evecs = s[keep], evecs[:, keep]
+    s, evecs = s[keep].to(m.dtype), evecs[:, keep].to(m.dtype)
     if tall:
-        v = evecs
-        u = (m64 @ v) / s
-    else:
-        u = evecs
-        v = (m64.mT @ u) / s
-    return u.to(m.dtype), s.to(m.dtype), v.to(m.dtype)
+        return (m @ evecs) / s, s, evecs
+    return evecs, s, (m.mT @ evecs) / s
 
 
 def decompose(m: torch.Tensor, method: str = "gram") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,8 +12,10 @@ from typing import Any, Callable
 
 from . import continual, dare, linear, slerp, task_arithmetic, ties
 
-# merge(base, models, shared, per_model, tensor_name, seed) -> merged tensor (float32)
-BatchMerge = Callable[[Any, list, dict, list, str, int], Any]
+# merge(base, load, n, shared, per_model, tensor_name, seed) -> merged tensor (float32), where
+# load(i) returns a fresh float32 copy of model i's tensor (or of a row block of it, for
+# elementwise methods) that the method may overwrite.
+BatchMerge = Callable[[Any, Callable[[int], Any], int, dict, list, str, int], Any]
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class MethodSpec:
         base: ``required``, ``optional`` or ``ignored`` (mergekit's base policy).
         min_models, max_models: How many models (the base not counted).
         merge: Batch methods: the per-tensor function.
+        elementwise: Batch methods whose output entry depends only on the same entry of the
+            inputs (and per-tensor parameters): they stream in row blocks.
         step: Continual methods other than OPCM: ``step(state, tau, count, **shared)``.
         output_scale: Continual: the merged task vector is ``output_scale(shared) · state``.
     """
@@ -42,6 +46,7 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     merge: BatchMerge | None = None
+    elementwise: bool = False
     step: Callable | None = None
     output_scale: Callable[[dict], float] = lambda shared: 1.0
 
@@ -50,44 +55,49 @@ def _w(per_model, key="weight"):
     return [float(p[key]) for p in per_model]
 
 
-def _linear(base, models, shared, per_model, name, seed):
-    return linear.linear(models, _w(per_model), bool(shared["normalize"]))
+def _linear(base, load, n, shared, per_model, name, seed):
+    return linear.linear([load(i) for i in range(n)], _w(per_model), bool(shared["normalize"]))
 
 
-def _task_arithmetic(base, models, shared, per_model, name, seed):
-    return task_arithmetic.task_arithmetic(base, models, _w(per_model), float(shared["lambda"]), bool(shared["normalize"]))
+def _task_arithmetic(base, load, n, shared, per_model, name, seed):
+    deltas = [load(i).sub_(base) for i in range(n)]
+    mixed = task_arithmetic.combine(deltas, _w(per_model), bool(shared["normalize"]))
+    return mixed.mul_(float(shared["lambda"])).add_(base)
 
 
-def _ties(base, models, shared, per_model, name, seed):
-    return ties.ties(base, models, _w(per_model), _w(per_model, "density"), float(shared["lambda"]), bool(shared["normalize"]))
+def _ties(base, load, n, shared, per_model, name, seed):
+    return ties.ties_streamed(base, load, n, _w(per_model), _w(per_model, "density"), float(shared["lambda"]),
+                              bool(shared["normalize"]))
 
 
-def _dare(fn):
-    def run(base, models, shared, per_model, name, seed):
-        return fn(base, models, _w(per_model), _w(per_model, "density"), seed=seed, tensor_name=name,
-                  lam=float(shared["lambda"]), normalize=bool(shared["normalize"]), rescale=bool(shared["rescale"]))
+def _dare(consensus):
+    def run(base, load, n, shared, per_model, name, seed):
+        return dare.dare_streamed(base, load, n, _w(per_model), _w(per_model, "density"), seed=seed, tensor_name=name,
+                                  lam=float(shared["lambda"]), normalize=bool(shared["normalize"]),
+                                  rescale=bool(shared["rescale"]), consensus=consensus)
     return run
 
 
-def _slerp(base, models, shared, per_model, name, seed):
-    return slerp.slerp(float(shared["t"]), base, models[0])
+def _slerp(base, load, n, shared, per_model, name, seed):
+    return slerp.slerp(float(shared["t"]), base, load(0))
 
 
 _GTA_SHARED = {"lambda": 1.0, "int8_mask": False}
 
 METHODS: dict[str, MethodSpec] = {
     "linear": MethodSpec("linear", "batch", "https://arxiv.org/abs/2203.05482", {"normalize": True},
-                         {"weight": 1.0}, base="ignored", merge=_linear),
+                         {"weight": 1.0}, base="ignored", merge=_linear, elementwise=True),
     "task_arithmetic": MethodSpec("task_arithmetic", "batch", "https://arxiv.org/abs/2212.04089",
-                                  {**_GTA_SHARED, "normalize": False}, {"weight": 1.0}, merge=_task_arithmetic),
+                                  {**_GTA_SHARED, "normalize": False}, {"weight": 1.0}, merge=_task_arithmetic,
+                                  elementwise=True),
     "ties": MethodSpec("ties", "batch", "https://arxiv.org/abs/2306.01708", {**_GTA_SHARED, "normalize": True},
                        {"weight": 1.0, "density": 1.0}, merge=_ties),
     "dare_linear": MethodSpec("dare_linear", "batch", "https://arxiv.org/abs/2311.03099",
                               {**_GTA_SHARED, "normalize": False, "rescale": True}, {"weight": 1.0, "density": 1.0},
-                              merge=_dare(dare.dare_linear)),
+                              merge=_dare(False)),
     "dare_ties": MethodSpec("dare_ties", "batch", "https://arxiv.org/abs/2311.03099",
                             {**_GTA_SHARED, "normalize": False, "rescale": True}, {"weight": 1.0, "density": 1.0},
-                            merge=_dare(dare.dare_ties)),
+                            merge=_dare(True)),
     "slerp": MethodSpec("slerp", "batch", "https://en.wikipedia.org/wiki/Slerp", {"t": 0.5}, {},
                         min_models=1, max_models=1, merge=_slerp),
     "opcm": MethodSpec("opcm", "continual", "https://arxiv.org/abs/2501.09522",

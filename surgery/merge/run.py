@@ -176,12 +176,23 @@ def _merge_batch(spec: MethodSpec, request: MergeRequest, base: Checkpoint | Non
                         else OutputTensor(name, ref.info(name).shape, target, compute=lambda n=name: ref.get(n)))
             continue
 
+        shape = ref.info(name).shape
+        if spec.elementwise and shape:
+            def rows(a: int, e: int, n: str = name) -> torch.Tensor:
+                f32 = torch.float32
+                b = base.get_rows(n, a, e, dtype=f32, device=dev) if base is not None else None
+                load = lambda i: models[i].get_rows(n, a, e, dtype=f32, device=dev)  # noqa: E731
+                return spec.merge(b, load, len(models), params.shared(n), params.per_model(n), n, options.seed)
+
+            plan.append(OutputTensor(name, shape, _out_dtype(target, ref, name), rows=rows))
+            continue
+
         def compute(n: str = name) -> torch.Tensor:
             b = base.get(n, device=dev) if base is not None else None
-            xs = [m.get(n, device=dev) for m in models]
-            return spec.merge(b, xs, params.shared(n), params.per_model(n), n, options.seed)
+            load = lambda i: models[i].get(n, device=dev)  # noqa: E731
+            return spec.merge(b, load, len(models), params.shared(n), params.per_model(n), n, options.seed)
 
-        plan.append(OutputTensor(name, ref.info(name).shape, _out_dtype(target, ref, name), compute=compute))
+        plan.append(OutputTensor(name, shape, _out_dtype(target, ref, name), compute=compute))
     return plan, ref
 
 
