@@ -80,10 +80,10 @@ def spectrum(
     check_energy(energy)
     check_top(top)
     if plot is not None:
-        from surgery.spectral.plot import _figure, check_plot_path
+        from surgery.spectral.plot import check_plot_path, require_matplotlib
 
         check_plot_path(plot)
-        _figure(1, 1, (1, 1))  # fail on a missing matplotlib before the SVDs, not after
+        require_matplotlib()  # fail before the SVDs, not after
     ckpt = open_checkpoint(checkpoint)
     base_ckpt = open_checkpoint(base) if base else None
     report = analyze_spectrum(ckpt, base=base_ckpt, energy=energy, top=top, device=device,
@@ -148,15 +148,16 @@ def subspace(
     """Overlap (principal angles, mean cos²) of two task vectors' top singular subspaces, their leakage into the base's top subspace, and suggested frozen ranks."""
     from surgery.checkpoint import open_checkpoint
     from surgery.errors import UsageError
-    from surgery.spectral.subspace import _validate, analyze_subspace, importance_from_text
+    from surgery.spectral.subspace import analyze_subspace, check_options, importance_from_text
 
-    _validate(rank, energy, (mrr + trr) / 2 if frozen_fraction is None else frozen_fraction, mrr, trr)
+    check_options(rank, energy, (mrr + trr) / 2 if frozen_fraction is None else frozen_fraction, mrr, trr)
     if text is not None and not text.is_file():
         raise UsageError(f"--text {text}: no such file; give a plain-text file to compute activations on.")
     base_ckpt, ca, cb = open_checkpoint(base), open_checkpoint(a), open_checkpoint(b)
     importance = None
     if text is not None:
-        _render.log(f"computing per-block importance on {text} ...") if not as_json and not quiet else None
+        if not as_json and not quiet:
+            _render.log(f"computing per-block importance on {text} ...")
         importance = importance_from_text(str(base_ckpt.root), text.read_text(encoding="utf-8"), device=device)
     report = analyze_subspace(base_ckpt, ca, cb, rank=rank, energy=energy, frozen_fraction=frozen_fraction,
                               importance=importance, mrr=mrr, trr=trr, device=device,
@@ -222,10 +223,10 @@ def gain(
     if vs is None and fail_on_drift:
         raise UsageError("--fail-on-drift needs --vs PROXY: drift is measured against a proxy checkpoint.")
     if plot is not None:
-        from surgery.spectral.plot import _figure, check_plot_path
+        from surgery.spectral.plot import check_plot_path, require_matplotlib
 
         check_plot_path(plot)
-        _figure(1, 1, (1, 1))
+        require_matplotlib()
     ckpt = open_checkpoint(checkpoint)
     proxy = open_checkpoint(vs) if vs else None
     ignore_types = [t.strip() for t in ignore.split(",") if t.strip()] if ignore else []

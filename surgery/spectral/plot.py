@@ -28,6 +28,11 @@ def _figure(rows: int, cols: int, size: tuple[float, float]):
     return fig, axes
 
 
+def require_matplotlib() -> None:
+    """Raise the --plot UsageError now when matplotlib is missing (before any long computation)."""
+    _figure(1, 1, (1, 1))
+
+
 def check_plot_path(path: str | Path) -> Path:
     """Refuse a plot path whose format matplotlib would not write or whose folder is missing."""
     p = Path(path)
@@ -146,4 +151,4 @@ def plot_gain(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["plot_spectrum", "plot_gain", "check_plot_path", "TYPE_ORDER"]
+__all__ = ["plot_spectrum", "plot_gain", "check_plot_path", "require_matplotlib", "TYPE_ORDER"]

@@ -38,7 +38,8 @@ def importance_fraction(importance: float, mrr: float = MRR, trr: float = TRR) -
     return mrr + min(1.0, max(0.0, importance)) * (trr - mrr)
 
 
-def _validate(rank: int | None, energy: float | None, fraction: float, mrr: float, trr: float) -> None:
+def check_options(rank: int | None, energy: float | None, fraction: float, mrr: float, trr: float) -> None:
+    """Raise UsageError for conflicting or out-of-range subspace options."""
     if rank is not None and energy is not None:
         raise UsageError("give either --rank or --energy, not both: one chooses k for every tensor, the other per tensor.")
     if rank is not None and rank < 1:
@@ -87,7 +88,7 @@ def analyze_subspace(base: Checkpoint, a: Checkpoint, b: Checkpoint, *, rank: in
         energy = 0.9
     if frozen_fraction is None:
         frozen_fraction = (mrr + trr) / 2
-    _validate(rank, energy, frozen_fraction, mrr, trr)
+    check_options(rank, energy, frozen_fraction, mrr, trr)
     progress = ensure(progress)
     names, skipped = [], []
     for n in matrix_names(base):
