@@ -33,6 +33,7 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,12 +47,12 @@ from smollm2 import CACHE, smollm2_checkpoint  # noqa: E402
 MARKER = "workload.json"
 SEQ = 128
 BATCH = 2
-STEPS = 30
+STEPS = int(os.environ.get("SURGERY_WORKLOAD_STEPS", 30))  # override only for smoke tests
 EVAL_CHUNKS = 4
 THREADS = 2
 # name, learning rate, seed
 FINETUNES = [("code", 5e-5, 11), ("license", 3e-5, 12), ("prose", 4e-5, 13)]
-LORA = {"name": "prose", "r": 16, "alpha": 32, "lr": 1e-3, "steps": 10, "seed": 21,
+LORA = {"name": "prose", "r": 16, "alpha": 32, "lr": 1e-3, "steps": min(10, STEPS), "seed": 21,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".index.json")
 
@@ -257,12 +258,35 @@ def build_lora(base: Path, dest: Path, log=None) -> dict:
 
 # ----------------------------------------------------------------------------- entry point
 
-def build_workload(cache: Path | None = None, *, log=None) -> dict:
+def _info_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".info.json")
+
+
+def _build_artifact(kind: str, base: Path, dest: Path, log=None) -> dict:
+    """Build one artifact (``ft-<name>`` or ``lora``) and store its info next to it."""
+    if kind == "lora":
+        info = build_lora(base, dest, log=log)
+    else:
+        name, lr, seed = next(f for f in FINETUNES if f[0] == kind)
+        info = build_finetune(base, name, lr, seed, dest, log=log)
+    _info_path(dest).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _reused(dest: Path) -> dict:
+    ip = _info_path(dest)
+    info = json.loads(ip.read_text()) if ip.is_file() else {"path": str(dest)}
+    return {**info, "reused": True}
+
+
+def build_workload(cache: Path | None = None, *, log=None, jobs: int = 1) -> dict:
     """Build (once) and return the workload: base, three fine-tunes, one LoRA adapter.
 
     Args:
         cache: Folder for the artifacts; default ``$SURGERY_CACHE/workload``.
         log: Optional callable taking a progress line (the script passes ``print``).
+        jobs: Artifacts built at once, each in its own process with ``2 // jobs`` (at least
+            1) torch threads; on a busy shared machine several processes get more CPU.
 
     Returns:
         ``{"base": Path, "finetunes": [Path, Path, Path], "lora": Path, "record": Path}``.
@@ -280,38 +304,72 @@ def build_workload(cache: Path | None = None, *, log=None) -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds the marker
         if p["record"].is_file():
             return p
-        record: dict = {"finetunes": [], "lora": None}
         t0 = time.perf_counter()
         base = smollm2_checkpoint()
-        record["base"] = {"path": str(base), "seconds": round(time.perf_counter() - t0, 1)}
+        record: dict = {"base": {"path": str(base), "seconds": round(time.perf_counter() - t0, 1)}}
         say(f"base      {base}  ({record['base']['seconds']} s)")
-        for (name, lr, seed), dest in zip(FINETUNES, p["finetunes"]):
-            if dest.is_dir():
-                record["finetunes"].append({"path": str(dest), "domain": name, "reused": True})
-                say(f"ft-{name:<8}{dest}  (already built)")
-                continue
-            info = build_finetune(base, name, lr, seed, dest, log=log)
-            record["finetunes"].append(info)
-            say(f"ft-{name:<8}{dest}  ({info['seconds_total']} s, held-out loss "
-                f"{info['heldout_loss_base']} -> {info['heldout_loss_finetuned']})")
-        if p["lora"].is_dir():
-            record["lora"] = {"path": str(p["lora"]), "reused": True}
-            say(f"lora      {p['lora']}  (already built)")
+        todo = [(name, dest) for (name, _, _), dest in zip(FINETUNES, p["finetunes"])] + [("lora", p["lora"])]
+        missing = [(k, d) for k, d in todo if not d.is_dir()]
+        for k, d in todo:
+            if d.is_dir():
+                say(f"{d.name:<11}{d}  (already built)")
+        infos: dict[str, dict] = {}
+        if jobs > 1 and len(missing) > 1:
+            env = {**os.environ, "SURGERY_WORKLOAD_THREADS": str(max(1, THREADS // jobs))}
+            pending = list(missing)
+            running: dict = {}
+            while pending or running:
+                while pending and len(running) < jobs:
+                    k, d = pending.pop(0)
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", k, str(root)]
+                    running[k] = (subprocess.Popen(cmd, env=env), d)
+                    say(f"{d.name:<11}started in process {running[k][0].pid}")
+                for k, (proc, d) in list(running.items()):
+                    if proc.poll() is not None:
+                        del running[k]
+                        if proc.returncode != 0:
+                            raise RuntimeError(f"building {d.name} failed (exit {proc.returncode})")
+                        infos[k] = json.loads(_info_path(d).read_text())
+                        say(f"{d.name:<11}{d}  ({infos[k]['seconds_total']} s)")
+                time.sleep(2)
         else:
-            record["lora"] = build_lora(base, p["lora"], log=log)
-            say(f"lora      {p['lora']}  ({record['lora']['seconds_total']} s, held-out loss "
-                f"{record['lora']['heldout_loss_base']} -> {record['lora']['heldout_loss_adapted']})")
+            for k, d in missing:
+                infos[k] = _build_artifact(k, base, d, log=log)
+                say(f"{d.name:<11}{d}  ({infos[k]['seconds_total']} s)")
+        record["finetunes"] = [infos.get(k) or _reused(d) for k, d in todo[:-1]]
+        record["lora"] = infos.get("lora") or _reused(p["lora"])
         record["seconds_total"] = round(time.perf_counter() - t0, 1)
-        record["torch_threads"] = THREADS
+        record["jobs"] = jobs
         tmp = p["record"].with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.rename(p["record"])  # the marker, written last
-        say(f"total     {record['seconds_total']} s; record in {p['record']}")
+        say(f"total      {record['seconds_total']} s; record in {p['record']}")
     return p
 
 
-if __name__ == "__main__":
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Build the cached SmolLM2 workload (see the module docstring).")
+    ap.add_argument("cache", nargs="?", type=Path, default=None, help="Folder (default $SURGERY_CACHE/workload).")
+    ap.add_argument("--jobs", type=int, default=1, help="Artifacts built at once, one process each.")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: build one artifact
+    args = ap.parse_args(argv)
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    if args.one:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("SURGERY_WORKLOAD_THREADS", THREADS)))
+        cache = args.cache or default_cache()
+        dest = cache / ("lora-" + LORA["name"] if args.one == "lora" else f"ft-{args.one}")
+        _build_artifact(args.one, paths(cache)["base"], dest, log=lambda m: say(f"[{dest.name}] {m.strip()}"))
+        return 0
     start = time.perf_counter()
-    out = build_workload(Path(sys.argv[1]) if len(sys.argv) > 1 else None, log=lambda m: print(m, flush=True))
+    out = build_workload(args.cache, log=say, jobs=args.jobs)
     print(json.dumps({k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in out.items()}, indent=2))
     print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
