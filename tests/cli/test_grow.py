@@ -16,6 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "grow"))
 from tokenformer_reference import load, reference_logits  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread for tiny tensors on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tf-cli")
