@@ -137,6 +137,8 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
     if init not in INITS:
         raise UsageError(f"unknown --init {init!r}; choose one of {', '.join(INITS)}.")
     target_dtype = parse_dtype(dtype)
+    if verify:
+        _check_device(device)
     ckpt = open_checkpoint(str(source))
     sites = find_pattention(ckpt.names, label=ckpt.label)
     raw_cfg = normalize_keys(dict(ckpt.config or {}))
@@ -267,6 +269,17 @@ def _check_gram_ranks(ckpt: Checkpoint, sites: list[PattentionSite], current: di
                 f"multiple of K_oldᵀK_old, which has rank {r}), but {SLOT_FIELDS[s.kind]} {current[s.kind]} -> "
                 f"{targets[s.kind]} adds {m}; grow to at least {current[s.kind] + r} or use --init tile.",
                 tensor=s.key_name)
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:1 or mps.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for a CUDA GPU but torch sees none; use --device cpu.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device} asked for Apple MPS but torch sees none; use --device cpu.")
 
 
 def _default_tolerance(dtypes: list[torch.dtype]) -> float:

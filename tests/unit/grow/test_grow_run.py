@@ -137,11 +137,18 @@ def test_no_verify(tokenformers, tmp_path):
     (dict(init="tile", factor=0.5), "would shrink"),
     (dict(init="tile", qkv_tokens=16), "nothing to grow"),
     (dict(init="bogus", tokens=64), "unknown --init 'bogus'; choose one of tile, gram, zero, random"),
+    (dict(tokens=64, device="gpu0"), "--device 'gpu0' is not a device name"),
 ])
 def test_usage_refusals(tokenformers, tmp_path, kw, message):
     with pytest.raises(UsageError, match=message) as e:
         grow(tokenformers["l2_norm_gelu"], tmp_path / "x", **kw)
     assert e.value.exit_code == 2 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_usage_error(tokenformers, tmp_path):
+    with pytest.raises(UsageError, match="--device cuda asked for a CUDA GPU but torch sees none"):
+        grow(tokenformers["l2_norm_gelu"], tmp_path / "x", tokens=64, device="cuda")
 
 
 @pytest.mark.parametrize("norm", ["gelu_l2_norm", "softmax"])
