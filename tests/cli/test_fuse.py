@@ -98,3 +98,16 @@ def test_usage_errors_exit_2(cli, tmp_path, gpt2_lora):
     assert r.code == 2 and "must be a finite number" in r.stderr
     r = cli("fuse", GPT2, gpt2_lora, "-o", tmp_path / "out", "--dtype", "int3")
     assert r.code == 2 and "unknown dtype" in r.stderr
+    r = cli("fuse", GPT2, gpt2_lora, "-o", tmp_path / "out", "--threads", "0")
+    assert r.code == 2 and "--threads must be at least 1, not 0" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_threads_option_restores_torch_setting(cli, tmp_path, gpt2_lora):
+    before = torch.get_num_threads()
+    r = cli("fuse", GPT2, gpt2_lora, "-o", tmp_path / "out", "--threads", "1", "--json")
+    assert r.code == 0 and torch.get_num_threads() == before
+    ref = cli("fuse", GPT2, gpt2_lora, "-o", tmp_path / "ref", "--json")
+    assert load_file(tmp_path / "out" / "model.safetensors").keys() == load_file(tmp_path / "ref" / "model.safetensors").keys()
+    for k, v in load_file(tmp_path / "ref" / "model.safetensors").items():
+        torch.testing.assert_close(load_file(tmp_path / "out" / "model.safetensors")[k], v, rtol=1e-6, atol=1e-7)
