@@ -74,6 +74,18 @@ def compare(ours: Path, peft_out: Path, base: Path) -> dict:
             "only_in_surgery": sorted(set(a.names) - set(b.names))}
 
 
+def describe(adapter: Path) -> str:
+    from workload import paths
+
+    workload = Path(adapter).resolve() == Path(paths()["lora"]).resolve()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    what = (f"a PEFT {cfg.get('peft_type')} adapter with r={cfg.get('r')}, alpha={cfg.get('lora_alpha')} on "
+            f"{', '.join(sorted(cfg.get('target_modules') or []))} of all 30 layers")
+    if workload:
+        return what + " (the benchmark workload's adapter, `benchmarks/workload.py`)"
+    return what + f" (`{adapter}`, given with --adapter)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -82,7 +94,7 @@ def main() -> None:
     ap.add_argument("--adapter", type=Path, help="PEFT adapter folder (default: the workload's LoRA)")
     args = ap.parse_args()
 
-    if args.base and args.adapter:
+    if args.base and args.adapter:      # e.g. the workload's paths while the rest of it still builds
         base, lora = args.base, args.adapter
     else:
         from workload import build_workload
@@ -122,6 +134,7 @@ def main() -> None:
         "wall_ratio_1t": med["surgery-1t"][0] / med["peft-1t"][0],
         "rss_ratio_1t": med["surgery-1t"][1] / med["peft-1t"][1],
         "agreement": agreement, "load_average": os.getloadavg(),
+        "adapter_description": describe(lora),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
     }
     shutil.rmtree(tmp, ignore_errors=True)
@@ -145,10 +158,9 @@ def write_doc(r: dict) -> None:
 
 Produced by `python benchmarks/fuse.py --repeats {r['repeats']}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.
 
-Input: the benchmark workload's SmolLM2-135M-Instruct base (bf16, 134.5 M parameters) and its
-PEFT LoRA adapter (r=16, alpha=32, q/k/v/o/gate/up/down projections of all 30 layers;
-`benchmarks/workload.py`). Both tools run as whole processes, alternating, under
-`/usr/bin/time -v`; the numbers are medians over {r['repeats']} runs each.
+Input: the SmolLM2-135M-Instruct base (bf16, 134.5 M parameters) and {r['adapter_description']}.
+Both tools run as whole processes, alternating, under `/usr/bin/time -v`; the numbers are
+medians over {r['repeats']} runs each.
 
 - surgery: `surgery fuse BASE LORA -o OUT --quiet --json` (streams one tensor at a time).
 - PEFT: `AutoModelForCausalLM.from_pretrained(BASE, dtype=bfloat16)` →
