@@ -14,7 +14,10 @@ Runs, each as a whole process with wall time and peak RSS (``/usr/bin/time -v``)
 
 Prints the ratios and writes docs/benchmarks/merge.md.
 
-    python benchmarks/merge.py [--skip-fusionbench] [--keep DIR]
+    python benchmarks/merge.py [--stages batch,opcm,growth] [--skip-fusionbench] [--keep DIR]
+
+Each stage's numbers are kept in ~/.cache/surgery/bench-merge.json, so stages can be run
+separately; the page is rendered from the latest numbers of every stage.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ sys.path.insert(0, str(HERE))
 
 FUSIONBENCH_PY = Path("/work/venvs/fusionbench/bin/python")
 DOC = ROOT / "docs" / "benchmarks" / "merge.md"
+RESULTS = Path.home() / ".cache" / "surgery" / "bench-merge.json"
 
 
 def measured(cmd: list[str], env: dict | None = None) -> dict:
@@ -199,7 +203,7 @@ def machine() -> str:
 
 
 def write_doc(results: dict) -> None:
-    b = results["batch"]
+    b = results.get("batch", [])
     lines = ["# `surgery merge` benchmark", "",
              "Produced by `python benchmarks/merge.py` (SmolLM2-135M-Instruct in bf16 as the base, the three "
              "full fine-tunes of `benchmarks/workload.py`). Every tool runs as a whole process; wall time and "
@@ -215,8 +219,16 @@ def write_doc(results: dict) -> None:
         lines.append(f"| {r['method']} | {r['surgery']['wall_s']:.1f} s | {r['surgery']['rss_mb']:.0f} MB | "
                      f"{r['mergekit']['wall_s']:.1f} s | {r['mergekit']['rss_mb']:.0f} MB | {r['wall_ratio']:.2f}× | "
                      f"{r['rss_ratio']:.2f}× | {r['max_bf16_steps']} bf16 step(s) | {100 * r['share_differing']:.4f}% |")
-    o = results["opcm"]
-    lines += ["", "Targets from the issue: wall ≤ 0.5×, peak RSS ≤ 0.4× mergekit's.", "",
+    lines += ["", "Targets from the issue: wall ≤ 0.5×, peak RSS ≤ 0.4× mergekit's."]
+    if "opcm" in results:
+        lines += _opcm_lines(results["opcm"])
+    if "growth" in results:
+        lines += _growth_lines(results["growth"])
+    DOC.write_text("\n".join(lines) + "\n")
+
+
+def _opcm_lines(o: dict) -> list[str]:
+    lines = ["",
               "## OPCM over 3 fine-tunes (alpha 0.5, command-line order)", "",
               "| run | wall | peak RSS |", "| --- | --- | --- |",
               f"| surgery, `--decomposition gram` (default) | {o['gram']['wall_s']:.1f} s | {o['gram']['rss_mb']:.0f} MB |",
@@ -232,19 +244,24 @@ def write_doc(results: dict) -> None:
         lines += ["", "FusionBench was not run (no /work/venvs/fusionbench): no ratio against it in this run."]
     lines += ["", f"Gram eigendecomposition vs exact SVD, largest per-tensor relative difference of the merged "
               f"model: {o['gram_vs_svd']['max_rel']:.2e} (`{o['gram_vs_svd']['tensor']}`; target 1e-3). "
-              f"Final λ_3 = {o['lambda']:.4f}.", "",
-              "## Memory as models are added (OPCM state resumed from 2 to 8 models)", "",
-              "| models in the state | wall | peak RSS |", "| --- | --- | --- |"]
-    g = results["growth"]
+              f"Final λ_3 = {o['lambda']:.4f}."]
+    return lines
+
+
+def _growth_lines(g: list) -> list[str]:
+    lines = ["", "## Memory as models are added (OPCM state resumed from 2 to 8 models)", "",
+             "| models in the state | wall | peak RSS |", "| --- | --- | --- |"]
     for r in g:
         lines.append(f"| {r['models']} | {r['wall_s']:.1f} s | {r['rss_mb']:.0f} MB |")
     lines += ["", f"Peak RSS at 8 models / at 2 models: {g[-1]['rss_mb'] / g[0]['rss_mb']:.3f}× (target ≤ 1.1×). "
-              "Each resume reads only the base, the state and the one new model.", ""]
-    DOC.write_text("\n".join(lines))
+              "Each resume reads only the base, the state and the one new model (the three fine-tunes "
+              "are cycled).", ""]
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", default="batch,opcm,growth", help="Comma-separated: batch, opcm, growth.")
     ap.add_argument("--skip-fusionbench", action="store_true")
     ap.add_argument("--keep", type=Path, help="Keep the outputs in this folder.")
     args = ap.parse_args()
@@ -255,13 +272,17 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="surgery-bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        results = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-        results["batch"] = batch(work, base, fts)
-        results["opcm"] = opcm(work, base, fts, not args.skip_fusionbench)
-        results["growth"] = memory_growth(work, base, fts)
-        write_doc(results)
-        (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        print(f"wrote {DOC}")
+        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        results.update({"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+        stages = {"batch": lambda: batch(work, base, fts),
+                  "opcm": lambda: opcm(work, base, fts, not args.skip_fusionbench),
+                  "growth": lambda: memory_growth(work, base, fts)}
+        for stage in args.stages.split(","):
+            results[stage] = stages[stage]()
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(results, indent=2, default=str))
+            write_doc(results)
+            print(f"wrote {DOC}")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
