@@ -78,6 +78,23 @@ def _num_layers(ref: Checkpoint) -> int:
     return max(depths) + 1 if depths else 1
 
 
+def _scalars(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return _scalars(value.get("value"))
+    if isinstance(value, list):
+        return [x for v in value for x in _scalars(v)]
+    return [value]
+
+
+def _check_type(key: str, value: Any, default: Any, where: str) -> None:
+    """A boolean parameter takes true/false, a numeric one numbers (in every list/filter entry)."""
+    for x in _scalars(value):
+        ok = isinstance(x, bool) if isinstance(default, bool) else (isinstance(x, (int, float)) and not isinstance(x, bool))
+        if not ok:
+            kind = "true or false" if isinstance(default, bool) else "a number"
+            raise UsageError(f"{where}: {key} must be {kind}, got {x!r}.")
+
+
 class Params:
     """Resolves the shared and per-model parameter values of every tensor (mergekit's precedence:
     a model's own setting, then the top-level one, then the method's default)."""
@@ -92,6 +109,11 @@ class Params:
             valid = ", ".join(sorted(known)) or "none"
             raise UsageError(f"merge method {spec.name!r} does not take parameter(s) {', '.join(unknown)}; "
                              f"it takes: {valid} (per-model: {', '.join(spec.per_model) or 'none'}).")
+        defaults = {**spec.shared, **spec.per_model}
+        for where, settings in [("parameters", request.parameters)] + [
+                (f"parameters of model {m.location}", m.parameters) for m in request.models]:
+            for key, value in settings.items():
+                _check_type(key, value, defaults[key], where)
 
     def layer_t(self, name: str) -> float:
         d = depth_of(name)

@@ -227,6 +227,12 @@ def test_usage_errors(tmp_path):
         merge(_req("nope", LLAMA / "base", [LLAMA / "ft-a"]), tmp_path / "o")
     with pytest.raises(UsageError, match="does not take parameter\\(s\\) alpha"):
         merge(_req("ties", LLAMA / "base", [LLAMA / "ft-a"], alpha=0.5), tmp_path / "o")
+    req = _req("ties", LLAMA / "base", [LLAMA / "ft-a"])
+    req.models[0].parameters["density"] = [{"filter": "mlp", "value": "high"}]
+    with pytest.raises(UsageError, match="density must be a number, got 'high'"):
+        merge(req, tmp_path / "o")
+    with pytest.raises(UsageError, match="normalize must be true or false"):
+        merge(_req("ties", LLAMA / "base", [LLAMA / "ft-a"], normalize=1.5), tmp_path / "o")
     with pytest.raises(UsageError, match="needs a base model"):
         merge(_req("ties", None, [LLAMA / "ft-a"]), tmp_path / "o")
     with pytest.raises(UsageError, match="takes exactly 1 model"):
