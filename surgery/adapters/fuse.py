@@ -9,8 +9,10 @@ its adapter factors and the shared factors of VeRA / TeRA.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,11 @@ from ..errors import IncompatibleCheckpointsError, OutputExistsError, UsageError
 from ..progress import Progress
 from .base import Adapter, Update, header_problem, open_adapter
 from .registry import KINDS, detect
+
+# Below this many elements a tensor's fusion runs on one intra-op thread: a cast or a rank-r
+# product of a few million elements takes milliseconds, and splitting it across threads costs
+# more in synchronisation than it saves (tens of times more when the cores are busy).
+PARALLEL_MIN_ELEMENTS = 4 * 1024 * 1024
 
 # (output embedding, input embedding) tensor names of models that may tie them.
 TIED_EMBEDDINGS: tuple[tuple[str, str], ...] = (
@@ -159,12 +166,26 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
         torch.set_num_threads(threads)
     try:
         return _fuse(base, adapters, output, dtype=dtype, shard_size=shard_size, force=force, device=device,
-                     check=check, progress=progress)
+                     check=check, progress=progress, auto_threads=threads is None)
     finally:
         torch.set_num_threads(previous)
 
 
-def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, progress):
+@contextmanager
+def _threads(n: int | None):
+    """Run the block on ``n`` intra-op threads (None: unchanged), restoring the setting after."""
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, progress, auto_threads):
     target = parse_dtype(dtype)
     ckpt = open_checkpoint(str(base))
     names = set(ckpt.names)
@@ -233,20 +254,24 @@ def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, pr
         if shape is None:
             raise IncompatibleCheckpointsError(f"cannot plan tensor {name!r}.", tensor=name)
 
-        def run() -> torch.Tensor:
-            original = ckpt.get(start, dtype=torch.float32, device=device) if start else None
-            current = original
-            for st in chain:
-                new = st.update.fn(current, original)
-                if current is None or tuple(new.shape) != tuple(current.shape) or st.adapter.weight == 1.0:
-                    current = new
-                else:
-                    current = current + st.adapter.weight * (new - current)
-                if st.update.shape is not None:
-                    original = current      # a replaced base is the base later updates see
-            return current
+        final_dtype = out_dtype(base_dtype)
+        small = auto_threads and math.prod(shape) < PARALLEL_MIN_ELEMENTS
 
-        return OutputTensor(name, shape, out_dtype(base_dtype), compute=run)
+        def run() -> torch.Tensor:
+            with _threads(1 if small else None):
+                original = ckpt.get(start, dtype=torch.float32, device=device) if start else None
+                current = original
+                for st in chain:
+                    new = st.update.fn(current, original)
+                    if current is None or tuple(new.shape) != tuple(current.shape) or st.adapter.weight == 1.0:
+                        current = new
+                    else:
+                        current = current + st.adapter.weight * (new - current)
+                    if st.update.shape is not None:
+                        original = current      # a replaced base is the base later updates see
+                return current.to(final_dtype)  # cast here, under the same thread setting
+
+        return OutputTensor(name, shape, final_dtype, compute=run)
 
     plan: list[OutputTensor] = []
     for name in ckpt.names:

@@ -50,7 +50,9 @@ def test_key_mapping_any_prefix(tmp_path, llama_f32, lora_adapter, rename, rule)
 def test_untouched_tensors_are_byte_copies(tmp_path, llama_f32, lora_adapter):
     from surgery.checkpoint import open_checkpoint
 
+    threads = torch.get_num_threads()
     _, report = fuse(llama_f32, [str(lora_adapter)], tmp_path / "out")
+    assert torch.get_num_threads() == threads          # small tensors ran on one thread, then restored
     base, out = open_checkpoint(str(llama_f32)), open_checkpoint(str(tmp_path / "out"))
     untouched = [n for n in base.names if n not in report["tensors_changed"]]
     assert len(untouched) == report["tensors_copied"] == len(base.names) - 4
