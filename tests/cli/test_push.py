@@ -143,7 +143,7 @@ def _handler(hub: FakeHub):
                             hub.errors.append(f"unexpected commit op {line['key']}")
                     oid = hashlib.sha1(body).hexdigest()
                     hub.commits.append({"repo": repo_id, "revision": rev, "header": lines[0]["value"],
-                                        "files": files})
+                                        "files": files, "oid": oid})
                     repo["files"].update(files)
                     return self._send(200, {"commitUrl": f"{host}/{repo_id}/commit/{oid}", "commitOid": oid,
                                             "pullRequestUrl": None})
@@ -266,9 +266,10 @@ def test_push_library_call_returns_commit_url(inproc_hub, fixtures_dir):
 
     hub, endpoint = inproc_hub
     url = push(fixtures_dir / "bert-tiny" / "base", "org/lib", commit_message="m")
-    assert url == f"{endpoint}/org/lib/commit/{hashlib.sha1(b'').hexdigest()}" or url.startswith(
-        f"{endpoint}/org/lib/commit/")
-    assert hub.commits[0]["files"] == _folder_bytes(fixtures_dir / "bert-tiny" / "base")
+    (commit,) = hub.commits
+    assert url == f"{endpoint}/org/lib/commit/{commit['oid']}"
+    assert commit["header"]["summary"] == "m"
+    assert commit["files"] == _folder_bytes(fixtures_dir / "bert-tiny" / "base")
 
 
 def test_push_refuses_a_folder_that_is_not_a_checkpoint(inproc_hub, cli, tmp_path):
