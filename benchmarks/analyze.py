@@ -17,7 +17,11 @@ Same model, same run:
 
 Prints the ratios and writes docs/benchmarks/analyze.md.
 
-    python benchmarks/analyze.py [--model DIR] [--skip-ww]
+    python benchmarks/analyze.py [--model DIR] [--skip-ww] [--threads N]
+
+``--threads N`` (default 1) sets torch's threads here and OMP/OpenBLAS/MKL threads of every
+process it starts, the same for surgery and the anchors: on a 2-core machine shared with other
+jobs, two OpenMP threads spin against them and make LAPACK calls 10-40x slower and erratic.
 """
 
 from __future__ import annotations
@@ -63,10 +67,14 @@ json.dump(rows, open(sys.argv[2], "w"))
 """
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+ENV: dict = dict(os.environ)
+
+
 def measured(cmd: list[str]) -> dict:
     """Run ``cmd`` under /usr/bin/time -v: wall seconds, peak RSS in MB, stdout."""
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=ENV)
     wall = time.perf_counter() - t0
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     if proc.returncode != 0:
@@ -114,7 +122,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: SmolLM2-135M bf16)")
     ap.add_argument("--skip-ww", action="store_true", help="leave WeightWatcher out")
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks/analyze.md")
+    ap.add_argument("--threads", type=int, default=1, help="math threads for every contender (0 = library defaults)")
     args = ap.parse_args()
+    if args.threads > 0:
+        for var in THREAD_VARS:
+            ENV[var] = str(args.threads)
     if args.model is None:
         from smollm2 import smollm2_checkpoint
 
@@ -122,8 +134,10 @@ def main() -> None:
     model = args.model
     import torch
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     print(f"model: {model}  torch threads: {torch.get_num_threads()}", flush=True)
-    res: dict = {"model": str(model)}
+    res: dict = {"model": str(model), "threads": args.threads or "default"}
 
     print("1. in-process σ_max compute time ...", flush=True)
     res["in_process"] = ip = in_process(model)
@@ -194,7 +208,7 @@ def write_doc(res: dict) -> None:
         "Produced by `python benchmarks/analyze.py` (the whole file is rewritten by each run).",
         "",
         f"Machine: {os.cpu_count()} CPU cores, 24 GiB RAM, no GPU; Python {platform.python_version()}, torch "
-        f"{torch.__version__}, default torch threads. Other agents were running on the same 2 cores during the run, "
+        f"{torch.__version__}, {res['threads']} math thread(s) for every contender (`--threads`). Other agents were running on the same 2 cores during the run, "
         "so absolute times are inflated and noisy; the ratios come from runs made back to back in one invocation.",
         f"Model: SmolLM2-135M-Instruct, bf16 safetensors ({ip['tensors']} two-dimensional tensors: 30 blocks × 7 "
         "projections + the tied embedding 49152×576).",

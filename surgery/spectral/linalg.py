@@ -17,7 +17,16 @@ MAX_STEPS = 64
 
 
 def is_finite(w: torch.Tensor) -> bool:
-    """True when no entry is NaN or ±Inf."""
+    """True when no entry is NaN or ±Inf.
+
+    A NaN or ±Inf entry makes the sum non-finite, so a finite sum proves every entry finite; only
+    when the sum is not finite (a bad entry, or an overflow of huge finite values) is every entry
+    checked.
+    """
+    if w.numel() == 0:
+        return True
+    if math.isfinite(float(w.sum(dtype=torch.float64 if w.dtype == torch.float64 else torch.float32))):
+        return True
     return bool(torch.isfinite(w).all())
 
 

@@ -116,6 +116,11 @@ def test_finiteness():
     assert not is_finite(w)
     w[1, 2] = float("inf")
     assert not is_finite(w)
+    # huge finite entries overflow the float32 sum: the full check must still say finite
+    assert is_finite(torch.full((3, 3), 3e38))
+    big = torch.full((3, 3), 3e38)
+    big[2, 2] = float("-inf")
+    assert not is_finite(big)
 
 
 def test_overlap_identical_orthogonal_rotated():
