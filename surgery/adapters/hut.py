@@ -7,7 +7,7 @@ surgery reads HUT adapters in the PEFT folder layout (see docs/fuse.md, "HUT for
 ``base_model.model.<module>.hut_A [r, in]`` and ``.hut_B [out, r]``. The form is stated in
 the config, never guessed:
 
-- ``"hut_form": "multiplicative"`` (default): ``W' = W₀ ⊙ (s · B A)``,
+- ``"hut_form": "multiplicative"``: ``W' = W₀ ⊙ (s · B A)``,
 - ``"hut_form": "residual"``: ``W' = W₀ ⊙ (1 + s · B A) = W₀ + s · W₀ ⊙ (B A)`` (PEFT's HiRA form),
 
 with ``s = scaling`` (default 1.0) and ``fan_in_fan_out`` transposing ``B A``."""
@@ -22,7 +22,11 @@ FORMS = ("multiplicative", "residual")
 
 def updates(adapter: Adapter) -> list[Update]:
     cfg = adapter.config
-    form = cfg.get("hut_form", "multiplicative")
+    form = cfg.get("hut_form")
+    if form is None:
+        raise InputError(f"adapter {adapter.path} does not state its HUT form; add \"hut_form\": \"multiplicative\" "
+                         f"(W0 * (s B A)) or \"residual\" (W0 * (1 + s B A)) to its adapter_config.json.",
+                         path=adapter.path)
     if form not in FORMS:
         raise InputError(f"adapter {adapter.path} has hut_form={form!r}; choose one of {', '.join(FORMS)}.",
                          path=adapter.path)

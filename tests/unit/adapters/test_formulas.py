@@ -67,6 +67,11 @@ def test_hut_unknown_form_refused(tmp_path, tiny_base):
                         "base_model.model.model.layers.0.proj.hut_B": torch.ones(OUT, 1)})
     with pytest.raises(InputError, match="hut_form='exp'; choose one of multiplicative, residual"):
         fuse(tiny_base[0], [str(ad)], tmp_path / "out")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    del cfg["hut_form"]
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"does not state its HUT form; add \"hut_form\": \"multiplicative\""):
+        fuse(tiny_base[0], [str(ad)], tmp_path / "out")
 
 
 def _tera_reference(core, factors, lams, out_in, s):
