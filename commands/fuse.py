@@ -26,7 +26,7 @@ def fuse(
     shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
     check: Annotated[bool, typer.Option("--check", help="Before the output appears, compare its logits with PEFT's base + adapter forward pass (needs peft; one PEFT adapter).")] = False,
     device: DeviceOpt = "cpu",
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads for the math (default: torch's); 1 avoids oversubscription on a busy machine.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads for every tensor's math (default: one thread below 4M elements, torch's default above).")] = None,
     force: ForceOpt = False,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
