@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 
-CHUNK = 1 << 20   # elementwise steps run over flat chunks: no whole-tensor temporaries
+CHUNK = 1 << 23   # elementwise steps run over flat chunks (32 MB in float32): no whole-tensor temporaries
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -63,16 +63,15 @@ def ties_combine_weighted(weighted: Sequence[torch.Tensor], weights: Sequence[fl
     for a in range(0, out.numel(), CHUNK):
         parts = [f[a:a + CHUNK] for f in flats]
         sign = elect_sign(parts)
-        mixed = torch.zeros_like(parts[0])
-        divisor = torch.zeros_like(parts[0])
+        mixed = out[a:a + CHUNK].zero_()
+        divisor = torch.zeros_like(mixed)
         for wd, w in zip(parts, weights):
-            agree = (torch.sign(wd) == sign).to(wd.dtype)
-            mixed.add_(wd * agree)
-            divisor.add_(agree, alpha=float(w))
+            agree = wd * sign > 0          # nonzero and of the elected sign
+            mixed.add_(wd.where(agree, 0.0))
+            divisor.add_(agree.to(divisor.dtype), alpha=float(w))
         if normalize:
-            divisor[divisor == 0] = 1
+            divisor.masked_fill_(divisor == 0, 1.0)
             mixed.div_(divisor)
-        out[a:a + CHUNK] = mixed
     return out.view(shape)
 
 
