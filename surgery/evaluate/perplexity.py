@@ -26,7 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -68,6 +68,15 @@ def _exp(nll: float) -> float:
         return math.exp(nll)
     except OverflowError:
         return math.inf
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL of each target token, [B, T], in float32. One sequence at a time, so the
+    log-softmax temporaries are 1/B of the (vocabulary-wide) logits, not a copy of them."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=targets.device)
+    for r in range(targets.shape[0]):
+        out[r] = torch.nn.functional.cross_entropy(logits[r].float(), targets[r], reduction="none")
+    return out
 
 
 # ---- model loading -----------------------------------------------------------------------
@@ -220,10 +229,15 @@ class Scorer:
         nll_sum = 0.0
         scored = 0
         forwarded = 0
-        # Windows of equal length batch together (only the last one is usually shorter).
+        # Windows of equal length that score equally many tokens batch together: the first
+        # window (all positions scored) and a short last one go alone, so the others only
+        # need logits for their scored tail.
+        def key(w: Window) -> tuple[int, int]:
+            return (w.end - w.begin, w.scored)
+
         groups: list[list[Window]] = []
         for w in self.windows:
-            if groups and groups[-1][0].end - groups[-1][0].begin == w.end - w.begin and len(groups[-1]) < self.batch_size:
+            if groups and key(groups[-1][0]) == key(w) and len(groups[-1]) < self.batch_size:
                 groups[-1].append(w)
             else:
                 groups.append([w])
@@ -234,10 +248,10 @@ class Scorer:
             # first token has no prediction); the logit at t - 1 predicts token t.
             first = [max(length - w.scored, 1) for w in group]
             keep = length - (min(first) - 1)
-            logits = self._logits(batch, None, keep)[:, :-1, :].float()  # predictors of tokens length-keep+1 .. length-1
+            logits = self._logits(batch, None, keep)[:, :-1, :]  # predictors of tokens length-keep+1 .. length-1
             targets = batch[:, length - keep + 1:]
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                    reduction="none").view(targets.shape)
+            nll = _token_nll(logits, targets)
+            del logits
             pos = torch.arange(length - keep + 1, length, device=nll.device)
             mask = pos.unsqueeze(0) >= torch.tensor(first, device=nll.device).unsqueeze(1)
             nll_sum += float(nll[mask].double().sum())
@@ -265,10 +279,10 @@ class Scorer:
                 mask[r, :lens[r]] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
             # Right padding: real tokens keep positions 0..n-1; padded targets are masked out.
-            logits = self._logits(ids, mask if min(lens) < width else None, width)[:, :-1, :].float()
+            logits = self._logits(ids, mask if min(lens) < width else None, width)[:, :-1, :]
             targets = ids[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                    reduction="none").view(targets.shape).double()
+            nll = _token_nll(logits, targets).double()
+            del logits
             valid = mask[:, 1:].bool()
             sums = (nll * valid).sum(dim=1)
             counts = valid.sum(dim=1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from surgery.checkpoint import open_checkpoint
 from surgery.edit.apply import apply_edits

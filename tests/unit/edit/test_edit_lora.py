@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from surgery.checkpoint import open_checkpoint
 from surgery.edit.format import Edit, TensorEdit, load_edit, save_edit
