@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..errors import IncompatibleCheckpointsError, UsageError
+from ..errors import IncompatibleCheckpointsError, OutputExistsError, UsageError
 from ..progress import Progress, ensure
 from .format import Edit, TensorEdit, save_edit
 
@@ -97,7 +97,7 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
     fdtype = parse_dtype(factor_dtype) or torch.float32
     out = Path(output)
     if out.exists() and not force:
-        raise UsageError(f"{out} exists; pass --force to replace it.")
+        raise OutputExistsError(f"{out} exists; pass --force to replace it.", path=out)
     b = base if isinstance(base, Checkpoint) else open_checkpoint(str(base))
     e = edited if isinstance(edited, Checkpoint) else open_checkpoint(str(edited))
     if out.resolve() in {f.resolve() for f in [*b.files, *e.files]}:
