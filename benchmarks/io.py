@@ -61,8 +61,16 @@ for f in files:
 state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
 out.mkdir(parents=True, exist_ok=True)
 save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+if len(sys.argv) > 3:  # --fsync-baseline: make the bytes durable, as surgery does
+    import os
+    fd = os.open(out / "model.safetensors", os.O_RDONLY); os.fsync(fd); os.close(fd)
 """
 IDLE = "import torch, safetensors.torch, surgery.engine, surgery.convert"
+# What-if probe: surgery with the input sha256 (recorded in the model card) skipped, to show
+# how much of surgery's time is hashing. Not a supported mode of the tool.
+NO_HASH = ("import sys; from surgery.checkpoint import reader; "
+           "reader.Checkpoint.start_sha256 = lambda self: None; reader.Checkpoint.sha256 = lambda self: '0' * 64; "
+           "from surgery.commands.app import main; sys.exit(main(sys.argv[1:]))")
 
 
 # ----------------------------------------------------------------------------- synthetic input
@@ -152,29 +160,38 @@ def warm(path: Path) -> None:
                     pass
 
 
-def bench_case(name: str, src: Path, reps: int, work: Path) -> dict:
-    surgery = [sys.executable, "-m", "surgery.commands.app", "convert", str(src), str(work / "surgery-out"),
-               "--dtype", "bfloat16", "--quiet", "--force"]
+def bench_case(name: str, src: Path, reps: int, work: Path, fsync_baseline: bool = False,
+               no_hash_probe: bool = False) -> dict:
+    args = ["convert", str(src), str(work / "surgery-out"), "--dtype", "bfloat16", "--quiet", "--force"]
+    surgery = [sys.executable, "-m", "surgery.commands.app", *args]
     baseline = [sys.executable, "-c", BASELINE, str(src), str(work / "baseline-out")]
+    sides = [("surgery", surgery), ("loadsave", baseline)]
+    if fsync_baseline:
+        sides.append(("loadsave+fsync", baseline + ["fsync"]))
+    if no_hash_probe:
+        sides.append(("surgery-nohash", [sys.executable, "-c", NO_HASH, *args]))
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     warm(src)
-    runs: dict[str, list[dict]] = {"surgery": [], "loadsave": []}
+    runs: dict[str, list[dict]] = {side: [] for side, _ in sides}
     for rep in range(reps):
-        order = [("surgery", surgery), ("loadsave", baseline)]
-        if rep % 2:
-            order.reverse()
+        order = sides[::-1] if rep % 2 else sides
         for side, cmd in order:
-            out = work / ("surgery-out" if side == "surgery" else "baseline-out")
+            out = work / ("surgery-out" if side.startswith("surgery") else "baseline-out")
             shutil.rmtree(out, ignore_errors=True)
             r = run_measured(cmd)
             runs[side].append(r)
-            print(f"  {name:<15} rep {rep + 1} {side:<9} wall {r['wall_s']:7.2f} s  peak RSS {r['rss_mib']:8.0f} MiB",
+            print(f"  {name:<15} rep {rep + 1} {side:<14} wall {r['wall_s']:7.2f} s  peak RSS {r['rss_mib']:8.0f} MiB",
                   flush=True)
             shutil.rmtree(out, ignore_errors=True)
     med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
-    return {"case": name, "input": str(src), "input_bytes": size, "reps": reps, "runs": runs, "median": med,
-            "rss_ratio": med["surgery"]["rss_mib"] / med["loadsave"]["rss_mib"],
-            "wall_ratio": med["surgery"]["wall_s"] / med["loadsave"]["wall_s"]}
+    res = {"case": name, "input": str(src), "input_bytes": size, "reps": reps, "runs": runs, "median": med,
+           "rss_ratio": med["surgery"]["rss_mib"] / med["loadsave"]["rss_mib"],
+           "wall_ratio": med["surgery"]["wall_s"] / med["loadsave"]["wall_s"]}
+    if fsync_baseline:
+        res["wall_ratio_vs_fsync"] = med["surgery"]["wall_s"] / med["loadsave+fsync"]["wall_s"]
+    if no_hash_probe:
+        res["wall_ratio_nohash"] = med["surgery-nohash"]["wall_s"] / med["loadsave"]["wall_s"]
+    return res
 
 
 def idle_footprint() -> float:
@@ -192,6 +209,15 @@ def table(results: list[dict], idle: float) -> str:
         lines.append(f"| {r['case']} | {r['input_bytes'] / 1e9:.2f} GB | {s['wall_s']:.2f} s | {b['wall_s']:.2f} s | "
                      f"**{r['wall_ratio']:.2f}x** | {s['rss_mib']:.0f} MiB | {b['rss_mib']:.0f} MiB | "
                      f"**{r['rss_ratio']:.2f}x** | {s['rss_mib'] - idle:+.0f} MiB |")
+    extra = [r for r in results if "wall_ratio_vs_fsync" in r or "wall_ratio_nohash" in r]
+    if extra:
+        lines += ["", "| case | load/save + fsync wall | surgery / (load/save + fsync) | surgery without input hash (probe) | probe / load/save |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for r in extra:
+            m = r["median"]
+            fs = f"{m['loadsave+fsync']['wall_s']:.2f} s | {r['wall_ratio_vs_fsync']:.2f}x" if "loadsave+fsync" in m else "- | -"
+            nh = f"{m['surgery-nohash']['wall_s']:.2f} s | {r['wall_ratio_nohash']:.2f}x" if "surgery-nohash" in m else "- | -"
+            lines.append(f"| {r['case']} | {fs} | {nh} |")
     return "\n".join(lines)
 
 
@@ -200,6 +226,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cases", default="smollm2-bf16,synthetic-bf16,synthetic-fp32")
     ap.add_argument("--work", type=Path, default=BENCH / "work", help="Scratch folder for outputs.")
+    ap.add_argument("--fsync-baseline", action="store_true",
+                    help="Also time load/save followed by fsync of the output (surgery fsyncs before renaming).")
+    ap.add_argument("--no-hash-probe", action="store_true",
+                    help="Also time surgery with the input sha256 skipped (a what-if, not a supported mode).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the raw results here.")
     args = ap.parse_args()
     cases = args.cases.split(",")
@@ -213,7 +243,7 @@ def main() -> int:
         t0 = time.perf_counter()
         src = sources[case]()
         print(f"{case}: input {src} ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        results.append(bench_case(case, src, args.reps, args.work))
+        results.append(bench_case(case, src, args.reps, args.work, args.fsync_baseline, args.no_hash_probe))
     print()
     print(table(results, idle))
     print()
@@ -223,7 +253,8 @@ def main() -> int:
             ok_r, ok_w = r["rss_ratio"] <= GOAL_RSS, r["wall_ratio"] <= GOAL_WALL
             goal = (f"  goals: RSS <= {GOAL_RSS}x {'met' if ok_r else 'MISSED'}, "
                     f"wall <= {GOAL_WALL}x {'met' if ok_w else 'MISSED'}")
-        print(f"{r['case']}: RSS ratio {r['rss_ratio']:.3f}x, wall ratio {r['wall_ratio']:.3f}x{goal}")
+        extra = f" (vs load/save+fsync: {r['wall_ratio_vs_fsync']:.3f}x)" if "wall_ratio_vs_fsync" in r else ""
+        print(f"{r['case']}: RSS ratio {r['rss_ratio']:.3f}x, wall ratio {r['wall_ratio']:.3f}x{extra}{goal}")
     if args.json:
         args.json.write_text(json.dumps({"idle_rss_mib": idle, "machine": platform.platform(),
                                          "cpus": os.cpu_count(), "results": results}, indent=2) + "\n")
