@@ -34,7 +34,7 @@ def matrix_gain(w: torch.Tensor, *, exact: bool = False) -> dict[str, Any]:
                 "rms": None, "gain": None}
     m, n = w.shape
     s = sigma_max(w, exact=exact)
-    fro = float(torch.linalg.vector_norm(w))
+    fro = float(torch.linalg.vector_norm(w, dtype=torch.float64))  # float32 sums drift ~1e-6
     rms = fro / math.sqrt(m * n)
     return {"finite": True, "sigma_max": s, "frobenius": fro, "rms": rms, "gain": s / rms if rms > 0 else None}
 
