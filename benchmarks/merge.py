@@ -226,6 +226,18 @@ def write_doc(results: dict) -> None:
         lines += _opcm_lines(results["opcm"])
     if "growth" in results:
         lines += _growth_lines(results["growth"])
+    lines += ["", "## Notes", "",
+              "- FusionBench's `OPCM` walks the model's leaf modules. SmolLM2 ties `lm_head` to `embed_tokens`, so it "
+              "would treat the tied head as a Linear layer (projecting the embedding) and count the embedding twice in "
+              "every task-vector norm; the driver replaces the tied head by `Identity` (it has no parameters of its "
+              "own), which makes both tools merge exactly the tensors the checkpoints hold.",
+              "- Multi-threaded LAPACK on matrices this small spins at its barriers when the cores are busy: surgery "
+              "runs each projection of a matrix up to 2048 wide on one thread (docs/merge.md). FusionBench runs with "
+              "torch's defaults.",
+              "- \"bf16 steps\" is |a − b| divided by the bf16 spacing at max(|a|, |b|); a difference of one rounding "
+              "step is 1. (A first version of this script compared bit patterns, which explodes across zero: a "
+              "table made with it shows thousands of steps for entries that differ in the last bit around 0.)",
+              "- Both merge outputs are bf16; FusionBench's model is merged in float32 and cast on save."]
     DOC.write_text("\n".join(lines) + "\n")
 
 
@@ -265,8 +277,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", default="batch,opcm,growth", help="Comma-separated: batch, opcm, growth.")
     ap.add_argument("--skip-fusionbench", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="Rewrite the page from the cached numbers.")
     ap.add_argument("--keep", type=Path, help="Keep the outputs in this folder.")
     args = ap.parse_args()
+    if args.render_only:
+        write_doc(json.loads(RESULTS.read_text()))
+        return
     from workload import build_workload
 
     w = build_workload(log=print)
