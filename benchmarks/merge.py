@@ -252,8 +252,7 @@ def _opcm_lines(o: dict) -> list[str]:
         lines += [f"| FusionBench `OPCM` (float32 models in memory) | {fb['wall_s']:.1f} s | {fb['rss_mb']:.0f} MB |", "",
                   f"Ratios surgery (gram) / FusionBench: wall {o['wall_ratio']:.2f}×, peak RSS {o['rss_ratio']:.2f}× "
                   "(targets 0.2× and 0.25×). Largest per-tensor relative difference of the outputs: "
-                  f"{o['vs_fusionbench']['max_rel']:.2e} (`{o['vs_fusionbench']['tensor']}`; target 1e-3; "
-                  "both written in bf16, so one bf16 rounding, ~4e-3 relative per entry, bounds what can agree)."]
+                  f"{o['vs_fusionbench']['max_rel']:.2e} (`{o['vs_fusionbench']['tensor']}`; target 1e-3)."]
     else:
         lines += ["", "FusionBench was not run (no /work/venvs/fusionbench): no ratio against it in this run."]
     lines += ["", f"Gram eigendecomposition vs exact SVD, largest per-tensor relative difference of the merged "
@@ -271,6 +270,11 @@ def _growth_lines(g: list) -> list[str]:
               "Each resume reads only the base, the state and the one new model (the three fine-tunes "
               "are cycled).", ""]
     return lines
+
+
+def _commit() -> str:
+    p = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return p.stdout.strip() or "?"
 
 
 def main() -> None:
@@ -297,6 +301,10 @@ def main() -> None:
                   "growth": lambda: memory_growth(work, base, fts)}
         for stage in args.stages.split(","):
             results[stage] = stages[stage]()
+            if isinstance(results[stage], dict):
+                results[stage]["commit"] = _commit()
+            else:
+                results[stage] = [{**r, "commit": _commit()} for r in results[stage]]
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2, default=str))
             write_doc(results)
