@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint.card import make_record, render_card
 from .checkpoint.format import TensorInfo
-from .checkpoint.reader import Checkpoint
+from .checkpoint.reader import Checkpoint, read_into
 from .checkpoint.writer import ShardedWriter, TensorSpec, atomic_output, parse_size, write_text
 from .errors import UsageError
 from .progress import Progress, ensure
@@ -58,6 +58,8 @@ class OutputTensor:
         compute: Returns the whole tensor (any float dtype, any device); cast on write.
         rows: ``rows(start, stop)`` returns that row block; lets big tensors stream in pieces.
         source: Stored bytes copied verbatim (same dtype and shape), never decoded.
+        cast_source: A stored tensor cast to ``dtype`` in row blocks through buffers the
+            engine reuses for the whole write (the fast path of :func:`cast_tensor`).
     """
 
     name: str
@@ -66,11 +68,12 @@ class OutputTensor:
     compute: Callable[[], torch.Tensor] | None = None
     rows: Callable[[int, int], torch.Tensor] | None = None
     source: TensorInfo | None = None
+    cast_source: TensorInfo | None = None
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(d) for d in self.shape)
-        if sum(x is not None for x in (self.compute, self.rows, self.source)) != 1:
-            raise ValueError(f"OutputTensor {self.name!r} needs exactly one of compute, rows, source")
+        if sum(x is not None for x in (self.compute, self.rows, self.source, self.cast_source)) != 1:
+            raise ValueError(f"OutputTensor {self.name!r} needs exactly one of compute, rows, source, cast_source")
 
 
 def copy_tensor(ckpt: Checkpoint, name: str, new_name: str | None = None) -> OutputTensor:
@@ -86,8 +89,7 @@ def cast_tensor(ckpt: Checkpoint, name: str, dtype: torch.dtype | None, new_name
         return copy_tensor(ckpt, name, new_name)
     if not info.shape:
         return OutputTensor(new_name or name, info.shape, dtype, compute=lambda: ckpt.get_raw(name))
-    return OutputTensor(new_name or name, info.shape, dtype,
-                        rows=lambda a, b: ckpt.get_rows(name, a, b))
+    return OutputTensor(new_name or name, info.shape, dtype, cast_source=info)
 
 
 @dataclass
@@ -107,9 +109,44 @@ def _block_rows(shape: tuple[int, ...]) -> int:
     return max(1, BLOCK_BYTES // max(row, 1))
 
 
-def _write_one(writer: ShardedWriter, out: OutputTensor) -> None:
+class _Scratch:
+    """Two grow-only byte buffers reused by every cast in one write (read side, write side)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, kind: str, nbytes: int) -> torch.Tensor:
+        buf = self._bufs.get(kind)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[kind] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes]
+
+
+def _cast_rows(writer: ShardedWriter, out: OutputTensor, scratch: _Scratch) -> None:
+    info = out.cast_source
+    assert info is not None
+    rows = info.shape[0]
+    if rows == 0:
+        return
+    row_elems = info.numel // rows
+    in_row = info.nbytes // rows
+    out_item = torch.empty(0, dtype=out.dtype).element_size()
+    step = _block_rows(info.shape)
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        raw = scratch.get("read", n * in_row)
+        read_into(info, start * in_row, raw)
+        dst = scratch.get("write", n * row_elems * out_item).view(out.dtype)
+        dst.copy_(raw.view(info.dtype))
+        writer.write_rows(out.name, start, dst)
+
+
+def _write_one(writer: ShardedWriter, out: OutputTensor, scratch: _Scratch) -> None:
     if out.source is not None:
         writer.copy_raw(out.name, out.source)
+        return
+    if out.cast_source is not None:
+        _cast_rows(writer, out, scratch)
         return
     if out.rows is not None:
         n = out.shape[0] if out.shape else 1
@@ -175,8 +212,9 @@ def write_checkpoint(
         writer = ShardedWriter(tmp, specs, size, placeholder)
         try:
             progress.start(total, f"writing {Path(output).name}")
+            scratch = _Scratch()
             for out in plan:
-                _write_one(writer, out)
+                _write_one(writer, out, scratch)
                 progress.advance(TensorSpec(out.name, out.shape, out.dtype).nbytes)
             extra = extra_record() if extra_record else None
             roles = input_roles or ["input"] * len(inputs)

@@ -35,6 +35,34 @@ def _unsafe(path: Path) -> UnsafeFormatError:
         f"convert it first with `surgery convert {path} OUT` (weights-only loading).", path=path)
 
 
+def read_into(info: TensorInfo, start: int, out: torch.Tensor) -> None:
+    """Fill the uint8 CPU tensor ``out`` with the tensor's stored bytes from byte ``start`` on.
+
+    Lets callers reuse one buffer across many reads (no page faults on fresh memory).
+    """
+    nbytes = out.numel()
+    if nbytes == 0:
+        return
+    view = memoryview(out.numpy())
+    offset = info.offset + start
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CorruptCheckpointError(
+                    f"tensor {info.name!r} in {info.file} could not be read past byte {start + done}: the file is truncated.",
+                    path=info.file, tensor=info.name)
+            done += n
+    except OSError as exc:
+        raise CorruptCheckpointError(
+            f"tensor {info.name!r} in {info.file} cannot be read: {exc.strerror or exc}.",
+            path=info.file, tensor=info.name) from exc
+    finally:
+        os.close(fd)
+
+
 class Checkpoint:
     """A safetensors checkpoint opened lazily.
 
@@ -103,25 +131,7 @@ class Checkpoint:
 
     def _read_into(self, info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes == 0:
-            return buf
-        view = memoryview(buf.numpy())
-        fd = os.open(info.file, os.O_RDONLY)
-        try:
-            done = 0
-            while done < nbytes:
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n <= 0:
-                    raise CorruptCheckpointError(
-                        f"tensor {info.name!r} in {info.file} could not be read past byte {done} of {nbytes}: the file is truncated.",
-                        path=info.file, tensor=info.name)
-                done += n
-        except OSError as exc:
-            raise CorruptCheckpointError(
-                f"tensor {info.name!r} in {info.file} cannot be read: {exc.strerror or exc}.",
-                path=info.file, tensor=info.name) from exc
-        finally:
-            os.close(fd)
+        read_into(info, offset - info.offset, buf)
         return buf
 
     def get_raw(self, name: str) -> torch.Tensor:
@@ -161,21 +171,30 @@ class Checkpoint:
     # ---- identity ------------------------------------------------------------------------
 
     def _compute_sha(self) -> None:
-        h = hashlib.sha256()
-        for f in self.files:
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-        self._sha = h.hexdigest()
+        digests = [file_sha256(f) for f in self.files]
+        if len(self.files) == 1:
+            self._sha = digests[0]
+        else:  # a sharded checkpoint: the digest of its sha256sum-style manifest
+            manifest = "".join(f"{d}  {f.name}\n" for d, f in sorted(zip(digests, self.files), key=lambda x: x[1].name))
+            self._sha = hashlib.sha256(manifest.encode()).hexdigest()
 
     def start_sha256(self) -> None:
-        """Start hashing the files in a background thread (hashlib releases the GIL)."""
+        """Start hashing the files in a background thread at low priority (hashlib releases the GIL)."""
         if self._sha is None and self._sha_thread is None:
-            self._sha_thread = threading.Thread(target=self._compute_sha, daemon=True)
+            def work() -> None:
+                try:  # Linux: nice this thread only, so the hash yields to the operation itself
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+                except (AttributeError, OSError):
+                    pass
+                self._compute_sha()
+
+            self._sha_thread = threading.Thread(target=work, daemon=True)
             self._sha_thread.start()
 
     def sha256(self) -> str:
-        """sha256 over the checkpoint's safetensors files in order (cached)."""
+        """Identity of the checkpoint: the sha256 of its single safetensors file (what
+        ``sha256sum`` and the Hub's LFS pointer show), or for shards the sha256 of the
+        ``sha256sum``-format manifest of its files. Cached; see :func:`file_sha256`."""
         if self._sha is None:
             if self._sha_thread is not None:
                 self._sha_thread.join()
@@ -186,6 +205,61 @@ class Checkpoint:
     def tensor_sha256(self, name: str) -> str:
         """sha256 of one tensor's stored bytes."""
         return hashlib.sha256(self.get_raw(name).reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+_SHA_LOCK = threading.Lock()
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def _sha_cache_path() -> Path:
+    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery")) / "sha256.json"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of one file, without re-reading it when the answer is already known.
+
+    A file in the Hugging Face cache is a link to ``blobs/<sha256>`` (LFS files are named
+    by their sha256), so its name is its digest. Other files are hashed once and the digest
+    is cached in ``$SURGERY_CACHE/sha256.json`` keyed by (device, inode, size, mtime_ns),
+    as build tools do; ``SURGERY_NO_HASH_CACHE=1`` turns the cache off.
+    """
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and len(real.name) == 64 and set(real.name) <= _HEX64:
+        return real.name
+    st = real.stat()
+    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    use_cache = os.environ.get("SURGERY_NO_HASH_CACHE", "") in ("", "0")
+    cache_file = _sha_cache_path()
+    if use_cache:
+        try:
+            cached = json.loads(cache_file.read_text()).get(key)
+            if cached:
+                return cached
+        except (OSError, ValueError, AttributeError):
+            pass
+    h = hashlib.sha256()
+    with open(real, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if use_cache:
+        with _SHA_LOCK:
+            try:
+                try:
+                    data = json.loads(cache_file.read_text())
+                    data = data if isinstance(data, dict) else {}
+                except (OSError, ValueError):
+                    data = {}
+                data[key] = digest
+                if len(data) > 10000:  # keep the cache small: drop the oldest entries
+                    data = dict(list(data.items())[-5000:])
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.{threading.get_native_id()}.tmp")
+                tmp.write_text(json.dumps(data))
+                os.replace(tmp, cache_file)
+            except OSError:
+                pass  # a read-only home must not break the operation
+    return digest
 
 
 def _open_index(root: Path, index_path: Path, label: str) -> Checkpoint:
