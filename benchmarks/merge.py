@@ -268,7 +268,8 @@ def _growth_lines(g: list) -> list[str]:
         lines.append(f"| {r['models']} | {r['wall_s']:.1f} s | {r['rss_mb']:.0f} MB |")
     lines += ["", f"Peak RSS at 8 models / at 2 models: {g[-1]['rss_mb'] / g[0]['rss_mb']:.3f}× (target ≤ 1.1×). "
               "Each resume reads only the base, the state and the one new model (the three fine-tunes "
-              "are cycled).", ""]
+              "are cycled). The wall column is informational only: the load of the other agents varied a lot "
+              "during the sequence.", ""]
     return lines
 
 
