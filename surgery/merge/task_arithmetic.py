@@ -9,10 +9,14 @@ import torch
 
 
 def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """Σ w_i δ_i, divided by Σ w_i when ``normalize`` (a sum near zero divides by 1, as mergekit does)."""
+    """Σ w_i δ_i, divided by Σ w_i when ``normalize`` (a sum near zero divides by 1, as mergekit does).
+
+    Each product w_i δ_i is rounded before the sum, in model order, as mergekit does, so entries
+    whose sum cancels to about zero round the same way in both.
+    """
     out = torch.zeros_like(deltas[0])
     for d, w in zip(deltas, weights):
-        out.add_(d, alpha=float(w))
+        out.add_(d * float(w))
     if normalize:
         total = float(sum(weights))
         out.div_(total if abs(total) >= 1e-8 else 1.0)
