@@ -100,13 +100,15 @@ def relative_per_tensor(a_dir: Path, b_dir: Path) -> dict:
     return {"max_rel": worst, "tensor": where}
 
 
-def batch(work: Path, base: Path, fts: list[Path]) -> list[dict]:
+def batch(work: Path, base: Path, fts: list[Path], only: list[str] | None = None) -> list[dict]:
     rows = []
     recipes = {
         "task_arithmetic": {"parameters": {"lambda": 1.0}, "model": {"weight": 1.0 / 3}},
         "ties": {"parameters": {"lambda": 1.0, "normalize": True}, "model": {"weight": 1.0, "density": 0.5}},
     }
     for method, spec in recipes.items():
+        if only and method not in only:
+            continue
         recipe = work / f"{method}.yml"
         lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
         for f in fts:
@@ -282,6 +284,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", default="batch,opcm,growth", help="Comma-separated: batch, opcm, growth.")
     ap.add_argument("--skip-fusionbench", action="store_true")
+    ap.add_argument("--batch-methods", default="", help="Only these batch methods (the others keep their cached rows).")
     ap.add_argument("--render-only", action="store_true", help="Rewrite the page from the cached numbers.")
     ap.add_argument("--keep", type=Path, help="Keep the outputs in this folder.")
     args = ap.parse_args()
@@ -297,7 +300,15 @@ def main() -> None:
     try:
         results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
         results.update({"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-        stages = {"batch": lambda: batch(work, base, fts),
+        only = [m for m in args.batch_methods.split(",") if m]
+
+        def run_batch() -> list[dict]:
+            new = batch(work, base, fts, only or None)
+            kept = [r for r in results.get("batch", []) if r["method"] not in {n["method"] for n in new}]
+            order = ["task_arithmetic", "ties"]
+            return sorted(kept + new, key=lambda r: order.index(r["method"]))
+
+        stages = {"batch": run_batch,
                   "opcm": lambda: opcm(work, base, fts, not args.skip_fusionbench),
                   "growth": lambda: memory_growth(work, base, fts)}
         for stage in args.stages.split(","):
