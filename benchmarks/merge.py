@@ -303,7 +303,7 @@ def main() -> None:
         only = [m for m in args.batch_methods.split(",") if m]
 
         def run_batch() -> list[dict]:
-            new = batch(work, base, fts, only or None)
+            new = [{**r, "commit": _commit()} for r in batch(work, base, fts, only or None)]
             kept = [r for r in results.get("batch", []) if r["method"] not in {n["method"] for n in new}]
             order = ["task_arithmetic", "ties"]
             return sorted(kept + new, key=lambda r: order.index(r["method"]))
@@ -316,7 +316,7 @@ def main() -> None:
             if isinstance(results[stage], dict):
                 results[stage]["commit"] = _commit()
             else:
-                results[stage] = [{**r, "commit": _commit()} for r in results[stage]]
+                results[stage] = [r if "commit" in r else {**r, "commit": _commit()} for r in results[stage]]
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2, default=str))
             write_doc(results)
