@@ -66,6 +66,15 @@ def depth_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def with_depth(name: str, depth: int) -> str:
+    """``name`` with its block index replaced by ``depth`` (unchanged when it has none)."""
+    m = _DEPTH.search(name)
+    if m is None:
+        return name
+    start, end = m.span(1)
+    return name[:start] + str(depth) + name[end:]
+
+
 def role_of(info: TensorInfo) -> Role:
     """Classify a tensor by its name and header."""
     sub = sublayer_of(info.name)

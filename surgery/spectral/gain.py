@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..checkpoint.reader import Checkpoint
-from ..checkpoint.roles import _DEPTH, depth_of
+from ..checkpoint.roles import depth_of, with_depth
 from ..errors import IncompatibleCheckpointsError, UsageError
 from ..progress import Progress, ensure
 from .common import matrix_names, summarize, tensor_identity
@@ -64,15 +64,6 @@ def num_blocks(names: list[str]) -> int:
     """Number of blocks: 1 + the largest block index in the names (0 when none has one)."""
     depths = [d for d in (depth_of(n) for n in names) if d is not None]
     return max(depths) + 1 if depths else 0
-
-
-def with_depth(name: str, depth: int) -> str:
-    """``name`` with its block index replaced by ``depth``."""
-    m = _DEPTH.search(name)
-    if m is None:
-        return name
-    start, end = m.span(1)
-    return name[:start] + str(depth) + name[end:]
 
 
 def proxy_depth(depth: int, target_blocks: int, proxy_blocks: int) -> int:
