@@ -150,7 +150,12 @@ def test_usage_and_input_errors(llama, fixtures_dir, tmp_path, make_rank1, probe
 def test_smollm2_large_rank1_down_proj_collapses_tiny_passes(smollm2_dir, tmp_path, make_rank1):
     ckpt = open_checkpoint(smollm2_dir)
     name = "model.layers.10.mlp.down_proj.weight"
-    sigma = torch.linalg.svdvals(ckpt.get(name))[0].item()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a LAPACK call with 2 OpenMP threads on a busy 2-core machine is ~100x slower
+    try:
+        sigma = torch.linalg.svdvals(ckpt.get(name, dtype=torch.float64))[0].item()
+    finally:
+        torch.set_num_threads(threads)
     tiny = make_rank1(ckpt, name, 0.01 * sigma, tmp_path / "tiny.safetensors", seed=1)
     large = make_rank1(ckpt, name, 100 * sigma, tmp_path / "large.safetensors", seed=2)
     text = tmp_path / "probe.txt"
