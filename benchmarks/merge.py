@@ -211,10 +211,11 @@ def write_doc(results: dict) -> None:
     lines = ["# `surgery merge` benchmark", "",
              "Produced by `python benchmarks/merge.py` (SmolLM2-135M-Instruct in bf16 as the base, the three "
              "full fine-tunes of `benchmarks/workload.py`). Every tool runs as a whole process; wall time and "
-             "peak RSS come from `/usr/bin/time -v`, all in the same run.", "",
+             "peak RSS come from `/usr/bin/time -v`; within a section both tools ran back to back in the same "
+             "invocation (sections may come from separate invocations: `--stages`).", "",
              f"Machine: {results['machine']}. Other agents were running on the same 2 cores at the same time, "
              "so absolute times are noisy; ratios come from runs made back to back.", "",
-             f"Run at {results['when']}.", "",
+             f"Last updated {results['when']}.", "",
              "## Batch methods vs mergekit-yaml (base + 3 fine-tunes)", "",
              "Same recipe for both tools: float32 math (`dtype: float32`), bfloat16 output (`out_dtype: bfloat16`).", "",
              "| method | surgery wall | surgery peak RSS | mergekit wall | mergekit peak RSS | wall ratio | RSS ratio | max diff | entries differing |",
@@ -223,7 +224,8 @@ def write_doc(results: dict) -> None:
         lines.append(f"| {r['method']} | {r['surgery']['wall_s']:.1f} s | {r['surgery']['rss_mb']:.0f} MB | "
                      f"{r['mergekit']['wall_s']:.1f} s | {r['mergekit']['rss_mb']:.0f} MB | {r['wall_ratio']:.2f}× | "
                      f"{r['rss_ratio']:.2f}× | {r['max_bf16_steps']:.2f} bf16 step(s) | {100 * r['share_differing']:.4f}% |")
-    lines += ["", "Targets from the issue: wall ≤ 0.5×, peak RSS ≤ 0.4× mergekit's."]
+    commits = sorted({r.get("commit", "?") for r in b})
+    lines += ["", f"Targets from the issue: wall ≤ 0.5×, peak RSS ≤ 0.4× mergekit's. (surgery commit {', '.join(commits)}.)"]
     if "opcm" in results:
         lines += _opcm_lines(results["opcm"])
     if "growth" in results:
@@ -259,7 +261,7 @@ def _opcm_lines(o: dict) -> list[str]:
         lines += ["", "FusionBench was not run (no /work/venvs/fusionbench): no ratio against it in this run."]
     lines += ["", f"Gram eigendecomposition vs exact SVD, largest per-tensor relative difference of the merged "
               f"model: {o['gram_vs_svd']['max_rel']:.2e} (`{o['gram_vs_svd']['tensor']}`; target 1e-3). "
-              f"Final λ_3 = {o['lambda']:.4f}."]
+              f"Final λ_3 = {o['lambda']:.4f}. (surgery commit {o.get('commit', '?')}.)"]
     return lines
 
 
