@@ -21,38 +21,10 @@ reference's full-matrix rule.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
 DECOMPOSITIONS = ("gram", "svd")
-ONE_THREAD_MAX = 2048
-
-
-@contextmanager
-def _one_thread(small: bool = True) -> Iterator[None]:
-    """Run LAPACK's eigh/SVD of these (at most a few thousand wide) matrices on one thread.
-
-    They are sequences of small blocked steps with a thread barrier after each: on a busy
-    machine (or one with fewer free cores than torch threads) the waiting threads spin and
-    a 576×576 eigh measured 1.2–7 s on two threads against 0.1 s on one. One thread costs
-    at most the parallel speed-up of a matrix this small (the whole projection runs this
-    way: on the busy benchmark machine a 3-model OPCM merge of SmolLM2-135M took 151 s with
-    one thread against 215 s with two). ``small=False`` (a side above
-    ONE_THREAD_MAX) leaves the thread count alone: there the parallel speed-up wins.
-    """
-    before = torch.get_num_threads()
-    if before == 1 or not small:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def split_rank(s: torch.Tensor, alpha: float) -> int:
     """First index j with cumsum(σ)_j / Σσ > alpha (plain sum of σ); 0 when none (alpha ≥ 1) or Σσ = 0.
 
@@ -73,8 +45,7 @@ def _rank_floor(s: torch.Tensor, shape: tuple[int, int]) -> float:
 
 
 def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _one_thread(min(m.shape) <= ONE_THREAD_MAX):
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
     return u, s, vh.mT
 
 
@@ -91,8 +62,7 @@ def _gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m64 = m.double()
     gram = m64.mT @ m64 if tall else m64 @ m64.mT
     del m64
-    with _one_thread(min(rows, cols) <= ONE_THREAD_MAX):
-        evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0), evecs.flip(1)
     s = evals.clamp_min(0).sqrt()
     keep = s > _rank_floor(s, (rows, cols))
@@ -126,8 +96,7 @@ def project_task_vector(merged: torch.Tensor, tau: torch.Tensor, alpha: float, k
     Returns:
         (τ̃, r): the projected task vector and the split rank used.
     """
-    with _one_thread(min(merged.shape) <= ONE_THREAD_MAX):
-        return _project(merged, tau, alpha, keep_diagonal, decomposition)
+    return _project(merged, tau, alpha, keep_diagonal, decomposition)
 
 
 def _project(merged, tau, alpha, keep_diagonal, decomposition):
