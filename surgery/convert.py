@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint.reader import PICKLE_SUFFIXES, Checkpoint, open_checkpoint
+from .checkpoint.reader import PICKLE_SUFFIXES, Checkpoint, files_sha256, open_checkpoint
 from .engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError
 from .progress import Progress
@@ -65,14 +65,7 @@ class _PickleSource:
         pass
 
     def sha256(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256()
-        for f in self.files:
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-        return h.hexdigest()
+        return files_sha256(self.files)
 
     def donor_files(self) -> list[Path]:
         return Checkpoint.donor_files(self)  # type: ignore[arg-type]

@@ -3,7 +3,6 @@ closeness to a reference, sha256 manifest. Every check yields a verdict with num
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint.reader import Checkpoint
+from .checkpoint.reader import Checkpoint, hash_file
 from .errors import InputError, UsageError
 from .progress import Progress, ensure
 
@@ -165,14 +164,6 @@ def check_against(ckpt: Checkpoint, ref: Checkpoint, atol: float, rtol: float = 
                        failures)
 
 
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_manifest(path: Path) -> dict[str, str]:
     """A manifest in ``sha256sum`` format (``HASH  FILE`` lines) or JSON ``{file: hash}``."""
     try:
@@ -207,7 +198,7 @@ def check_manifest(ckpt: Checkpoint, manifest: Path) -> CheckResult:
         elif not p.is_file():
             failures.append({"file": fname, "problem": "missing"})
         else:
-            got = _sha_file(p)
+            got = hash_file(p)
             if got != sha:
                 failures.append({"file": fname, "problem": "sha256", "expected": sha, "actual": got})
     detail = (f"{len(wanted)} file(s) match the manifest" if not failures
@@ -217,7 +208,7 @@ def check_manifest(ckpt: Checkpoint, manifest: Path) -> CheckResult:
 
 def write_manifest(ckpt: Checkpoint) -> str:
     """A sha256sum-format manifest of the checkpoint's safetensors files."""
-    return "".join(f"{_sha_file(f)}  {f.name}\n" for f in ckpt.files)
+    return "".join(f"{hash_file(f)}  {f.name}\n" for f in ckpt.files)
 
 
 def run_checks(ckpt: Checkpoint, *, integrity: bool = True, config: bool = False, against: Checkpoint | None = None,

@@ -171,12 +171,7 @@ class Checkpoint:
     # ---- identity ------------------------------------------------------------------------
 
     def _compute_sha(self) -> None:
-        digests = [file_sha256(f) for f in self.files]
-        if len(self.files) == 1:
-            self._sha = digests[0]
-        else:  # a sharded checkpoint: the digest of its sha256sum-style manifest
-            manifest = "".join(f"{d}  {f.name}\n" for d, f in sorted(zip(digests, self.files), key=lambda x: x[1].name))
-            self._sha = hashlib.sha256(manifest.encode()).hexdigest()
+        self._sha = files_sha256(self.files)
 
     def start_sha256(self) -> None:
         """Start hashing the files in a background thread at low priority (hashlib releases the GIL)."""
@@ -215,6 +210,25 @@ def _sha_cache_path() -> Path:
     return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery")) / "sha256.json"
 
 
+def hash_file(path: Path) -> str:
+    """sha256 of a file's bytes, always read (no cache): for integrity checks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def files_sha256(files: list[Path]) -> str:
+    """Identity of a checkpoint made of ``files``: the single file's sha256, or for shards
+    the sha256 of their ``sha256sum``-format manifest (sorted by file name)."""
+    digests = [file_sha256(f) for f in files]
+    if len(files) == 1:
+        return digests[0]
+    manifest = "".join(f"{d}  {f.name}\n" for d, f in sorted(zip(digests, files), key=lambda x: x[1].name))
+    return hashlib.sha256(manifest.encode()).hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of one file, without re-reading it when the answer is already known.
 
@@ -237,11 +251,7 @@ def file_sha256(path: Path) -> str:
                 return cached
         except (OSError, ValueError, AttributeError):
             pass
-    h = hashlib.sha256()
-    with open(real, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = hash_file(real)
     if use_cache:
         with _SHA_LOCK:
             try:
