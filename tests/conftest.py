@@ -26,6 +26,19 @@ class CliResult:
         return json.loads(self.stdout)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for a test, restored after. Tiny LAPACK calls and
+    elementwise ops gain nothing from a second thread, and on a shared 2-core machine two
+    OpenMP threads spin against other processes (small SVDs 5-100x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """The committed tiny checkpoints (regenerate with fixtures/make_fixtures.py)."""

@@ -13,13 +13,7 @@ from safetensors.torch import load_file, save_file
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: two OpenMP threads on a shared 2-core machine only spin (5-10x slower SVDs).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
 
 
 @pytest.fixture

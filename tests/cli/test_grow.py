@@ -16,13 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "grow"))
 from tokenformer_reference import load, reference_logits  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread for tiny tensors on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
 
 
 @pytest.fixture(scope="session")

@@ -20,13 +20,7 @@ LLAMA = ROOT / "fixtures" / "llama-tiny"
 GPT2 = ROOT / "fixtures" / "gpt2-tiny"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many tiny decompositions: multi-threaded LAPACK only spins on the shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
 
 
 def test_ties_json_record_and_loads_in_transformers(cli, tmp_path):

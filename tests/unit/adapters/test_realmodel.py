@@ -12,15 +12,6 @@ from adapter_helpers import bf16_step, quiet_transformers
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for this test only (restored after): on the shared 2-core machine
-    torch's default threads spin-wait on every elementwise op over the 135M-parameter model,
-    and the test takes ~60 s instead of ~15 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.realmodel

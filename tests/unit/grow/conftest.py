@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from surgery.grow.fixture import build_tiny_tokenformer
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the tensors here are tiny, and two threads spin against each other
-    on a shared 2-core machine (several times slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread_here(one_thread):
+    """Every test in this folder runs on one torch thread (fixture in tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,8 @@
 OpenMP threads spin against other processes and make small SVDs 5-10× slower."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread_here(one_thread):
+    """Every test in this folder runs on one torch thread (fixture in tests/conftest.py)."""
