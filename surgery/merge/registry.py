@@ -33,6 +33,10 @@ class MethodSpec:
         merge: Batch methods: the per-tensor function.
         elementwise: Batch methods whose output entry depends only on the same entry of the
             inputs (and per-tensor parameters): they stream in row blocks.
+        rows: Batch methods that stream in row blocks although an entry depends on the whole
+            tensor (TIES' per-tensor threshold): ``rows(shape, base_rows, model_rows, n, shared,
+            per_model)`` returns the ``OutputTensor.rows`` function of one tensor; tensors
+            without rows (scalars) use ``merge``.
         step: Continual methods other than OPCM: ``step(state, tau, count, **shared)``.
         output_scale: Continual: the merged task vector is ``output_scale(shared) · state``.
     """
@@ -47,6 +51,7 @@ class MethodSpec:
     max_models: int | None = None
     merge: BatchMerge | None = None
     elementwise: bool = False
+    rows: Callable | None = None
     step: Callable | None = None
     output_scale: Callable[[dict], float] = lambda shared: 1.0
 
@@ -70,6 +75,11 @@ def _ties(base, load, n, shared, per_model, name, seed):
                               bool(shared["normalize"]))
 
 
+def _ties_rows(shape, base_rows, model_rows, n, shared, per_model):
+    return ties.TiesRows(shape, base_rows, model_rows, n, _w(per_model), _w(per_model, "density"),
+                         float(shared["lambda"]), bool(shared["normalize"]))
+
+
 def _dare(consensus):
     def run(base, load, n, shared, per_model, name, seed):
         return dare.dare_streamed(base, load, n, _w(per_model), _w(per_model, "density"), seed=seed, tensor_name=name,
@@ -91,7 +101,7 @@ METHODS: dict[str, MethodSpec] = {
                                   {**_GTA_SHARED, "normalize": False}, {"weight": 1.0}, merge=_task_arithmetic,
                                   elementwise=True),
     "ties": MethodSpec("ties", "batch", "https://arxiv.org/abs/2306.01708", {**_GTA_SHARED, "normalize": True},
-                       {"weight": 1.0, "density": 1.0}, merge=_ties),
+                       {"weight": 1.0, "density": 1.0}, merge=_ties, rows=_ties_rows),
     "dare_linear": MethodSpec("dare_linear", "batch", "https://arxiv.org/abs/2311.03099",
                               {**_GTA_SHARED, "normalize": False, "rescale": True}, {"weight": 1.0, "density": 1.0},
                               merge=_dare(False)),

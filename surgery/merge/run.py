@@ -185,6 +185,14 @@ def _out_dtype(target: torch.dtype | None, ref: Checkpoint, name: str) -> torch.
 
 # ---- batch ----------------------------------------------------------------------------------
 
+SUB_BLOCK_ELEMENTS = 1 << 20   # elementwise batch merges work on about this many entries per model at a time
+
+
+def _sub_blocks(shape: tuple[int, ...], a: int, e: int) -> list[tuple[int, int]]:
+    step = max(1, SUB_BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+    return [(s, min(e, s + step)) for s in range(a, e, step)] or [(a, e)]
+
+
 def _merge_batch(spec: MethodSpec, request: MergeRequest, base: Checkpoint | None, models: list[Checkpoint],
                  options: MergeOptions, target: torch.dtype | None) -> tuple[list[OutputTensor], Checkpoint]:
     ref = base if base is not None else models[0]
@@ -200,12 +208,28 @@ def _merge_batch(spec: MethodSpec, request: MergeRequest, base: Checkpoint | Non
 
         shape = ref.info(name).shape
         if spec.elementwise and shape:
-            def rows(a: int, e: int, n: str = name) -> torch.Tensor:
+            def rows(a: int, e: int, n: str = name, shape: tuple = shape) -> torch.Tensor:
                 f32 = torch.float32
-                b = base.get_rows(n, a, e, dtype=f32, device=dev) if base is not None else None
-                load = lambda i: models[i].get_rows(n, a, e, dtype=f32, device=dev)  # noqa: E731
-                return spec.merge(b, load, len(models), params.shared(n), params.per_model(n), n, options.seed)
+                shared, per_model = params.shared(n), params.per_model(n)
+                out = None
+                for s, t in _sub_blocks(shape, a, e):   # a few MB per model at a time, not the engine's whole block
+                    b = base.get_rows(n, s, t, dtype=f32, device=dev) if base is not None else None
+                    load = lambda i: models[i].get_rows(n, s, t, dtype=f32, device=dev)  # noqa: E731
+                    part = spec.merge(b, load, len(models), shared, per_model, n, options.seed)
+                    if s == a and t == e:
+                        return part
+                    if out is None:
+                        out = torch.empty((e - a, *shape[1:]), dtype=part.dtype, device=part.device)
+                    out[s - a:t - a] = part
+                return out
 
+            plan.append(OutputTensor(name, shape, _out_dtype(target, ref, name), rows=rows))
+            continue
+        if spec.rows is not None and shape and base is not None:
+            f32 = torch.float32
+            rows = spec.rows(shape, lambda a, e, n=name: base.get_rows(n, a, e, dtype=f32, device=dev),
+                             lambda i, a, e, n=name: models[i].get_rows(n, a, e, dtype=f32, device=dev),
+                             len(models), params.shared(name), params.per_model(name))
             plan.append(OutputTensor(name, shape, _out_dtype(target, ref, name), rows=rows))
             continue
 

@@ -162,11 +162,18 @@ RECIPES = {
              "parameters:\n  t: [0.1, 0.6, 0.9]\n",
 }
 
+# Outputs named *-stable run with torch.argsort replaced by a stable sort: mergekit's trim then
+# breaks equal magnitudes at the threshold lowest index first, surgery's documented rule
+# (torch's own CPU argsort is not stable, so which tied entries it keeps is unspecified).
 MERGEKIT_DRIVER = """
-import sys, yaml
+import sys, torch, yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
+unstable = torch.argsort
+def stable(x, dim=-1, descending=False, **kw):
+    return torch.sort(x, dim=dim, descending=descending, stable=True).indices
 for cfg, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    torch.argsort = stable if out.endswith("-stable") else unstable
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(cfg))), out,
               options=MergeOptions(copy_tokenizer=False, quiet=True))
 """
@@ -186,10 +193,18 @@ def mergekit_outputs(tmp_path_factory):
             recipe = root / f"{family}-{name}.yml"
             recipe.write_text(text.format(F=ROOT / "fixtures" / family) + "dtype: float32\nout_dtype: bfloat16\n")
             args += [str(recipe), str(root / f"mk-{family}-{name}")]
+            if name == "ties":
+                args += [str(recipe), str(root / f"mk-{family}-{name}-stable")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([py, "-c", MERGEKIT_DRIVER, *args], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root
+
+
+def _bf16_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of the bf16 spacing at max(|a|, |b|) (7 explicit mantissa bits)."""
+    big = torch.maximum(a.abs(), b.abs()).clamp_min(torch.finfo(torch.bfloat16).tiny)
+    return (a - b).abs() / torch.exp2(torch.floor(torch.log2(big)) - 7)
 
 
 @pytest.mark.anchor
@@ -197,18 +212,45 @@ def mergekit_outputs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_mergekit_anchor(cli, mergekit_outputs, family, name):
     """linear / task_arithmetic / ties / slerp equal mergekit's output within one bf16 step
-    (mergekit computes in float32 with dtype: float32 and writes out_dtype: bfloat16)."""
+    (mergekit computes in float32 with dtype: float32 and writes out_dtype: bfloat16); for
+    ties, mergekit with a stable argsort (the same tie rule as surgery's trim)."""
     root = mergekit_outputs
     out = root / f"s-{family}-{name}"
     r = cli("merge", "--config", root / f"{family}-{name}.yml", "-o", out, "--quiet")
     assert r.code == 0, r.stderr
-    ours, theirs = open_checkpoint(out), open_checkpoint(root / f"mk-{family}-{name}")
+    suffix = "-stable" if name == "ties" else ""
+    ours, theirs = open_checkpoint(out), open_checkpoint(root / f"mk-{family}-{name}{suffix}")
     assert set(ours.names) == set(theirs.names)
     for n in ours.names:
         assert ours.info(n).dtype == theirs.info(n).dtype == torch.bfloat16, n
-        a, b = ours.get(n), theirs.get(n)
-        # one bf16 rounding step: |a - b| at most the bf16 spacing at max(|a|, |b|) (7 explicit mantissa bits)
-        big = torch.maximum(a.abs(), b.abs()).clamp_min(torch.finfo(torch.bfloat16).tiny)
-        spacing = torch.exp2(torch.floor(torch.log2(big)) - 7)
-        worst = float(((a - b).abs() / spacing).max())
+        worst = float(_bf16_steps(ours.get(n), theirs.get(n)).max())
         assert worst <= 1.0, (n, worst)
+
+
+@pytest.mark.anchor
+@pytest.mark.parametrize("family", ["llama-tiny", "gpt2-tiny"])
+def test_ties_differs_from_plain_mergekit_only_at_threshold_ties(cli, mergekit_outputs, family):
+    """Against mergekit as shipped (unstable argsort), every entry more than one bf16 step
+    apart is one where some model's |τ| equals that model's trim threshold exactly."""
+    root = mergekit_outputs
+    out = root / f"s-{family}-ties-plain"
+    r = cli("merge", "--config", root / f"{family}-ties.yml", "-o", out, "--quiet")
+    assert r.code == 0, r.stderr
+    ours, theirs = open_checkpoint(out), open_checkpoint(root / f"mk-{family}-ties")
+    fx = ROOT / "fixtures" / family
+    base = open_checkpoint(fx / "base")
+    models = [(open_checkpoint(fx / "ft-a"), 0.5), (open_checkpoint(fx / "ft-b"), 0.7)]   # the recipe's densities
+    differing = 0
+    for n in ours.names:
+        far = _bf16_steps(ours.get(n), theirs.get(n)) > 1.0
+        if not far.any():
+            continue
+        at_tie = torch.zeros_like(far)
+        for m, density in models:
+            mag = (m.get(n) - base.get(n)).abs()
+            k = max(1, int(density * mag.numel()))
+            at_tie |= mag == mag.reshape(-1).sort(descending=True).values[k - 1]
+        assert not (far & ~at_tie).any(), n
+        differing += int(far.sum())
+    if family == "llama-tiny":   # bf16 fine-tunes: equal magnitudes at the threshold, so the check above ran
+        assert differing > 0

@@ -50,6 +50,80 @@ def test_trim_keeps_the_largest_magnitudes():
     assert int((ties.trim(d, 0.01) != 0).sum()) == 1    # at least one entry survives
 
 
+def _trim_by_stable_sort(d: torch.Tensor, density: float) -> torch.Tensor:
+    """The documented rule spelled out: a stable descending sort of the float32 magnitudes
+    (equal ones stay in flat order), the first k positions kept."""
+    flat = d.reshape(-1)
+    k = max(1, int(density * flat.numel()))
+    order = torch.sort(flat.abs().float(), descending=True, stable=True).indices[:k]
+    out = torch.zeros_like(flat)
+    out[order] = flat[order]
+    return out.reshape(d.shape)
+
+
+@pytest.mark.parametrize("density", [0.013, 0.3, 0.5, 0.77, 0.999])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trim_breaks_threshold_ties_by_flat_index(density, dtype):
+    # bf16-rounded values: few distinct magnitudes, so the k-th largest is shared by many entries
+    g = torch.Generator().manual_seed(3)
+    d = (torch.randn(40_000, generator=g) * 0.01).bfloat16().to(dtype)
+    d[::7] = 0.0
+    d[5] = -0.0
+    expect = _trim_by_stable_sort(d, density)
+    assert torch.equal(ties.trim(d, density), expect)
+    k = max(1, int(density * d.numel()))
+    thr = d.abs().float().sort(descending=True).values[k - 1]
+    assert int((d.abs().float() == thr).sum()) > 1          # the case under test really has ties
+
+
+def test_trim_special_values_and_threshold_zero():
+    d = torch.tensor([0.0, -0.0, float("inf"), 1e-45, -1e-45, 3.0, 0.0, -float("inf"), 0.0])
+    for density in [0.1, 0.3, 0.5, 0.7, 0.9]:
+        assert torch.equal(ties.trim(d, density), _trim_by_stable_sort(d, density)), density
+
+
+def test_magnitude_threshold_is_the_same_for_any_chunking():
+    g = torch.Generator().manual_seed(4)
+    mag = (torch.randn(10_001, generator=g) * 0.02).bfloat16().float().abs()
+    k = 4321
+    whole = ties.magnitude_threshold(lambda: [mag], k)
+    chunked = ties.magnitude_threshold(lambda: mag.split(997), k)
+    assert (whole.bits, whole.quota) == (chunked.bits, chunked.quota)
+    keep_whole = whole.keeper()(mag.view(torch.int32))
+    keeper = chunked.keeper()
+    keep_chunked = torch.cat([keeper(c.view(torch.int32)) for c in mag.split(997)])
+    assert torch.equal(keep_whole, keep_chunked) and int(keep_whole.sum()) == k
+    # the kept set: everything above the k-th largest value, then tied entries lowest index first
+    sorted_desc = torch.sort(mag, descending=True, stable=True).indices[:k]
+    expect = torch.zeros_like(keep_whole)
+    expect[sorted_desc] = True
+    assert torch.equal(keep_whole, expect)
+
+
+@pytest.mark.parametrize("blocks", [[(0, 37)], [(0, 5), (5, 20), (20, 37)], [(20, 37), (0, 20)]])
+def test_ties_rows_streams_the_same_result(monkeypatch, blocks):
+    """Row-block TIES (thresholds from streamed passes, requested in or out of order) equals
+    the whole-tensor computation bit for bit."""
+    monkeypatch.setattr(ties, "SUB_ELEMENTS", 40)          # several sub-blocks per request
+    monkeypatch.setattr(ties, "IN_MEMORY_BYTES", 0)        # never the read-once path
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(37, 11, generator=g) * 0.1).bfloat16().float()
+    models = [(base + (torch.randn(37, 11, generator=g) * 0.01).bfloat16().float()).bfloat16().float() for _ in range(3)]
+    w, dens = [1.0, 0.6, 0.8], [0.5, 0.3, 1.0]
+    expect = ties.ties(base, models, w, dens, lam=0.9)
+    rows = ties.TiesRows(base.shape, lambda a, e: base[a:e].clone(), lambda i, a, e: models[i][a:e].clone(),
+                         3, w, dens, lam=0.9)
+    got = torch.empty_like(base)
+    for a, e in blocks:
+        got[a:e] = rows(a, e)
+    assert torch.equal(got, expect)
+    # and the read-once path
+    monkeypatch.setattr(ties, "IN_MEMORY_BYTES", 1 << 30)
+    once = ties.TiesRows(base.shape, lambda a, e: base[a:e].clone(), lambda i, a, e: models[i][a:e].clone(),
+                         3, w, dens, lam=0.9)
+    assert torch.equal(once(0, 37), expect)
+
+
 def test_ties_closed_form_example():
     base = torch.zeros(4, dtype=torch.float64)
     a = torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64)
