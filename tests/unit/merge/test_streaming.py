@@ -298,3 +298,19 @@ def test_recipe_unknown_keys_are_named(tmp_path):
     req = load_recipe(p)
     with pytest.raises(UsageError, match="unknown merge method 'della'"):
         merge(req, tmp_path / "o")
+
+
+def test_opcm_is_deterministic_with_worker_threads(tmp_path):
+    """Projections run on worker threads; results are consumed in order, so two runs write the
+    same bytes (λ_t included)."""
+    fts = [LLAMA / f"ft-{c}" for c in "abc"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)      # three workers (each on one intra-op thread), whatever the machine
+    try:
+        outs = [merge(_req("opcm", LLAMA / "base", fts), tmp_path / f"o{i}", dtype="float32") for i in range(2)]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.get_num_threads() == previous
+    assert outs[0].steps == outs[1].steps
+    a, b = open_checkpoint(tmp_path / "o0"), open_checkpoint(tmp_path / "o1")
+    assert all(torch.equal(a.get_raw(n), b.get_raw(n)) for n in a.names)
