@@ -56,6 +56,7 @@ def merge(
     keep_diagonal: Annotated[bool, typer.Option("--keep-diagonal", help="OPCM: keep the diagonal of τ in the (U, V) basis.")] = False,
     project_embeddings: Annotated[bool, typer.Option("--project-embeddings", help="OPCM: project embeddings too (default: summed like biases).")] = False,
     decomposition: Annotated[str, typer.Option("--decomposition", help="OPCM's SVD: gram (eigh of the smaller Gram matrix, fast) or svd (LAPACK).")] = "gram",
+    trim_ties: Annotated[str, typer.Option("--trim-ties", help="TIES: which entries tied at the trim threshold survive: index (lowest flat index first, O(n), default) or argsort (mergekit 0.1.5's torch.argsort order: identical to mergekit, slower).")] = "index",
     seed: Annotated[int, typer.Option("--seed", help="Seed for DARE's drops and --shuffle.")] = 0,
     shuffle: Annotated[bool, typer.Option("--shuffle", help="Continual methods: shuffle the models with --seed (default: command-line order).")] = False,
     state: Annotated[Optional[Path], typer.Option("--state", metavar="DIR", help="Save the continual-merge state here (atomically).")] = None,
@@ -106,7 +107,7 @@ def merge(
     if shuffle and resume is None and request.method and not request.method.startswith(("opcm", "continual", "magmax")):
         raise UsageError("--shuffle only applies to continual methods (opcm, continual_*, magmax).")
     options = MergeOptions(seed=seed, allow_missing=allow_missing, decomposition=decomposition, shuffle=shuffle,
-                           device=device, state_dir=state, resume_dir=resume)
+                           trim_ties=trim_ties, device=device, state_dir=state, resume_dir=resume)
     result = run(request, output, options=options, dtype=dtype, shard_size=shard_size, force=force,
                  progress=_render.progress(quiet))
     summary = _common.written_summary(result.write, _common.push_if_asked(result.write.output_dir, push_to_hub, private))

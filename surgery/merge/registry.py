@@ -75,6 +75,12 @@ def _ties(base, load, n, shared, per_model, name, seed):
                               bool(shared["normalize"]))
 
 
+def ties_argsort(base, load, n, shared, per_model, name, seed):
+    """``ties`` with mergekit's argsort choice among equal magnitudes at the trim threshold."""
+    return ties.ties_streamed(base, load, n, _w(per_model), _w(per_model, "density"), float(shared["lambda"]),
+                              bool(shared["normalize"]), sparsify=lambda d, dens, i: ties.trim_argsort_(d, dens))
+
+
 def _ties_rows(shape, base_rows, model_rows, n, shared, per_model):
     return ties.TiesRows(shape, base_rows, model_rows, n, _w(per_model), _w(per_model, "density"),
                          float(shared["lambda"]), bool(shared["normalize"]))

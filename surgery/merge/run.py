@@ -29,6 +29,7 @@ from ..engine import OutputTensor, WriteResult, copy_tensor, dtype_name, parse_d
 from ..errors import IncompatibleCheckpointsError, InputError, UsageError
 from ..progress import Progress, ensure
 from . import opcm as opcm_math
+from . import ties as ties_math
 from .recipe import MergeRequest, evaluate
 from .registry import METHODS, MethodSpec, get_method
 from .state import ContinualState, load_state, state_writer
@@ -41,6 +42,8 @@ class MergeOptions:
         seed: DARE's drop seed and ``shuffle``'s seed.
         allow_missing: Copy tensors that some models lack from the base instead of refusing.
         decomposition: OPCM's SVD: ``gram`` (eigh of the smaller Gram matrix, float64) or ``svd``.
+        trim_ties: TIES: which entries tied at the trim threshold survive: ``index`` (lowest flat
+            index first; O(n), streamed) or ``argsort`` (mergekit 0.1.5's torch.argsort order).
         shuffle: Shuffle the models (continual methods) with ``seed`` before merging.
         device: Where the math runs.
         state_dir: Save the continual state here.
@@ -50,6 +53,7 @@ class MergeOptions:
     seed: int = 0
     allow_missing: bool = False
     decomposition: str = "gram"
+    trim_ties: str = "index"
     shuffle: bool = False
     device: str = "cpu"
     state_dir: Path | None = None
@@ -201,6 +205,10 @@ def _merge_batch(spec: MethodSpec, request: MergeRequest, base: Checkpoint | Non
     copy_from_base = _check_compatible(ref, models, options.allow_missing, base is not None)
     params = Params(spec, request, _num_layers(ref))
     dev = options.device
+    merge_fn, rows_fn = spec.merge, spec.rows
+    if spec.name == "ties" and options.trim_ties == "argsort":
+        from .registry import ties_argsort
+        merge_fn, rows_fn = ties_argsort, None
     plan = []
     for name in ref.names:
         if not _mergeable(ref, name) or name in copy_from_base:
@@ -217,7 +225,7 @@ def _merge_batch(spec: MethodSpec, request: MergeRequest, base: Checkpoint | Non
                 for s, t in _sub_blocks(shape, a, e):   # a few MB per model at a time, not the engine's whole block
                     b = base.get_rows(n, s, t, dtype=f32, device=dev) if base is not None else None
                     load = lambda i: models[i].get_rows(n, s, t, dtype=f32, device=dev)  # noqa: E731
-                    part = spec.merge(b, load, len(models), shared, per_model, n, options.seed)
+                    part = merge_fn(b, load, len(models), shared, per_model, n, options.seed)
                     if s == a and t == e:
                         return part
                     if out is None:
@@ -227,9 +235,9 @@ def _merge_batch(spec: MethodSpec, request: MergeRequest, base: Checkpoint | Non
 
             plan.append(OutputTensor(name, shape, _out_dtype(target, ref, name), rows=rows))
             continue
-        if spec.rows is not None and shape and base is not None:
+        if rows_fn is not None and shape and base is not None:
             f32 = torch.float32
-            rows = spec.rows(shape, lambda a, e, n=name: base.get_rows(n, a, e, dtype=f32, device=dev),
+            rows = rows_fn(shape, lambda a, e, n=name: base.get_rows(n, a, e, dtype=f32, device=dev),
                              lambda i, a, e, n=name: models[i].get_rows(n, a, e, dtype=f32, device=dev),
                              len(models), params.shared(name), params.per_model(name))
             plan.append(OutputTensor(name, shape, _out_dtype(target, ref, name), rows=rows))
@@ -238,7 +246,7 @@ def _merge_batch(spec: MethodSpec, request: MergeRequest, base: Checkpoint | Non
         def compute(n: str = name) -> torch.Tensor:
             b = base.get(n, device=dev) if base is not None else None
             load = lambda i: models[i].get(n, device=dev)  # noqa: E731
-            return spec.merge(b, load, len(models), params.shared(n), params.per_model(n), n, options.seed)
+            return merge_fn(b, load, len(models), params.shared(n), params.per_model(n), n, options.seed)
 
         plan.append(OutputTensor(name, shape, _out_dtype(target, ref, name), compute=compute))
     return plan, ref
@@ -624,6 +632,8 @@ def merge(request: MergeRequest, output: str | Path, *, options: MergeOptions | 
     if options.decomposition not in opcm_math.DECOMPOSITIONS:
         raise UsageError(f"unknown decomposition {options.decomposition!r}; choose one of "
                          f"{', '.join(opcm_math.DECOMPOSITIONS)}.")
+    if options.trim_ties not in ties_math.TIE_RULES:
+        raise UsageError(f"unknown --trim-ties rule {options.trim_ties!r}; choose one of {', '.join(ties_math.TIE_RULES)}.")
     state = state_tensors = None
     if options.resume_dir is not None:
         state, state_tensors, base, request = _resume(request, options)
@@ -660,6 +670,8 @@ def merge(request: MergeRequest, output: str | Path, *, options: MergeOptions | 
               "models": [m.location for m in request.models], "parameters": request.parameters,
               "model_parameters": [m.parameters for m in request.models], "dtype": dtype_name(target) if target else None,
               "seed": options.seed, "allow_missing": options.allow_missing}
+    if spec.name == "ties":
+        record["trim_ties"] = options.trim_ties
     if spec.kind == "batch":
         ref_base = base if spec.base != "ignored" else None
         plan, ref = _merge_batch(spec, request, ref_base, models, options, target)

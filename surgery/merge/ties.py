@@ -145,6 +145,23 @@ def trim_(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta
 
 
+def trim_argsort_(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """:func:`trim_` with mergekit 0.1.5's choice among equal magnitudes: the first k entries of
+    ``torch.argsort(|τ|, descending=True)`` (not stable on CPU: unspecified, but the same as
+    mergekit on the same torch). A sort per tensor: slower, and the whole tensor in memory."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return delta.zero_()
+    flat = delta.view(-1)
+    order = torch.argsort(flat.abs().float(), descending=True)
+    flat[order[kept_count(density, flat.numel()):]] = 0
+    return delta
+
+
+TIE_RULES = ("index", "argsort")
+
+
 def elect_sign(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
     """The sign (+1/−1) of Σ of the weighted trimmed task vectors per element (0 counts as +)."""
     total = weighted[0].clone()

@@ -254,3 +254,24 @@ def test_ties_differs_from_plain_mergekit_only_at_threshold_ties(cli, mergekit_o
         differing += int(far.sum())
     if family == "llama-tiny":   # bf16 fine-tunes: equal magnitudes at the threshold, so the check above ran
         assert differing > 0
+
+
+@pytest.mark.anchor
+@pytest.mark.parametrize("family", ["llama-tiny", "gpt2-tiny"])
+def test_trim_ties_argsort_reproduces_stock_mergekit(cli, mergekit_outputs, family):
+    """--trim-ties argsort keeps mergekit's own choice among tied magnitudes: within one bf16
+    step of mergekit as shipped, on the fixtures where the default rule differs from it."""
+    root = mergekit_outputs
+    out = root / f"s-{family}-ties-argsort"
+    r = cli("merge", "--config", root / f"{family}-ties.yml", "--trim-ties", "argsort", "-o", out, "--quiet")
+    assert r.code == 0, r.stderr
+    ours, theirs = open_checkpoint(out), open_checkpoint(root / f"mk-{family}-ties")
+    for n in ours.names:
+        assert float(_bf16_steps(ours.get(n), theirs.get(n)).max()) <= 1.0, n
+    assert json.loads(open_checkpoint(out).metadata["surgery"])["parameters"]["trim_ties"] == "argsort"
+
+
+def test_trim_ties_rejects_an_unknown_rule(cli, tmp_path):
+    r = cli("merge", "-m", "ties", "--base", ROOT / "fixtures/llama-tiny/base", ROOT / "fixtures/llama-tiny/ft-a",
+            "--trim-ties", "random", "-o", tmp_path / "o")
+    assert r.code == 2 and "index, argsort" in r.stderr and not (tmp_path / "o").exists()
