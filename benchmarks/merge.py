@@ -303,7 +303,7 @@ def write_doc(results: dict) -> None:
               "every task-vector norm; the driver replaces the tied head by `Identity` (it has no parameters of its "
               "own), which makes both tools merge exactly the tensors the checkpoints hold.",
               "- Multi-threaded LAPACK on matrices this small spins at its barriers when the cores are busy: surgery "
-              "runs each projection of a matrix up to 2048 wide on one thread (docs/merge.md). FusionBench runs with "
+              "runs one projection per core, each on one intra-op thread (docs/merge.md). FusionBench runs with "
               "torch's defaults.",
               "- \"bf16 steps\" is |a − b| divided by the bf16 spacing at max(|a|, |b|); a difference of one rounding "
               "step is 1. (A first version of this script compared bit patterns, which explodes across zero: a "
@@ -330,9 +330,9 @@ def _opcm_lines(o: dict) -> list[str]:
                       "of each matrix's size (the new task vector's coordinates, the correction) — "
                       f"{fl['matrices']} projected matrices × {fl['steps']} steps, already in memory, "
                       f"{fl['workers']} workers × 1 thread — take {fl['seconds']:.2f} s, "
-                      f"{fl['seconds'] / fb['wall_s']:.2f}× FusionBench's whole run. No run at this accuracy "
-                      "can spend less on the math on this machine, before reading and writing anything; float32 eigh "
-                      "would cut it but loses the small "
+                      f"{fl['seconds'] / fb['wall_s']:.2f}× FusionBench's whole run. No way of projecting "
+                      "that decomposes every matrix this accurately does less math, before reading and writing anything; "
+                      "float32 eigh would cut it but loses the small "
                       "singular directions (1.3e-3 relative error on a real q_proj with σ_min/σ_max = 2e-4)."]
     else:
         lines += ["", "FusionBench was not run (no /work/venvs/fusionbench): no ratio against it in this run."]
@@ -349,8 +349,7 @@ def _growth_lines(g: list) -> list[str]:
         lines.append(f"| {r['models']} | {r['wall_s']:.1f} s | {r['rss_mb']:.0f} MB |")
     lines += ["", f"Peak RSS at 8 models / at 2 models: {g[-1]['rss_mb'] / g[0]['rss_mb']:.3f}× (target ≤ 1.1×). "
               "Each resume reads only the base, the state and the one new model (the three fine-tunes "
-              "are cycled). The wall column is informational only: the load of the other agents varied a lot "
-              "during the sequence.", ""]
+              "are cycled). The wall column is informational (resuming is not one of the issue's speed targets).", ""]
     return lines
 
 
