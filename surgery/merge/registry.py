@@ -33,10 +33,11 @@ class MethodSpec:
         merge: Batch methods: the per-tensor function.
         elementwise: Batch methods whose output entry depends only on the same entry of the
             inputs (and per-tensor parameters): they stream in row blocks.
-        rows: Batch methods that stream in row blocks although an entry depends on the whole
-            tensor (TIES' per-tensor threshold): ``rows(shape, base_rows, model_rows, n, shared,
-            per_model)`` returns the ``OutputTensor.rows`` function of one tensor; tensors
-            without rows (scalars) use ``merge``.
+        rows: Batch methods that stream in row blocks although an entry depends on more than
+            the same entry of the inputs (TIES' per-tensor threshold, DARE's seeded draws by
+            flat position): ``rows(shape, base_rows, model_rows, n, shared, per_model,
+            tensor_name, seed)`` returns the ``OutputTensor.rows`` function of one tensor;
+            scalars use ``merge``.
         step: Continual methods other than OPCM: ``step(state, tau, count, **shared)``.
         output_scale: Continual: the merged task vector is ``output_scale(shared) · state``.
     """
@@ -81,7 +82,7 @@ def ties_argsort(base, load, n, shared, per_model, name, seed):
                               bool(shared["normalize"]), sparsify=lambda d, dens, i: ties.trim_argsort_(d, dens))
 
 
-def _ties_rows(shape, base_rows, model_rows, n, shared, per_model):
+def _ties_rows(shape, base_rows, model_rows, n, shared, per_model, name, seed):
     return ties.TiesRows(shape, base_rows, model_rows, n, _w(per_model), _w(per_model, "density"),
                          float(shared["lambda"]), bool(shared["normalize"]))
 
@@ -92,6 +93,14 @@ def _dare(consensus):
                                   lam=float(shared["lambda"]), normalize=bool(shared["normalize"]),
                                   rescale=bool(shared["rescale"]), consensus=consensus)
     return run
+
+
+def _dare_rows(consensus):
+    def rows(shape, base_rows, model_rows, n, shared, per_model, name, seed):
+        return dare.DareRows(shape, base_rows, model_rows, n, _w(per_model), _w(per_model, "density"), seed=seed,
+                             tensor_name=name, lam=float(shared["lambda"]), normalize=bool(shared["normalize"]),
+                             rescale=bool(shared["rescale"]), consensus=consensus)
+    return rows
 
 
 def _slerp(base, load, n, shared, per_model, name, seed):
@@ -110,10 +119,10 @@ METHODS: dict[str, MethodSpec] = {
                        {"weight": 1.0, "density": 1.0}, merge=_ties, rows=_ties_rows),
     "dare_linear": MethodSpec("dare_linear", "batch", "https://arxiv.org/abs/2311.03099",
                               {**_GTA_SHARED, "normalize": False, "rescale": True}, {"weight": 1.0, "density": 1.0},
-                              merge=_dare(False)),
+                              merge=_dare(False), rows=_dare_rows(False)),
     "dare_ties": MethodSpec("dare_ties", "batch", "https://arxiv.org/abs/2311.03099",
                             {**_GTA_SHARED, "normalize": False, "rescale": True}, {"weight": 1.0, "density": 1.0},
-                            merge=_dare(True)),
+                            merge=_dare(True), rows=_dare_rows(True)),
     "slerp": MethodSpec("slerp", "batch", "https://en.wikipedia.org/wiki/Slerp", {"t": 0.5}, {},
                         min_models=1, max_models=1, merge=_slerp),
     "opcm": MethodSpec("opcm", "continual", "https://arxiv.org/abs/2501.09522",

@@ -239,7 +239,7 @@ def _merge_batch(spec: MethodSpec, request: MergeRequest, base: Checkpoint | Non
             f32 = torch.float32
             rows = rows_fn(shape, lambda a, e, n=name: base.get_rows(n, a, e, dtype=f32, device=dev),
                              lambda i, a, e, n=name: models[i].get_rows(n, a, e, dtype=f32, device=dev),
-                             len(models), params.shared(name), params.per_model(name))
+                             len(models), params.shared(name), params.per_model(name), name, options.seed)
             plan.append(OutputTensor(name, shape, _out_dtype(target, ref, name), rows=rows))
             continue
 

@@ -165,23 +165,39 @@ def test_ties_matches_elementwise_reference():
 
 # ---- DARE -----------------------------------------------------------------------------------
 
+def _dare_keep_reference(seed, name, model, numel, density):
+    """The documented draw, spelled out: chunk j of DRAW_CHUNK entries uses a CPU generator
+    seeded with drop_seed(seed, name, model, j); an entry survives when its float64 < density."""
+    parts = []
+    for j, a in enumerate(range(0, numel, dare.DRAW_CHUNK)):
+        g = torch.Generator().manual_seed(dare.drop_seed(seed, name, model, j))
+        parts.append(torch.rand(min(dare.DRAW_CHUNK, numel - a), generator=g, dtype=torch.float64) < density)
+    return torch.cat(parts)
+
+
 def test_dare_drop_is_seeded_and_rescaled():
-    d = _rand(200, 50)
-    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
-    a, b = dare.dare_drop(d, 0.3, g(1)), dare.dare_drop(d, 0.3, g(1))
+    d = _rand(700, 300)                        # 210,000 entries: four draw chunks, the last one short
+    drop = lambda s, **kw: dare.dare_drop(d, 0.3, seed=s, tensor_name="w", model_index=0, **kw)  # noqa: E731
+    a, b = drop(1), drop(1)
     assert torch.equal(a, b)
-    assert not torch.equal(a, dare.dare_drop(d, 0.3, g(2)))
+    assert not torch.equal(a, drop(2))
     kept = a != 0
-    assert abs(kept.double().mean().item() - 0.3) < 0.02
+    assert torch.equal(kept.reshape(-1), _dare_keep_reference(1, "w", 0, d.numel(), 0.3))
+    assert abs(kept.double().mean().item() - 0.3) < 0.01
     assert torch.allclose(a[kept], d[kept] / 0.3, atol=1e-12)
-    assert torch.allclose(dare.dare_drop(d, 0.3, g(1), rescale=False)[kept], d[kept])
-    assert dare.dare_drop(d, 1.0, g(1)) is d
+    assert torch.allclose(drop(1, rescale=False)[kept], d[kept])
+    assert dare.dare_drop(d, 1.0, seed=1, tensor_name="w", model_index=0) is d
+    # any slice of the flat tensor gets the same decisions as the whole
+    flat = d.reshape(-1)
+    part = dare.dare_drop(flat[65_000:140_123], 0.3, seed=1, tensor_name="w", model_index=0, start=65_000,
+                          numel=flat.numel())
+    assert torch.equal(part, a.reshape(-1)[65_000:140_123])
 
 
-def test_dare_seed_depends_on_tensor_and_model_not_on_order():
+def test_dare_seed_depends_on_tensor_model_and_chunk_not_on_order():
     assert dare.drop_seed(0, "w", 0) == dare.drop_seed(0, "w", 0)
     assert len({dare.drop_seed(0, "w", 0), dare.drop_seed(0, "w", 1), dare.drop_seed(0, "v", 0),
-                dare.drop_seed(1, "w", 0)}) == 4
+                dare.drop_seed(1, "w", 0), dare.drop_seed(0, "w", 0, 1)}) == 5
 
 
 def test_dare_linear_and_ties_match_manual_drop():
@@ -190,14 +206,30 @@ def test_dare_linear_and_ties_match_manual_drop():
     w, dens = [1.0, 0.5], [0.4, 0.6]
     dropped = []
     for i, (m, p) in enumerate(zip(ms, dens)):
-        gen = torch.Generator().manual_seed(dare.drop_seed(7, "x", i))
-        keep = torch.rand(base.shape, generator=gen, dtype=torch.float64) < p
+        keep = _dare_keep_reference(7, "x", i, base.numel(), p).reshape(base.shape)
         dropped.append(torch.where(keep, (m - base) / p, torch.zeros_like(base)))
     lin = dare.dare_linear(base, ms, w, dens, seed=7, tensor_name="x")
     assert torch.allclose(lin, base + w[0] * dropped[0] + w[1] * dropped[1], atol=1e-12)
     tie = dare.dare_ties(base, ms, w, dens, seed=7, tensor_name="x", normalize=True)
     ref = ties.ties(base, [base + d for d in dropped], w, [1.0, 1.0], normalize=True)
     assert torch.allclose(tie, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("consensus", [False, True])
+def test_dare_rows_equal_the_whole_tensor(monkeypatch, consensus):
+    """Row blocks (several sub-blocks each, boundaries inside draw chunks) give the bytes of
+    the whole-tensor computation."""
+    monkeypatch.setattr(dare, "DRAW_CHUNK", 64)
+    monkeypatch.setattr(dare, "SUB_ELEMENTS", 50)
+    base = _rand(41, 13).float()
+    ms = [base + 0.1 * _rand(41, 13, seed=i + 1).float() for i in range(3)]
+    w, dens = [1.0, 0.5, 0.8], [0.4, 0.6, 1.0]
+    kw = dict(seed=5, tensor_name="t", lam=0.9, normalize=True)
+    whole = dare.dare_streamed(base, lambda i: ms[i].clone(), 3, w, dens, consensus=consensus, **kw)
+    rows = dare.DareRows(base.shape, lambda a, e: base[a:e].clone(), lambda i, a, e: ms[i][a:e].clone(), 3, w, dens,
+                         consensus=consensus, **kw)
+    got = torch.cat([rows(a, min(41, a + 9)) for a in range(0, 41, 9)])
+    assert torch.equal(got, whole)
 
 
 # ---- SLERP ----------------------------------------------------------------------------------

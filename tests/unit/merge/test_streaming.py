@@ -165,19 +165,20 @@ def test_batch_methods_against_float64_reference(tmp_path):
         assert torch.allclose(out.get(n, dtype=torch.float64), (fts[0][n] + fts[1][n]) / 2, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties"])
 def test_row_blocked_batch_merges_equal_whole_tensor_ones(tmp_path, monkeypatch, method):
     """Elementwise methods in sub-blocks and TIES' streamed thresholds (tiny blocks forced,
     several per tensor and several engine blocks per tensor) give the same bytes as one
     block per tensor."""
     from surgery import engine
-    from surgery.merge import run, ties
+    from surgery.merge import dare, run, ties
 
     req = lambda: _req(method, None if method == "linear" else LLAMA / "base",  # noqa: E731
-                       [LLAMA / "ft-a", LLAMA / "ft-b", LLAMA / "ft-c"], **({"density": 0.4} if method == "ties" else {}))
+                       [LLAMA / "ft-a", LLAMA / "ft-b", LLAMA / "ft-c"], **({"density": 0.4} if "ties" in method or "dare" in method else {}))
     merge(req(), tmp_path / "whole", dtype="float32")
     monkeypatch.setattr(run, "SUB_BLOCK_ELEMENTS", 40)
     monkeypatch.setattr(ties, "SUB_ELEMENTS", 40)
+    monkeypatch.setattr(dare, "SUB_ELEMENTS", 40)
     monkeypatch.setattr(ties, "IN_MEMORY_BYTES", 0)
     monkeypatch.setattr(engine, "BLOCK_BYTES", 1024)
     merge(req(), tmp_path / "blocked", dtype="float32")
