@@ -15,6 +15,7 @@ import random
 import shutil
 import tempfile
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,28 +286,53 @@ class _ProjectionPool:
     """Runs OPCM's per-matrix projections on worker threads, one intra-op thread each.
 
     One matrix per core at a time instead of every core on each small LAPACK call: on a quiet
-    machine about as fast, and on a busy one it avoids the spinning at LAPACK's many small
+    machine a little faster, and on a busy one it avoids the spinning at LAPACK's many small
     barrier-separated steps (a 576×576 eigh measured 1.2–7 s on two threads against 0.1 s on
     one). Meanwhile the calling thread reads the next tensors and writes finished ones.
-    Results are consumed in submission order, so a run is deterministic. Off the CPU (CUDA),
-    one worker and torch's thread setting unchanged.
+    Results are consumed in submission order, so a run is deterministic.
+
+    Only small projections go to the workers (working set up to :data:`SMALL_BYTES`), and at
+    most :data:`BUDGET_BYTES` of them are in flight, so memory stays bounded on many-core
+    machines. A larger matrix (a 7B model's MLP) runs on the calling thread with all of
+    torch's threads, after the pending ones finish. Off the CPU (CUDA): everything on the
+    calling thread, torch's thread setting unchanged.
     """
 
+    SMALL_BYTES = 64 << 20
+    BUDGET_BYTES = 512 << 20
+
     def __init__(self, device: str):
-        cpu = str(device) == "cpu"
-        self.workers = max(1, torch.get_num_threads()) if cpu else 1
+        self.cpu = str(device) == "cpu"
+        self.workers = max(1, torch.get_num_threads()) if self.cpu else 1
         self.window = 2 * self.workers
-        self._threads = 1 if cpu and self.workers > 1 else None
+
+    @staticmethod
+    def footprint(numel: int) -> int:
+        """Rough working set of one projection (inputs, float64 copy, factors, result)."""
+        return numel * 4 * 6
+
+    def small(self, numel: int) -> bool:
+        return self.cpu and self.footprint(numel) <= self.SMALL_BYTES
 
     def __enter__(self) -> "_ProjectionPool":
         self._previous = torch.get_num_threads()
-        if self._threads is not None:
-            torch.set_num_threads(self._threads)
+        if self.cpu:
+            torch.set_num_threads(1)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="surgery-opcm")
         return self
 
     def submit(self, fn, *args, **kwargs):
         return self._pool.submit(fn, *args, **kwargs)
+
+    @contextmanager
+    def all_threads(self):
+        """Torch's original thread count for the block (call with no work pending)."""
+        torch.set_num_threads(self._previous)
+        try:
+            yield
+        finally:
+            if self.cpu:
+                torch.set_num_threads(1)
 
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -373,15 +399,19 @@ class _Continual:
         ranks: dict[str, int] = {}
         f32, dev = torch.float32, self.dev
         pending: deque = deque()
+        inflight = [0]
 
-        def finish() -> None:
-            n, future, tau, s_prev = pending.popleft()
-            s_new, r = future.result()
+        def record(n: str, tau, s_prev, s_new, r) -> None:
             if r is not None:
                 ranks[n] = r
             norms[n] = self._norms(tau, s_prev, s_new, lazy_first)
             writer.write(n, s_new.to("cpu", f32).contiguous())
             self.progress.advance()
+
+        def finish() -> None:
+            n, future, tau, s_prev = pending.popleft()
+            inflight[0] -= pool.footprint(tau.numel())
+            record(n, tau, s_prev, *future.result())
 
         self.progress.start(len(self.names), f"opcm step {self.count + 1}: {model.label}")
         try:
@@ -394,13 +424,20 @@ class _Continual:
                         del b
                         s_prev = prev.full(n)
                         sh = self.shared[n]
-                        future = pool.submit(opcm_math.opcm_tensor, s_prev, tau, 1.0, alpha=float(sh["alpha"]),
-                                             project=self._project(n), keep_diagonal=bool(sh["keep_diagonal"]),
-                                             decomposition=self.options.decomposition)
-                        pending.append((n, future, tau, s_prev))
+                        kwargs = dict(alpha=float(sh["alpha"]), project=self._project(n),
+                                      keep_diagonal=bool(sh["keep_diagonal"]), decomposition=self.options.decomposition)
+                        cost = pool.footprint(tau.numel())
+                        if pool.small(tau.numel()):
+                            while pending and (len(pending) >= pool.window or inflight[0] + cost > pool.BUDGET_BYTES):
+                                finish()
+                            pending.append((n, pool.submit(opcm_math.opcm_tensor, s_prev, tau, 1.0, **kwargs), tau, s_prev))
+                            inflight[0] += cost
+                        else:
+                            while pending:
+                                finish()
+                            with pool.all_threads():
+                                record(n, tau, s_prev, *opcm_math.opcm_tensor(s_prev, tau, 1.0, **kwargs))
                         del tau, s_prev
-                        while len(pending) > pool.window:
-                            finish()
                     else:
                         total = [0.0, 0.0, 0.0]
                         for a, e in blocks:   # elementwise: S_t = S_{t-1} + τ, a row block at a time

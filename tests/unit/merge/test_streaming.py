@@ -315,3 +315,18 @@ def test_opcm_is_deterministic_with_worker_threads(tmp_path):
     assert outs[0].steps == outs[1].steps
     a, b = open_checkpoint(tmp_path / "o0"), open_checkpoint(tmp_path / "o1")
     assert all(torch.equal(a.get_raw(n), b.get_raw(n)) for n in a.names)
+
+
+def test_opcm_large_matrices_on_the_calling_thread_give_the_same_merge(tmp_path, monkeypatch):
+    """Matrices above the worker size limit run on the calling thread with all threads, the
+    rest on workers under a tight in-flight budget: the same merge as all on workers."""
+    from surgery.merge import run
+
+    fts = [LLAMA / f"ft-{c}" for c in "abc"]
+    merge(_req("opcm", LLAMA / "base", fts), tmp_path / "pool", dtype="float32")
+    monkeypatch.setattr(run._ProjectionPool, "SMALL_BYTES", run._ProjectionPool.footprint(64 * 64))   # 64x64 small, 64x128 not
+    monkeypatch.setattr(run._ProjectionPool, "BUDGET_BYTES", run._ProjectionPool.footprint(64 * 64))  # one in flight
+    merge(_req("opcm", LLAMA / "base", fts), tmp_path / "mixed", dtype="float32")
+    a, b = open_checkpoint(tmp_path / "pool"), open_checkpoint(tmp_path / "mixed")
+    for n in a.names:
+        assert torch.allclose(a.get(n), b.get(n), rtol=0, atol=1e-6), n
