@@ -33,6 +33,14 @@ def _bits(magnitude: torch.Tensor) -> torch.Tensor:
     return magnitude.reshape(-1).view(torch.int32)
 
 
+def _histogram(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of per-chunk histograms, summed on the chunks' device and returned on the CPU."""
+    total = None
+    for h in parts:
+        total = h if total is None else total.add_(h)
+    return total.cpu()
+
+
 def _first_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """(bin, count strictly above it) for the bin holding the k-th largest entry."""
     from_top = torch.cumsum(hist.flip(0), 0)
@@ -86,6 +94,7 @@ def _position(mask: torch.Tensor, j: int, block: int = 1 << 14) -> int:
     counts = mask[:whole].view(-1, block).sum(1)
     if mask.numel() > whole:
         counts = torch.cat([counts, mask[whole:].sum().view(1)])
+    counts = counts.cpu()
     before = torch.cumsum(counts, 0)
     b = int(torch.searchsorted(before, torch.tensor([j], dtype=before.dtype)))
     skip = int(before[b - 1]) if b else 0
@@ -104,14 +113,14 @@ def magnitude_threshold(chunks: Callable[[], Iterable[torch.Tensor]], k: int) ->
     nonzero = sum(int(torch.count_nonzero(_bits(c))) for c in chunks())
     if nonzero <= k:        # common for bf16 fine-tunes: most entries never moved, the k-th largest is 0
         return Threshold(0, k - nonzero)
-    hi_hist = torch.zeros(1 << 15, dtype=torch.int64)   # the sign bit is 0
-    for c in chunks():
-        hi_hist += torch.bincount(_bits(c) >> 16, minlength=1 << 15)
+    hi_hist = _histogram((torch.bincount(_bits(c) >> 16, minlength=1 << 15) for c in chunks()))   # sign bit is 0
     hi, above = _first_from_top(hi_hist, k)
-    lo_hist = torch.zeros(1 << 16, dtype=torch.int64)
-    for c in chunks():
+
+    def low_bits(c: torch.Tensor) -> torch.Tensor:
         b = _bits(c)
-        lo_hist += torch.bincount(b[(b >> 16) == hi] & 0xFFFF, minlength=1 << 16)
+        return b[(b >> 16) == hi] & 0xFFFF
+
+    lo_hist = _histogram((torch.bincount(low_bits(c), minlength=1 << 16) for c in chunks()))
     lo, above_lo = _first_from_top(lo_hist, k - above)
     return Threshold((hi << 16) | lo, k - above - above_lo)
 
