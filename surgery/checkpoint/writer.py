@@ -86,9 +86,12 @@ class ShardedWriter:
         specs: Every output tensor; written in sorted name order.
         shard_size: Maximum bytes of tensor data per shard.
         metadata: ``__metadata__`` for every shard (may be replaced in :meth:`finish`).
+        reuse: Write into existing files of exactly the planned size in place (their pages are
+            already allocated); used for scratch files rewritten tensor by tensor.
     """
 
-    def __init__(self, folder: Path, specs: list[TensorSpec], shard_size: int, metadata: dict[str, str]):
+    def __init__(self, folder: Path, specs: list[TensorSpec], shard_size: int, metadata: dict[str, str],
+                 reuse: bool = False):
         for s in specs:
             if s.dtype not in TORCH_TO_CODE:
                 raise UsageError(f"tensor {s.name!r}: dtype {s.dtype} cannot be stored in safetensors.", tensor=s.name)
@@ -111,9 +114,11 @@ class ShardedWriter:
                 entries.append((s.name, TORCH_TO_CODE[s.dtype], s.shape, pos, pos + s.nbytes))
                 pos += s.nbytes
             header = build_header(entries, metadata, min_size=_json_len(entries, metadata) + HEADER_RESERVE)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            same = reuse and path.is_file() and path.stat().st_size == len(header) + pos
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | (0 if same else os.O_TRUNC), 0o644)
             self._fds.append(fd)
-            os.ftruncate(fd, len(header) + pos)
+            if not same:
+                os.ftruncate(fd, len(header) + pos)
             os.pwrite(fd, header, 0)
             self._header_len.append(len(header))
             self._entries.append(entries)

@@ -394,7 +394,9 @@ class _Continual:
     def _opcm_pass(self, prev: _Source, model: Checkpoint, scratch: Path,
                    lazy_first: bool) -> tuple[float, float, float, Checkpoint, dict[str, int]]:
         specs = [TensorSpec(n, self.base.info(n).shape, torch.float32) for n in self.names]
-        writer = ShardedWriter(scratch, specs, 1 << 62, {"format": "pt"})
+        # S_t overwrites S_{t-1} in place: each tensor is read whole (or row block by row block)
+        # before its new value is written to the same bytes, and no page has to be allocated.
+        writer = ShardedWriter(scratch, specs, 1 << 62, {"format": "pt"}, reuse=True)
         norms: dict[str, list[float]] = {}    # per tensor: ‖τ‖², ‖S_t‖², ‖S_1‖² (summed in name order below)
         ranks: dict[str, int] = {}
         f32, dev = torch.float32, self.dev
@@ -493,8 +495,8 @@ class _Continual:
                     order.append(entry)
                     steps.append({"step": 1, "model": model.label, "tau_norm": None, "merged_norm": None, "lambda": 1.0})
                     continue
-                scratch = scratch_root / f"step{self.count + 1}"
-                scratch.mkdir()
+                scratch = scratch_root / "s"
+                scratch.mkdir(exist_ok=True)
                 tau_norm, s_norm, first_norm, ckpt, ranks = self._opcm_pass(prev, model, scratch, lazy_first)
                 if lazy_first:
                     self._fill_first(order, steps, first_norm)
@@ -509,9 +511,6 @@ class _Continual:
                               "mean_tau_norm": mean, "lambda": self.lam,
                               "mean_split_rank": (sum(ranks.values()) / len(ranks)) if ranks else None})
                 prev = _Source(ckpt, device=self.dev)
-                for old in scratch_root.iterdir():  # only S_t is needed from here on
-                    if old != scratch:
-                        shutil.rmtree(old, ignore_errors=True)
             return self._write(output, prev, fold_models, order, steps, lazy_first, shard_size, force, sink_factory)
         finally:
             shutil.rmtree(scratch_root, ignore_errors=True)
