@@ -104,6 +104,29 @@ class WriteResult:
     tensor_stats: dict[str, Any] = field(default_factory=dict)
 
 
+def row_ranges(start: int, stop: int, row_elems: int, max_elements: int) -> list[tuple[int, int]]:
+    """Rows ``[start, stop)`` split into consecutive ranges of at most ``max_elements`` entries
+    (at least one row each; ``row_elems`` entries per row). Empty when the range is."""
+    step = max(1, max_elements // max(1, row_elems))
+    return [(s, min(stop, s + step)) for s in range(start, stop, step)]
+
+
+def rows_in_blocks(shape: tuple[int, ...], start: int, stop: int, max_elements: int,
+                   block: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a tensor of ``shape``, computed by ``block(s, t)`` over ranges
+    of at most ``max_elements`` entries in order and stacked (a single range: its result as is)."""
+    ranges = row_ranges(start, stop, math.prod(shape[1:]), max_elements) or [(start, stop)]
+    if len(ranges) == 1:
+        return block(*ranges[0])
+    out = None
+    for s, t in ranges:
+        part = block(s, t)
+        if out is None:
+            out = torch.empty((stop - start, *shape[1:]), dtype=part.dtype, device=part.device)
+        out[s - start:t - start] = part
+    return out
+
+
 def _block_rows(shape: tuple[int, ...]) -> int:
     row = math.prod(shape[1:]) * 4 if len(shape) > 1 else 4
     return max(1, BLOCK_BYTES // max(row, 1))

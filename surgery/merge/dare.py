@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..engine import rows_in_blocks
 from .ties import SUB_ELEMENTS, ties_combine_weighted
 
 DRAW_CHUNK = 1 << 16   # entries per seeded draw
@@ -153,12 +154,4 @@ class DareRows:
         return _combine(base, taus, self.weights, self.lam, self.normalize, self.consensus)
 
     def __call__(self, a: int, e: int) -> torch.Tensor:
-        e = min(e, self.shape[0])
-        step = max(1, SUB_ELEMENTS // max(self.row_elems, 1))
-        if e - a <= step:
-            return self._block(a, e)
-        out = torch.empty((e - a, *self.shape[1:]), dtype=torch.float32)
-        for s in range(a, e, step):
-            t = min(e, s + step)
-            out[s - a:t - a] = self._block(s, t)
-        return out
+        return rows_in_blocks(self.shape, a, min(e, self.shape[0]), SUB_ELEMENTS, self._block)

@@ -26,7 +26,8 @@ import torch
 from ..checkpoint.reader import Checkpoint, open_checkpoint, open_local
 from ..checkpoint.roles import TensorRole, depth_of, role_of
 from ..checkpoint.writer import ShardedWriter, TensorSpec
-from ..engine import OutputTensor, WriteResult, copy_tensor, dtype_name, parse_dtype, write_checkpoint
+from ..engine import (OutputTensor, WriteResult, copy_tensor, dtype_name, parse_dtype, row_ranges, rows_in_blocks,
+                      write_checkpoint)
 from ..errors import IncompatibleCheckpointsError, InputError, UsageError
 from ..progress import Progress, ensure
 from . import opcm as opcm_math
@@ -195,11 +196,6 @@ def _out_dtype(target: torch.dtype | None, ref: Checkpoint, name: str) -> torch.
 SUB_BLOCK_ELEMENTS = 1 << 20   # elementwise batch merges work on about this many entries per model at a time
 
 
-def _sub_blocks(shape: tuple[int, ...], a: int, e: int) -> list[tuple[int, int]]:
-    step = max(1, SUB_BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
-    return [(s, min(e, s + step)) for s in range(a, e, step)] or [(a, e)]
-
-
 def _merge_batch(spec: MethodSpec, request: MergeRequest, base: Checkpoint | None, models: list[Checkpoint],
                  options: MergeOptions, target: torch.dtype | None) -> tuple[list[OutputTensor], Checkpoint]:
     ref = base if base is not None else models[0]
@@ -222,17 +218,14 @@ def _merge_batch(spec: MethodSpec, request: MergeRequest, base: Checkpoint | Non
             def rows(a: int, e: int, n: str = name, shape: tuple = shape) -> torch.Tensor:
                 f32 = torch.float32
                 shared, per_model = params.shared(n), params.per_model(n)
-                out = None
-                for s, t in _sub_blocks(shape, a, e):   # a few MB per model at a time, not the engine's whole block
+
+                def part(s: int, t: int) -> torch.Tensor:
                     b = base.get_rows(n, s, t, dtype=f32, device=dev) if base is not None else None
                     load = lambda i: models[i].get_rows(n, s, t, dtype=f32, device=dev)  # noqa: E731
-                    part = merge_fn(b, load, len(models), shared, per_model, n, options.seed)
-                    if s == a and t == e:
-                        return part
-                    if out is None:
-                        out = torch.empty((e - a, *shape[1:]), dtype=part.dtype, device=part.device)
-                    out[s - a:t - a] = part
-                return out
+                    return merge_fn(b, load, len(models), shared, per_model, n, options.seed)
+
+                # a few MB per model at a time, not the engine's whole block
+                return rows_in_blocks(shape, a, e, SUB_BLOCK_ELEMENTS, part)
 
             plan.append(OutputTensor(name, shape, _out_dtype(target, ref, name), rows=rows))
             continue
@@ -277,9 +270,7 @@ def _blocks(shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
     """Row ranges covering dim 0 in blocks of <= BLOCK_ELEMENTS (None for scalars)."""
     if not shape:
         return None
-    row = max(1, math.prod(shape[1:]))
-    step = max(1, BLOCK_ELEMENTS // row)
-    return [(a, min(shape[0], a + step)) for a in range(0, shape[0], step)] or [(0, 0)]
+    return row_ranges(0, shape[0], math.prod(shape[1:]), BLOCK_ELEMENTS) or [(0, 0)]
 
 
 class _ProjectionPool:

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from ..engine import row_ranges, rows_in_blocks
 
 CHUNK = 1 << 23   # elementwise steps run over flat chunks (32 MB in float32): no whole-tensor temporaries
 SUB_ELEMENTS = 1 << 20   # row blocks of a streamed tensor hold about this many entries per model
@@ -275,9 +276,8 @@ class TiesRows:
         self.keepers: list | None = None
         self.next_row = 0
 
-    def _blocks(self, a: int, e: int) -> Iterable[tuple[int, int]]:
-        step = max(1, SUB_ELEMENTS // max(self.row_elems, 1))
-        return ((s, min(e, s + step)) for s in range(a, e, step))
+    def _blocks(self, a: int, e: int) -> list[tuple[int, int]]:
+        return row_ranges(a, e, self.row_elems, SUB_ELEMENTS)
 
     def _tau(self, i: int, a: int, e: int, base: torch.Tensor | None = None) -> torch.Tensor:
         return self.model_rows(i, a, e).sub_(self.base_rows(a, e) if base is None else base)
@@ -325,10 +325,11 @@ class TiesRows:
                 self.keepers = None
         if self.keepers is None or a != self.next_row:
             self._start(a)
-        out = torch.empty((e - a, *self.shape[1:]), dtype=torch.float32)
-        for s, t in self._blocks(a, e):
+        def part(s: int, t: int) -> torch.Tensor:
             base = self.base_rows(s, t)
-            out[s - a:t - a] = self._combine(base, [self._tau(i, s, t, base) for i in range(self.n)])
+            return self._combine(base, [self._tau(i, s, t, base) for i in range(self.n)])
+
+        out = rows_in_blocks(self.shape, a, e, SUB_ELEMENTS, part)   # in order: the keepers count ties
         self.next_row = e
         if e == self.rows_total:
             self.keepers = None   # nothing is held between tensors
