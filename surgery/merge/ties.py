@@ -318,7 +318,11 @@ class TiesRows:
         if self.keepers is None and whole and self.numel * 4 * (self.n + 1) <= IN_MEMORY_BYTES:
             base = self.base_rows(0, e)
             taus = [self._tau(i, 0, e, base) for i in range(self.n)]
-            self.keepers = self._keepers(lambda i: (lambda: [taus[i].abs()]))
+            def magnitudes(i: int) -> Callable[[], Iterable[torch.Tensor]]:
+                mag = [taus[i].abs()]      # once per model, not once per selection pass
+                return lambda: mag
+
+            self.keepers = self._keepers(magnitudes)
             try:
                 return self._combine(base, taus)
             finally:
