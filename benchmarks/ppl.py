@@ -45,6 +45,8 @@ HF_LOOP = r"""
 import json, math, sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 ckpt, textfile, mode, ctx, stride = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+sys.path.insert(0, sys.argv[6])
+from ppl import hf_corpus_loop   # benchmarks/ppl.py: the docs' loop, shared with the in-process comparison
 model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
 model.eval()
 tok = AutoTokenizer.from_pretrained(ckpt)
@@ -53,23 +55,7 @@ t0 = time.perf_counter()
 if mode == "corpus":
     tok.model_max_length = int(1e30)
     ids = tok(text, return_tensors="pt").input_ids
-    seq_len = ids.size(1)
-    nll_sum, n_tokens, prev_end = 0.0, 0, 0
-    for begin in range(0, seq_len, stride):
-        end = min(begin + ctx, seq_len)
-        trg_len = end - prev_end
-        input_ids = ids[:, begin:end]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
-            out = model(input_ids, labels=target_ids)
-        n = int((target_ids[:, 1:] != -100).sum())  # tokens the shifted loss averaged over
-        nll_sum += out.loss.item() * n
-        n_tokens += n
-        prev_end = end
-        if end == seq_len:
-            break
-    ppl = math.exp(nll_sum / n_tokens)
+    ppl, n_tokens = hf_corpus_loop(model, ids, ctx, stride)
 else:
     per, n_tokens = [], 0
     for line in [l.strip() for l in text.splitlines() if l.strip()]:
@@ -103,7 +89,7 @@ def ppl_case(ckpt: Path, text: Path, mode: str, repeats: int) -> dict:
     ctx, stride = 256, 128
     ours_cmd = [*surgery_cmd(), "eval", "ppl", str(ckpt), "--text", str(text), "--json", "--quiet"]
     ours_cmd += ["--ctx", str(ctx), "--stride", str(stride)] if mode == "corpus" else ["--sentences"]
-    hf_cmd = [sys.executable, "-c", HF_LOOP, str(ckpt), str(text), mode, str(ctx), str(stride)]
+    hf_cmd = [sys.executable, "-c", HF_LOOP, str(ckpt), str(text), mode, str(ctx), str(stride), str(HERE)]
     runs: dict[str, list] = {"surgery": [], "hf": []}
     for i in range(repeats):
         order = [("surgery", ours_cmd), ("hf", hf_cmd)] if i % 2 == 0 else [("hf", hf_cmd), ("surgery", ours_cmd)]
@@ -221,7 +207,7 @@ def render(cases: list[dict], ed: dict, repeats: int) -> str:
 
 
 def hf_corpus_loop(model, ids, ctx: int, stride: int) -> tuple[float, int]:
-    """The docs' loop on an already loaded model (same code as HF_LOOP's corpus branch)."""
+    """The docs' loop on an already loaded model (HF_LOOP's corpus branch and the in-process comparison)."""
     import math
 
     import torch
