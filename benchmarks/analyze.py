@@ -3,7 +3,7 @@
 Same model, same run:
 
 1. In-process compute time for σ_max of every 2-D tensor (211): surgery's Lanczos
-   (``surgery.spectral.linalg.sigma_max``) against ``torch.linalg.matrix_norm(W, ord=2)`` per
+   (``surgery.analyze.linalg.sigma_max``) against ``torch.linalg.matrix_norm(W, ord=2)`` per
    tensor; tensors are read (bf16 -> float32) outside the timed region. Worst relative error.
 2. Whole processes (wall time and peak RSS from ``/usr/bin/time -v``, start-up included):
    - ``surgery analyze gain MODEL --json``            (σ_max by Lanczos, RMS, gain)
@@ -106,8 +106,8 @@ def in_process(model: Path) -> dict:
     import torch
 
     from surgery.checkpoint import open_checkpoint
-    from surgery.spectral.common import matrix_names
-    from surgery.spectral.linalg import sigma_max
+    from surgery.analyze.common import matrix_names
+    from surgery.analyze.linalg import sigma_max
 
     ckpt = open_checkpoint(model)
     names = matrix_names(ckpt)

@@ -65,7 +65,7 @@ if len(sys.argv) > 3:  # --fsync-baseline: make the bytes durable, as surgery do
     import os
     fd = os.open(out / "model.safetensors", os.O_RDONLY); os.fsync(fd); os.close(fd)
 """
-IDLE = "import torch, safetensors.torch, surgery.engine, surgery.convert"
+IDLE = "import torch, safetensors.torch, surgery.core.engine, surgery.convert"
 # What-if probe: surgery with the input sha256 (recorded in the model card) skipped, to show
 # how much of surgery's time is hashing. Not a supported mode of the tool.
 NO_HASH = ("import sys; from surgery.checkpoint import reader; "

@@ -239,7 +239,7 @@ def interleaved(ckpt: Path, text: str, pairs: int) -> dict:
     import torch
 
     from surgery.checkpoint import open_checkpoint
-    from surgery.evaluate.perplexity import load_causal_lm, make_scorer
+    from surgery.eval.perplexity import load_causal_lm, make_scorer
 
     model, tok = load_causal_lm(open_checkpoint(ckpt))
     ctx, stride = 256, 128
@@ -293,7 +293,7 @@ def main() -> None:
     if args.interleaved_only:
         from smollm2 import smollm2_checkpoint
 
-        from surgery.evaluate.perplexity import probe_text
+        from surgery.eval.perplexity import probe_text
 
         section = render_interleaved(interleaved(smollm2_checkpoint(), probe_text(), args.interleaved_only))
         if not args.no_write:
@@ -304,7 +304,7 @@ def main() -> None:
         return
     from smollm2 import smollm2_checkpoint
 
-    from surgery.evaluate.perplexity import probe_text
+    from surgery.eval.perplexity import probe_text
 
     ckpt = smollm2_checkpoint()
     with tempfile.TemporaryDirectory(prefix="surgery-ppl-bench-") as tmp:

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from .checkpoint.reader import PICKLE_SUFFIXES, Checkpoint, files_sha256, open_checkpoint
-from .engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError
-from .progress import Progress
+from .core.engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
+from .core.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError
+from .core.progress import Progress
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 

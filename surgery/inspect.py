@@ -7,7 +7,7 @@ from typing import Any
 
 from .checkpoint.format import TensorInfo
 from .checkpoint.reader import Checkpoint
-from .engine import dtype_name
+from .core.engine import dtype_name
 
 # Output heads that share storage with the input embedding when embeddings are tied.
 TIED_PAIRS = [("lm_head.weight", "model.embed_tokens.weight"), ("lm_head.weight", "transformer.wte.weight"),

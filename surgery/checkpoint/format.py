@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CorruptCheckpointError
+from ..core.errors import CorruptCheckpointError
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {

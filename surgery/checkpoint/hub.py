@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import HubError, UsageError
+from ..core.errors import HubError, UsageError
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 # Only what a safetensors checkpoint needs: never pickles.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, HubError, UnsafeFormatError
+from ..core.errors import CheckpointNotFoundError, CorruptCheckpointError, HubError, UnsafeFormatError
 from .format import Header, TensorInfo, parse_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -104,7 +104,7 @@ class Checkpoint:
         try:
             return self.tensors[name]
         except KeyError:
-            from ..errors import IncompatibleCheckpointsError
+            from ..core.errors import IncompatibleCheckpointsError
 
             raise IncompatibleCheckpointsError(
                 f"{self.label} has no tensor {name!r}.", path=self.root, tensor=name) from None

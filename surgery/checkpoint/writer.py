@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import OutputExistsError, UsageError
+from ..core.errors import OutputExistsError, UsageError
 from .format import DTYPES, TORCH_TO_CODE, TensorInfo, build_header
 
 # Room left in every header so the final record can be written after the tensors.

@@ -25,9 +25,9 @@ from typing import Any, Sequence
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
-from ..errors import IncompatibleCheckpointsError, InputError, OutputExistsError, UsageError
-from ..progress import Progress, ensure
+from ..core.engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
+from ..core.errors import IncompatibleCheckpointsError, InputError, OutputExistsError, UsageError
+from ..core.progress import Progress, ensure
 from .format import Edit, TensorEdit, load_edit
 
 ON_COLLAPSE = ("stop", "skip", "ignore")
@@ -219,7 +219,7 @@ def apply_edits(
     Raises:
         UsageError, InputError, IncompatibleCheckpointsError (mismatched base), OutputExistsError.
     """
-    from ..evaluate.perplexity import load_causal_lm, make_scorer, read_text
+    from ..eval.perplexity import load_causal_lm, make_scorer, read_text
 
     if on_collapse not in ON_COLLAPSE:
         raise UsageError(f"--on-collapse must be one of {', '.join(ON_COLLAPSE)}, got {on_collapse!r}.")

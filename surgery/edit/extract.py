@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..errors import IncompatibleCheckpointsError, OutputExistsError, UsageError
-from ..progress import Progress, ensure
+from ..core.errors import IncompatibleCheckpointsError, OutputExistsError, UsageError
+from ..core.progress import Progress, ensure
 from .format import Edit, TensorEdit, save_edit
 
 DEFAULT_ENERGY = 0.99
@@ -86,7 +86,7 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
         UsageError: Both or bad ``rank`` / ``energy``; IncompatibleCheckpointsError when the
             checkpoints' names or shapes differ.
     """
-    from ..engine import parse_dtype
+    from ..core.engine import parse_dtype
 
     if rank is not None and energy is not None:
         raise UsageError("give --rank or --energy, not both.")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError, InputError, OutputExistsError
+from ..core.errors import CorruptCheckpointError, InputError, OutputExistsError
 
 FORMAT = "surgery-edit"
 FORMAT_VERSION = 1

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..errors import CorruptCheckpointError, IncompatibleCheckpointsError, InputError, OutputExistsError, UsageError
+from ..core.errors import CorruptCheckpointError, IncompatibleCheckpointsError, InputError, OutputExistsError, UsageError
 from .format import Edit, TensorEdit, load_edit, save_edit
 
 ADAPTER_FILE = "adapter_model.safetensors"

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..core.errors import UsageError
 
 
 def plot_perplexity(report: dict[str, Any], path: str | Path) -> Path:

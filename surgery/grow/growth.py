@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from ..errors import UsageError
+from ..core.errors import UsageError
 
 INITS = ("tile", "gram", "zero", "random")
 KEY_STD = 0.02  # GPT-NeoX init_method_std for `init_method: normal`

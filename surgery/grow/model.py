@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .pattention import NORM_TYPES, pattention
 
 KEY_SUFFIX = "key_param_tokens"

@@ -21,9 +21,9 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint.reader import Checkpoint, open_checkpoint
-from ..engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
-from ..errors import CheckFailedError, InputError, UsageError
-from ..progress import Progress
+from ..core.engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
+from ..core.errors import CheckFailedError, InputError, UsageError
+from ..core.progress import Progress
 from .growth import INITS, exact_for, grow_keys, grow_values, key_rank, new_scale_tokens
 from .model import (EMBEDDING, KINDS, NORM_SLOT_FIELDS, SLOT_FIELDS, PattentionSite, TokenFormerConfig,
                     find_pattention, lm_logits, normalize_keys)

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..engine import rows_in_blocks
+from ..core.engine import rows_in_blocks
 from .ties import SUB_ELEMENTS, ties_combine_weighted
 
 DRAW_CHUNK = 1 << 16   # entries per seeded draw

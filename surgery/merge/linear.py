@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import UsageError
+from ..core.errors import UsageError
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:

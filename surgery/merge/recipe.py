@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, UsageError
+from ..core.errors import InputError, UsageError
 
 RECIPE_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
 MODEL_KEYS = ("model", "parameters")

@@ -142,7 +142,7 @@ METHODS: dict[str, MethodSpec] = {
 
 def get_method(name: str) -> MethodSpec:
     """The spec of ``name``; UsageError listing the valid names otherwise."""
-    from ..errors import UsageError
+    from ..core.errors import UsageError
 
     try:
         return METHODS[name]

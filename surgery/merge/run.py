@@ -26,10 +26,10 @@ import torch
 from ..checkpoint.reader import Checkpoint, open_checkpoint, open_local
 from ..checkpoint.roles import TensorRole, depth_of, role_of
 from ..checkpoint.writer import ShardedWriter, TensorSpec
-from ..engine import (OutputTensor, WriteResult, copy_tensor, dtype_name, parse_dtype, row_ranges, rows_in_blocks,
+from ..core.engine import (OutputTensor, WriteResult, copy_tensor, dtype_name, parse_dtype, row_ranges, rows_in_blocks,
                       write_checkpoint)
-from ..errors import IncompatibleCheckpointsError, InputError, UsageError
-from ..progress import Progress, ensure
+from ..core.errors import IncompatibleCheckpointsError, InputError, UsageError
+from ..core.progress import Progress, ensure
 from . import opcm as opcm_math
 from . import ties as ties_math
 from .recipe import MergeRequest, evaluate

@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint.reader import Checkpoint, open_local
 from ..checkpoint.writer import ShardedWriter, TensorSpec, atomic_output, write_text
-from ..errors import CorruptCheckpointError, InputError, UsageError
+from ..core.errors import CorruptCheckpointError, InputError, UsageError
 
 STATE_FORMAT = "surgery-continual-state"
 STATE_VERSION = 1

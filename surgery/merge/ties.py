@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ..engine import row_ranges, rows_in_blocks
+from ..core.engine import row_ranges, rows_in_blocks
 
 CHUNK = 1 << 23   # elementwise steps run over flat chunks (32 MB in float32): no whole-tensor temporaries
 SUB_ELEMENTS = 1 << 20   # row blocks of a streamed tensor hold about this many entries per model

@@ -25,7 +25,7 @@ def _rank1(ckpt, name, scale, path, seed, sha_of=None):
 
 @pytest.fixture
 def setup(fixtures_dir, tmp_path):
-    from surgery.evaluate.perplexity import probe_text
+    from surgery.eval.perplexity import probe_text
 
     text = tmp_path / "probe.txt"
     text.write_text("\n".join(probe_text().splitlines()[:5]))

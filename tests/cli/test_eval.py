@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from surgery.evaluate.perplexity import perplexity, probe_text
+from surgery.eval.perplexity import perplexity, probe_text
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "adapters"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "fuse"))
 from adapter_helpers import GPT2, make_adapter  # noqa: E402
 
 peft = pytest.importorskip("peft")
@@ -53,7 +53,7 @@ def test_check_passes_and_reports(cli, tmp_path, gpt2_lora):
 
 
 def test_check_failure_exits_1_and_writes_nothing(cli, tmp_path, gpt2_lora, monkeypatch):
-    import surgery.adapters.check as chk
+    import surgery.fuse.check as chk
 
     monkeypatch.setitem(chk.TOLERANCE, torch.float32, -1.0)   # nothing can pass
     r = cli("fuse", GPT2, gpt2_lora, "-o", tmp_path / "out", "--check")

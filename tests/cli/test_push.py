@@ -283,7 +283,7 @@ def test_push_refuses_a_folder_that_is_not_a_checkpoint(inproc_hub, cli, tmp_pat
 
 def test_push_library_refuses_a_file(tmp_path):
     from surgery.checkpoint.hub import push
-    from surgery.errors import UsageError
+    from surgery.core.errors import UsageError
 
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"x")

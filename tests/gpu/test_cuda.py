@@ -110,7 +110,7 @@ def test_edit_extract_and_apply(cli, tmp_path):
 
 def test_fuse_lora(cli, tmp_path):
     peft = pytest.importorskip("peft")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "adapters"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "fuse"))
     from adapter_helpers import make_adapter  # noqa: E402  (the adapter builder the fuse tests use)
 
     gpt2 = FX / "gpt2-tiny" / "base"
@@ -125,7 +125,7 @@ def test_fuse_lora(cli, tmp_path):
 def test_merge_in_small_row_blocks(cli, tmp_path, monkeypatch, method):
     """The streamed row-block paths (TIES' radix passes and tie counting, DARE's chunk draws)
     on the GPU, forced with tiny blocks, against the CPU."""
-    from surgery import engine
+    from surgery.core import engine
     from surgery.merge import dare, ties
 
     monkeypatch.setattr(ties, "IN_MEMORY_BYTES", 0)

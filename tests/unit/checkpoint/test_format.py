@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from surgery.checkpoint import open_checkpoint, parse_header
 from surgery.checkpoint.format import build_header
-from surgery.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError
+from surgery.core.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError
 
 
 def _write(path, header_obj, data: bytes = b"", raw_header: bytes | None = None, declared: int | None = None):

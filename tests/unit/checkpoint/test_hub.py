@@ -128,7 +128,7 @@ def test_pull_raises_hub_error_in_process(monkeypatch, tmp_path):
     import huggingface_hub
 
     from surgery.checkpoint import hub
-    from surgery.errors import HubError
+    from surgery.core.errors import HubError
 
     def fake_snapshot_download(**kw):
         raise huggingface_hub.errors.LocalEntryNotFoundError("not cached; token hf_abcdefghijklmnop was used")

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from surgery.checkpoint import open_checkpoint
 from surgery.checkpoint.writer import parse_size, plan_shards, TensorSpec
-from surgery.engine import OutputTensor, cast_tensor, copy_tensor, write_checkpoint
-from surgery.errors import OutputExistsError, UsageError
+from surgery.core.engine import OutputTensor, cast_tensor, copy_tensor, write_checkpoint
+from surgery.core.errors import OutputExistsError, UsageError
 
 
 def _sha_tree(folder):
@@ -107,7 +107,7 @@ def test_record_in_metadata_and_card(fixtures_dir, tmp_path):
 
 
 def test_row_blocks_equal_whole(fixtures_dir, tmp_path, monkeypatch):
-    import surgery.engine as engine
+    import surgery.core.engine as engine
 
     monkeypatch.setattr(engine, "BLOCK_BYTES", 1024)  # force many row blocks
     src = open_checkpoint(fixtures_dir / "gpt2-tiny" / "base")

@@ -31,7 +31,7 @@ def make_rank1():
 @pytest.fixture(scope="session")
 def probe6(tmp_path_factory) -> Path:
     """The first six probe sentences: enough to judge collapse, fast to score."""
-    from surgery.evaluate.perplexity import probe_text
+    from surgery.eval.perplexity import probe_text
 
     p = tmp_path_factory.mktemp("probe") / "probe6.txt"
     p.write_text("\n".join(probe_text().splitlines()[:6]) + "\n")

@@ -8,7 +8,7 @@ import torch
 
 from surgery.checkpoint import open_checkpoint
 from surgery.edit.apply import apply_edits
-from surgery.errors import IncompatibleCheckpointsError, OutputExistsError, UsageError
+from surgery.core.errors import IncompatibleCheckpointsError, OutputExistsError, UsageError
 
 EMB = "model.embed_tokens.weight"
 DOWN = "model.layers.0.mlp.down_proj.weight"
@@ -157,7 +157,7 @@ def test_smollm2_large_rank1_down_proj_collapses_tiny_passes(smollm2_dir, tmp_pa
     tiny = make_rank1(ckpt, name, 0.01 * sigma, tmp_path / "tiny.safetensors", seed=1)
     large = make_rank1(ckpt, name, 100 * sigma, tmp_path / "large.safetensors", seed=2)
     text = tmp_path / "probe.txt"
-    from surgery.evaluate.perplexity import probe_text
+    from surgery.eval.perplexity import probe_text
 
     text.write_text("\n".join(probe_text().splitlines()[:4]))
     res = apply_edits(ckpt, [tiny, large], tmp_path / "out", text=text, on_collapse="skip", ctx=32)

@@ -13,7 +13,7 @@ from surgery.checkpoint import open_checkpoint
 from surgery.edit.apply import apply_edits
 from surgery.edit.extract import choose_rank, extract_edit
 from surgery.edit.format import load_edit
-from surgery.errors import IncompatibleCheckpointsError, UsageError
+from surgery.core.errors import IncompatibleCheckpointsError, UsageError
 
 
 def test_choose_rank_closed_form():

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from surgery.edit.format import FORMAT, Edit, TensorEdit, load_edit, parse_edit, save_edit
-from surgery.errors import CorruptCheckpointError, InputError, OutputExistsError
+from surgery.core.errors import CorruptCheckpointError, InputError, OutputExistsError
 
 
 def _factors(rows=12, cols=7, r=3, seed=0):

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from surgery.checkpoint import open_checkpoint
 from surgery.edit.format import Edit, TensorEdit, load_edit, save_edit
 from surgery.edit.lora import from_peft, to_peft
-from surgery.errors import IncompatibleCheckpointsError, InputError, UsageError
+from surgery.core.errors import IncompatibleCheckpointsError, InputError, UsageError
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.anchor

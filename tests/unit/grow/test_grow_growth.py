@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from surgery.errors import UsageError
+from surgery.core.errors import UsageError
 from surgery.grow.growth import (exact_for, gram_keys, grow_keys, grow_values, key_rank, new_scale_tokens,
                                  tensor_generator, value_std)
 from tokenformer_reference import official_pattention

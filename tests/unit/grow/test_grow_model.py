@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from surgery.checkpoint import open_checkpoint
-from surgery.errors import InputError
+from surgery.core.errors import InputError
 from surgery.grow.fixture import build_tiny_tokenformer
 from surgery.grow.model import TokenFormerConfig, check_supported, find_pattention, lm_logits
 from tokenformer_reference import load, reference_logits

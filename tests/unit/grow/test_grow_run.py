@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from surgery.errors import CheckFailedError, InputError, UnsafeFormatError, UsageError
+from surgery.core.errors import CheckFailedError, InputError, UnsafeFormatError, UsageError
 from surgery.grow import grow
 from surgery.grow.fixture import build_tiny_tokenformer
 from tokenformer_reference import load, reference_logits

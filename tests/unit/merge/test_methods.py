@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from surgery.errors import UsageError
+from surgery.core.errors import UsageError
 from surgery.merge import continual, dare, linear, opcm, slerp, task_arithmetic, ties
 
 

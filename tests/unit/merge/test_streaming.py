@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from surgery.checkpoint import open_checkpoint
-from surgery.errors import IncompatibleCheckpointsError, InputError, UsageError
+from surgery.core.errors import IncompatibleCheckpointsError, InputError, UsageError
 from surgery.merge import MergeOptions, MergeRequest, ModelEntry, load_recipe, merge
 from surgery.merge.recipe import evaluate
 
@@ -170,7 +170,7 @@ def test_row_blocked_batch_merges_equal_whole_tensor_ones(tmp_path, monkeypatch,
     """Elementwise methods in sub-blocks and TIES' streamed thresholds (tiny blocks forced,
     several per tensor and several engine blocks per tensor) give the same bytes as one
     block per tensor."""
-    from surgery import engine
+    from surgery.core import engine
     from surgery.merge import dare, run, ties
 
     req = lambda: _req(method, None if method == "linear" else LLAMA / "base",  # noqa: E731

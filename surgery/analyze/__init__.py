@@ -1,0 +1,1 @@
+"""surgery.analyze."""

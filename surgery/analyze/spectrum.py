@@ -1,0 +1,111 @@
+"""Per-tensor singular spectra of a checkpoint (or of its task vector against a base).
+
+Math (docs/analyze.md): σ_max, ‖W‖_F, stable rank ‖W‖_F²/σ_max², effective rank exp(H(σ/Σσ))
+(Roy & Vetterli 2007, https://infoscience.epfl.ch/record/110188), energy rank at a share of Σσ².
+Full spectra are computed in float32 with ``torch.linalg.svdvals``, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..checkpoint.reader import Checkpoint
+from ..core.engine import dtype_name
+from ..core.errors import IncompatibleCheckpointsError
+from ..core.progress import Progress, ensure
+from .common import check_energy, check_top, matrix_names, summarize, tensor_identity
+from .linalg import is_finite, nonfinite_counts, singular_values, spectrum_metrics
+
+SUMMARY_FIELDS = ["sigma_max", "frobenius", "stable_rank", "effective_rank", "energy_rank", "effective_rank_ratio"]
+
+
+def tensor_spectrum(w: torch.Tensor, *, energy: float = 0.9, top: int = 8) -> dict[str, Any]:
+    """Spectrum metrics of one 2-D tensor; a NaN/Inf tensor gets ``finite: False`` and no numbers."""
+    if not is_finite(w):
+        return {"finite": False, "nonfinite": nonfinite_counts(w), "sigma_max": None, "frobenius": None,
+                "stable_rank": None, "effective_rank": None, "effective_rank_ratio": None, "energy_rank": None,
+                "top_singular_values": None}, None
+    s = singular_values(w)
+    m = spectrum_metrics(s, energy=energy, top=top)
+    m["effective_rank_ratio"] = m["effective_rank"] / min(w.shape) if m["effective_rank"] is not None else None
+    return {"finite": True, **m}, s
+
+
+def analyze_spectrum(ckpt: Checkpoint, *, base: Checkpoint | None = None, energy: float = 0.9, top: int = 8,
+                     device: str = "cpu", keep_spectra: bool = False,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Spectrum of every floating 2-D tensor of ``ckpt`` (of ``ckpt − base`` when ``base`` is given).
+
+    Args:
+        ckpt: Checkpoint to analyze.
+        base: Optional base; then each matrix is the task vector W − W_base.
+        energy: Share of Σσ² that defines the energy rank.
+        top: How many of the largest singular values to list per tensor.
+        device: Where the SVDs run.
+        keep_spectra: Also return every full spectrum (under ``spectra``, for plotting).
+        progress: Progress sink.
+
+    Returns:
+        ``tensors`` (one row per matrix), ``by_type``, ``by_depth``, ``non_finite``, ``skipped``.
+
+    Raises:
+        UsageError: ``energy`` or ``top`` out of range.
+        IncompatibleCheckpointsError: ``base`` shares no 2-D tensor of the same shape with ``ckpt``.
+    """
+    check_energy(energy)
+    check_top(top)
+    progress = ensure(progress)
+    names = matrix_names(ckpt)
+    skipped: list[dict[str, Any]] = []
+    if base is not None:
+        todo = []
+        for n in names:
+            if n not in base:
+                skipped.append({"name": n, "reason": "not in base"})
+            elif tuple(base.info(n).shape) != tuple(ckpt.info(n).shape):
+                skipped.append({"name": n, "reason": f"shape {list(ckpt.info(n).shape)} vs base {list(base.info(n).shape)}"})
+            else:
+                todo.append(n)
+        if not todo:
+            raise IncompatibleCheckpointsError(
+                f"{ckpt.label} and base {base.label} share no 2-D tensor of the same shape: pass the base "
+                "this checkpoint was fine-tuned from.", path=base.label)
+        names = todo
+    rows: list[dict[str, Any]] = []
+    spectra: dict[str, list[float]] = {}
+    progress.start(len(names), "spectrum")
+    try:
+        for name in names:
+            info = ckpt.info(name)
+            w = ckpt.get(name, dtype=torch.float32, device=device)
+            if base is not None:
+                w0 = base.get(name, dtype=torch.float32, device=device)
+                w = w - w0
+                del w0
+            metrics, s = tensor_spectrum(w, energy=energy, top=top)
+            row = {"name": name, "shape": list(info.shape), "dtype": dtype_name(info.dtype), **tensor_identity(name),
+                   **metrics}
+            rows.append(row)
+            if keep_spectra and s is not None:
+                spectra[name] = [float(x) for x in s.cpu()]
+            del w, s
+            progress.advance()
+    finally:
+        progress.close()
+    report: dict[str, Any] = {
+        "checkpoint": ckpt.label,
+        "base": base.label if base is not None else None,
+        "of": "task_vector" if base is not None else "weights",
+        "energy": energy,
+        "top": top,
+        "tensors": rows,
+        "by_type": summarize(rows, "sublayer", SUMMARY_FIELDS),
+        "by_depth": summarize(rows, "depth", SUMMARY_FIELDS),
+        "non_finite": [r["name"] for r in rows if not r["finite"]],
+        "skipped": skipped,
+    }
+    if keep_spectra:
+        report["spectra"] = spectra
+    return report

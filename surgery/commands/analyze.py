@@ -1,0 +1,306 @@
+"""`surgery analyze spectrum | subspace | gain`: SVD analysis of weights and task vectors.
+
+Reads one tensor at a time; nothing is written except an optional figure (``--plot``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import _render
+from ._params import DeviceOpt, JsonOpt, QuietOpt
+
+EXAMPLES = [
+    "surgery analyze spectrum fixtures/llama-tiny/base --top 4",
+    "surgery analyze spectrum fixtures/llama-tiny/ft-a --base fixtures/llama-tiny/base --energy 0.9 --plot spec.png",
+    "surgery analyze subspace --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b --rank 4",
+    "surgery analyze gain fixtures/llama-tiny/base --json",
+    "surgery analyze gain fixtures/llama-wide/base --vs fixtures/llama-tiny/base --expect-exponent 0.5 --tolerance 0.15 --ignore embed --fail-on-drift",
+]
+
+analyze_app = typer.Typer(
+    name="analyze",
+    help="SVD analysis: per-tensor spectra and ranks, task-vector subspace overlap, top-singular-value gains.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+
+PlotOpt = Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.png",
+                                                 help="Also draw a figure (.png/.pdf/.svg; needs matplotlib).")]
+ExactOpt = Annotated[bool, typer.Option("--exact", help="σ_max from a full SVD instead of Lanczos (slower, for checking).")]
+TablesOpt = Annotated[int, typer.Option("--rows", help="Human output: show at most N tensor rows (0 = all; --json lists all).")]
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    return _render.fmt_num(x, digits)
+
+
+def _summary_table(console: Any, title: str, summary: dict[str, dict[str, Any]], fields: list[tuple[str, str]],
+                   key_label: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column(key_label)
+    table.add_column("n", justify="right")
+    for _, label in fields:
+        table.add_column(label, justify="right")
+    for key, entry in summary.items():
+        cells = []
+        for f, _ in fields:
+            stats = entry.get(f)
+            cells.append(_num(stats["mean"]) if stats else "-")
+        table.add_row(key, str(entry["count"]), *cells)
+    console.print(table)
+
+
+def _tensor_rows(rows: list[dict[str, Any]], limit: int) -> tuple[list[dict[str, Any]], int]:
+    return (rows[:limit], len(rows) - limit) if limit and len(rows) > limit else (rows, 0)
+
+
+@analyze_app.command("spectrum")
+def spectrum(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint to analyze (folder, file or Hub id).")],
+    base: Annotated[Optional[str], typer.Option("--base", metavar="BASE", help="Analyze the task vector CHECKPOINT − BASE instead of the weights.")] = None,
+    energy: Annotated[float, typer.Option("--energy", help="Energy rank: smallest k holding this share of Σσ².")] = 0.9,
+    top: Annotated[int, typer.Option("--top", help="List the K largest singular values of each tensor.")] = 8,
+    plot: PlotOpt = None,
+    rows: TablesOpt = 0,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per 2-D tensor: σ_max, ‖W‖_F, stable rank, effective rank, energy rank and the top singular values; summaries per layer type and depth."""
+    from surgery.checkpoint import open_checkpoint
+    from surgery.analyze.common import check_energy, check_top
+    from surgery.analyze.spectrum import analyze_spectrum
+
+    check_energy(energy)
+    check_top(top)
+    if plot is not None:
+        from surgery.analyze.plot import check_plot_path, require_matplotlib
+
+        check_plot_path(plot)
+        require_matplotlib()  # fail before the SVDs, not after
+    ckpt = open_checkpoint(checkpoint)
+    base_ckpt = open_checkpoint(base) if base else None
+    report = analyze_spectrum(ckpt, base=base_ckpt, energy=energy, top=top, device=device,
+                              keep_spectra=plot is not None, progress=_render.progress(quiet))
+    report["plot"] = None
+    if plot is not None:
+        from surgery.analyze.plot import plot_spectrum
+
+        report["plot"] = str(plot_spectrum(report, plot))
+    report.pop("spectra", None)
+
+    def human(console: Any) -> None:
+        from rich.table import Table
+
+        what = f"task vector {report['checkpoint']} − {report['base']}" if report["base"] else report["checkpoint"]
+        shown, more = _tensor_rows(report["tensors"], rows)
+        table = Table(title=f"spectrum of {what}")
+        for col in ("tensor", "type", "shape", "σ_max", "‖W‖_F", "stable rank", "eff. rank", f"rank@{energy:g}",
+                    f"top {min(top, 4)} σ"):
+            table.add_column(col, justify="left" if col in ("tensor", "type") else "right")
+        for r in shown:
+            if not r["finite"]:
+                table.add_row(r["name"], r["sublayer"], "×".join(map(str, r["shape"])),
+                              "[bold red]non-finite[/]", "-", "-", "-", "-", str(r["nonfinite"]))
+                continue
+            table.add_row(r["name"], r["sublayer"], "×".join(map(str, r["shape"])), _num(r["sigma_max"]),
+                          _num(r["frobenius"]), _num(r["stable_rank"]), _num(r["effective_rank"]), str(r["energy_rank"]),
+                          " ".join(_num(v, 3) for v in r["top_singular_values"][:4]))
+        console.print(table)
+        if more:
+            console.print(f"... {more} more tensors (--rows 0 or --json lists all)")
+        fields = [("sigma_max", "σ_max"), ("stable_rank", "stable rank"), ("effective_rank", "eff. rank"),
+                  ("effective_rank_ratio", "eff. rank / min(m,n)"), ("energy_rank", f"rank@{energy:g}")]
+        _summary_table(console, "mean per layer type", report["by_type"], fields, "type")
+        _summary_table(console, "mean per depth", report["by_depth"], fields, "block")
+        if report["non_finite"]:
+            console.print(f"[bold red]{len(report['non_finite'])} tensor(s) hold NaN/Inf[/]: " + ", ".join(report["non_finite"]))
+        for s in report["skipped"]:
+            console.print(f"[yellow]skipped[/] {s['name']}: {s['reason']}")
+        if report["plot"]:
+            console.print(f"figure: {report['plot']}")
+
+    _render.emit(report, human, as_json)
+
+
+@analyze_app.command("subspace")
+def subspace(
+    a: Annotated[str, typer.Argument(help="First fine-tuned checkpoint.")],
+    b: Annotated[str, typer.Argument(help="Second fine-tuned checkpoint.")],
+    base: Annotated[str, typer.Option("--base", metavar="BASE", help="The common base; task vectors are A − BASE and B − BASE.")],
+    rank: Annotated[Optional[int], typer.Option("--rank", metavar="K", help="Compare the top-K singular subspaces of every tensor.")] = None,
+    energy: Annotated[Optional[float], typer.Option("--energy", metavar="E", help="K per task vector = its energy rank at E (default 0.9 when --rank is not given).")] = None,
+    frozen_fraction: Annotated[Optional[float], typer.Option("--frozen-fraction", metavar="F", help="Fixed-fraction rule: the base's frozen rank is F·min(m,n) (default (mrr+trr)/2 = 0.45).")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", metavar="FILE", help="Text to run the base on: per-block importance sets the frozen ranks (importance rule).")] = None,
+    mrr: Annotated[float, typer.Option("--mrr", help="Importance rule: minimum retention ratio.")] = 0.1,
+    trr: Annotated[float, typer.Option("--trr", help="Importance rule: target retention ratio.")] = 0.8,
+    rows: TablesOpt = 0,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Overlap (principal angles, mean cos²) of two task vectors' top singular subspaces, their leakage into the base's top subspace, and suggested frozen ranks."""
+    from surgery.checkpoint import open_checkpoint
+    from surgery.core.errors import UsageError
+    from surgery.analyze.subspace import analyze_subspace, check_options, importance_from_text
+
+    check_options(rank, energy, (mrr + trr) / 2 if frozen_fraction is None else frozen_fraction, mrr, trr)
+    if text is not None and not text.is_file():
+        raise UsageError(f"--text {text}: no such file; give a plain-text file to compute activations on.")
+    base_ckpt, ca, cb = open_checkpoint(base), open_checkpoint(a), open_checkpoint(b)
+    importance = None
+    if text is not None:
+        if not as_json and not quiet:
+            _render.log(f"computing per-block importance on {text} ...")
+        importance = importance_from_text(str(base_ckpt.root), text.read_text(encoding="utf-8"), device=device)
+    report = analyze_subspace(base_ckpt, ca, cb, rank=rank, energy=energy, frozen_fraction=frozen_fraction,
+                              importance=importance, mrr=mrr, trr=trr, device=device,
+                              progress=_render.progress(quiet))
+
+    def human(console: Any) -> None:
+        from rich.table import Table
+
+        k_desc = f"k = {report['rank']}" if report["rank"] else f"k = energy rank at {report['energy']:g}"
+        table = Table(title=f"{report['a']} vs {report['b']} (task vectors vs {report['base']}, {k_desc})")
+        for col in ("tensor", "type", "k_A", "k_B", "cos² left", "cos² right", "chance", "min angle°",
+                    "frozen r", "leak A", "leak B"):
+            table.add_column(col, justify="left" if col in ("tensor", "type") else "right")
+        shown, more = _tensor_rows(report["tensors"], rows)
+        for r in shown:
+            if not r["finite"]:
+                table.add_row(r["name"], r["sublayer"], "-", "-", "[bold red]non-finite[/] in " + ",".join(r["non_finite_in"]),
+                              "-", "-", "-", str(r["frozen_rank"]), "-", "-")
+                continue
+            angles = r["left"]["angles_deg"]
+            table.add_row(r["name"], r["sublayer"], str(r["k_a"]), str(r["k_b"]), _num(r["overlap_left"], 3),
+                          _num(r["overlap_right"], 3), _num(r["left"]["chance"], 2), _num(min(angles), 3) if angles else "-",
+                          str(r["frozen_rank"]), _num(r["leakage_a"]["total"], 3), _num(r["leakage_b"]["total"], 3))
+        console.print(table)
+        if more:
+            console.print(f"... {more} more tensors (--rows 0 or --json lists all)")
+        fields = [("overlap_left", "cos² left"), ("overlap_right", "cos² right"), ("leakage_a", "leak A"),
+                  ("leakage_b", "leak B"), ("frozen_fraction", "frozen share")]
+        _summary_table(console, "mean per layer type", report["by_type"], fields, "type")
+        _summary_table(console, "mean per depth", report["by_depth"], fields, "block")
+        rule = report["frozen_rule"]
+        console.print(f"frozen ranks by the {rule.replace('_', '-')} rule"
+                      + (f" (importance per block: {', '.join(f'{k}: {v:.2f}' for k, v in report['importance'].items())})"
+                         if report["importance"] else f" (fraction {report['frozen_fraction']:g})")
+                      + "; leak = share of ‖τ‖² not orthogonal to the base's frozen subspace.")
+        for s in report["skipped"]:
+            console.print(f"[yellow]skipped[/] {s['name']}: {s['reason']}")
+
+    _render.emit(report, human, as_json)
+
+
+@analyze_app.command("gain")
+def gain(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint to analyze (the target width with --vs).")],
+    vs: Annotated[Optional[str], typer.Option("--vs", metavar="PROXY", help="Proxy checkpoint of another width: pair tensors by name and relative depth.")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", metavar="T", help="A pair drifts when its σ_max ratio leaves [expected/(1+T), expected·(1+T)].")] = 0.1,
+    expect_exponent: Annotated[float, typer.Option("--expect-exponent", metavar="X", help="Expected ratio is (d_target/d_proxy)^X; 0 = width-invariant gains.")] = 0.0,
+    ignore: Annotated[Optional[str], typer.Option("--ignore", metavar="TYPES", help="Comma-separated sublayer types left out of the drift verdict (still reported), e.g. embed,lm_head.")] = None,
+    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help="Exit 1 when any pair drifts or is non-finite (for CI).")] = False,
+    exact: ExactOpt = False,
+    plot: PlotOpt = None,
+    rows: TablesOpt = 0,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per matrix σ_max, RMS ‖W‖_F/√(mn) and σ_max/RMS; with --vs, σ_max ratios and implied width exponents against a proxy."""
+    from surgery.checkpoint import open_checkpoint
+    from surgery.core.errors import CheckFailedError, UsageError
+    from surgery.analyze.common import TYPE_ORDER
+    from surgery.analyze.gain import analyze_gain
+
+    if vs is None and fail_on_drift:
+        raise UsageError("--fail-on-drift needs --vs PROXY: drift is measured against a proxy checkpoint.")
+    if plot is not None:
+        from surgery.analyze.plot import check_plot_path, require_matplotlib
+
+        check_plot_path(plot)
+        require_matplotlib()
+    ckpt = open_checkpoint(checkpoint)
+    proxy = open_checkpoint(vs) if vs else None
+    ignore_types = [t.strip() for t in ignore.split(",") if t.strip()] if ignore else []
+    unknown = [t for t in ignore_types if t not in TYPE_ORDER]
+    if unknown:
+        raise UsageError(f"--ignore {','.join(unknown)}: unknown sublayer type; choose from {', '.join(TYPE_ORDER)}.")
+    report = analyze_gain(ckpt, vs=proxy, tolerance=tolerance, expect_exponent=expect_exponent,
+                          ignore_types=ignore_types, exact=exact,
+                          device=device, progress=_render.progress(quiet))
+    report["plot"] = None
+    if plot is not None:
+        from surgery.analyze.plot import plot_gain
+
+        report["plot"] = str(plot_gain(report, plot))
+
+    def human(console: Any) -> None:
+        from rich.table import Table
+
+        if proxy is None:
+            table = Table(title=f"gains of {report['checkpoint']} (σ_max by {report['method']})")
+            for col in ("tensor", "type", "shape", "σ_max", "RMS", "σ_max/RMS"):
+                table.add_column(col, justify="left" if col in ("tensor", "type") else "right")
+            shown, more = _tensor_rows(report["tensors"], rows)
+            for r in shown:
+                if not r["finite"]:
+                    table.add_row(r["name"], r["sublayer"], "×".join(map(str, r["shape"])), "[bold red]non-finite[/]",
+                                  "-", str(r["nonfinite"]))
+                else:
+                    table.add_row(r["name"], r["sublayer"], "×".join(map(str, r["shape"])), _num(r["sigma_max"]),
+                                  _num(r["rms"]), _num(r["gain"]))
+            console.print(table)
+            if more:
+                console.print(f"... {more} more tensors (--rows 0 or --json lists all)")
+            fields = [("sigma_max", "σ_max"), ("rms", "RMS"), ("gain", "σ_max/RMS")]
+            _summary_table(console, "mean per layer type", report["by_type"], fields, "type")
+            _summary_table(console, "mean per depth", report["by_depth"], fields, "block")
+        else:
+            w = report["widths"]
+            table = Table(title=f"{report['checkpoint']} (d={w['target']}) vs proxy {report['proxy']} (d={w['proxy']})")
+            for col in ("tensor", "proxy tensor", "σ_max", "proxy σ_max", "ratio", "exponent", ""):
+                table.add_column(col, justify="left" if "tensor" in col else "right")
+            shown, more = _tensor_rows(report["pairs"], rows)
+            for p in shown:
+                mark = "[green]ok[/]" if p["within_tolerance"] else f"[bold red]drift[/] {p.get('reason') or ''}"
+                mark = mark if p["judged"] else "[dim]ignored[/]"
+                table.add_row(p["name"], p["proxy_name"], _num(p["sigma_max"]), _num(p["proxy_sigma_max"]),
+                              _num(p["ratio"]), _num(p["exponent"], 3), mark)
+            console.print(table)
+            if more:
+                console.print(f"... {more} more pairs (--rows 0 or --json lists all)")
+            fields = [("ratio", "σ_max ratio"), ("exponent", "width exponent")]
+            _summary_table(console, "mean per layer type", report["pairs_by_type"], fields, "type")
+            for n in report["unpaired"]:
+                console.print(f"[yellow]unpaired[/] {n}")
+            lo, hi = report["bounds"]
+            verdict = "[bold green]no drift[/]" if report["passed"] else f"[bold red]{len(report['drifted'])} pair(s) drift[/]"
+            console.print(f"{verdict} (tolerance {report['tolerance']:g}: ratio/expected within [{lo:.4g}, {hi:.4g}], "
+                          f"expected exponent {report['expect_exponent']:g})")
+        if report["non_finite"]:
+            console.print(f"[bold red]{len(report['non_finite'])} tensor(s) hold NaN/Inf[/]: " + ", ".join(report["non_finite"]))
+        if report["plot"]:
+            console.print(f"figure: {report['plot']}")
+
+    _render.emit(report, human, as_json)
+    if fail_on_drift and not report["passed"]:
+        raise CheckFailedError(f"{len(report['drifted'])} of {len(report['pairs'])} tensor pairs of {report['checkpoint']} "
+                               f"vs {report['proxy']} drift beyond tolerance {tolerance:g}: first {report['drifted'][0]}.",
+                               report=report)
+
+
+for _f in (spectrum, subspace, gain):
+    _f.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES if f" {_f.__name__} " in e)  # type: ignore[operator]
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``surgery analyze spectrum|subspace|gain`` to the app."""
+    app.add_typer(analyze_app, name="analyze")

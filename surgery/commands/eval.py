@@ -1,0 +1,77 @@
+"""`surgery eval ppl`: perplexity of a checkpoint with transformers forward passes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import _render
+from ._params import DeviceOpt, JsonOpt, QuietOpt
+
+EXAMPLES = [
+    "surgery eval ppl fixtures/llama-tiny/base                       # corpus perplexity on the built-in probe",
+    "surgery eval ppl fixtures/llama-tiny/base --sentences --json    # per-sentence mean and median",
+    "surgery eval ppl fixtures/gpt2-tiny/base --text notes.txt --ctx 128 --stride 128   # disjoint windows",
+]
+
+eval_app = typer.Typer(name="eval", help="Evaluate a checkpoint (perplexity).", no_args_is_help=True,
+                       rich_markup_mode="rich")
+
+
+def ppl(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint folder, file or Hub id (needs config.json and a tokenizer).")],
+    text: Annotated[Optional[Path], typer.Option("--text", metavar="FILE", help="UTF-8 text to score (default: the built-in 70-sentence probe).")] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Window length in tokens (default: the model's positions, at most 1024).")] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="Corpus mode: window step (default ctx/2; = ctx for disjoint windows).")] = None,
+    sentences: Annotated[bool, typer.Option("--sentences", help="One sentence per line: per-sentence perplexity, mean and median.")] = False,
+    max_sentences: Annotated[Optional[int], typer.Option("--max-sentences", help="Sentence mode: score only the first N sentences.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 8,
+    model_dtype: Annotated[str, typer.Option("--model-dtype", help="Compute dtype of the forward passes: float32, bfloat16, float16.")] = "float32",
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer folder or Hub id when the checkpoint has none.")] = None,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Perplexity: strided sliding windows (Hugging Face docs) or per-sentence (mean and median)."""
+    from surgery.core.errors import UsageError
+    from surgery.eval.perplexity import perplexity
+
+    if stride is not None and sentences:
+        raise UsageError("--stride applies to corpus mode only; drop it or drop --sentences.")
+    if max_sentences is not None and not sentences:
+        raise UsageError("--max-sentences applies to --sentences mode only.")
+    report = perplexity(checkpoint, text=text, sentences=sentences, ctx=ctx, stride=stride, batch_size=batch_size,
+                        device=device, dtype=model_dtype, tokenizer=tokenizer, max_sentences=max_sentences,
+                        progress=_render.progress(quiet))
+
+    def human(console) -> None:
+        console.print(f"checkpoint: {report['checkpoint']}   text: {report['text']}   "
+                      f"device: {report['device']} ({report['dtype']})")
+        if report["mode"] == "corpus":
+            console.print(f"windows: {report['num_windows']} of {report['ctx']} tokens, stride {report['stride']}; "
+                          f"{report['tokens_scored']:,} tokens scored")
+            console.print(f"[bold]perplexity: {_render.fmt_num(report['perplexity'], 6)}[/]")
+        else:
+            extra = ""
+            if report["skipped_sentences"]:
+                extra += f", {report['skipped_sentences']} skipped (under 2 tokens)"
+            if report["truncated_sentences"]:
+                extra += f", {report['truncated_sentences']} cut to {report.get('ctx', '')} tokens"
+            console.print(f"sentences: {report['num_sentences']}{extra}; {report['tokens_scored']:,} tokens scored")
+            console.print(f"[bold]perplexity: mean {_render.fmt_num(report['mean'], 6)}, "
+                          f"median {_render.fmt_num(report['median'], 6)}[/]")
+        console.print(f"{_render.fmt_num(report['tokens_per_second'], 4)} scored tokens/s "
+                      f"({_render.fmt_num(report['seconds'], 3)} s of forward passes)")
+
+    _render.emit(report, human, as_json)
+
+
+ppl.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+eval_app.command("ppl")(ppl)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``surgery eval ...`` to the app."""
+    app.add_typer(eval_app, name="eval")

@@ -1,0 +1,100 @@
+"""`surgery grow`: TokenFormer parameter-token growth that keeps the function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import _common, _render
+from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, OutputOpt, PrivateOpt, PushOpt,
+                      QuietOpt, ShardSizeOpt)
+
+EXAMPLES = [
+    "surgery grow fixtures/tokenformer-tiny -o out/tf-x2 --factor 2                  # tile: exact for every norm",
+    "surgery grow fixtures/tokenformer-tiny -o out/tf-gram --ffn-tokens 100 --init gram",
+    "surgery grow fixtures/tokenformer-tiny -o out/tf-rand --tokens 128 --init random --seed 1 --json",
+    "surgery convert TokenFormer-150M/pytorch_model.bin tf150m && "
+    "surgery grow tf150m --config 150M_eval.yml --qkv-tokens 1536 --proj-tokens 1536 --ffn-tokens 6144 -o tf150m-x2",
+]
+
+InitOpt = Annotated[str, typer.Option("--init", metavar="tile|gram|zero|random",
+                                      help="How new tokens start: tile (repeat keys, zero values; exact, N a multiple of n), "
+                                           "gram (matched key Gram matrix, zero values; exact for l2_norm_gelu), "
+                                           "zero (zero keys and values; exact with the recorded frozen scale), "
+                                           "random (the released code's init; approximate).")]
+
+
+def grow(
+    checkpoint: Annotated[str, typer.Argument(help="TokenFormer checkpoint (safetensors; convert pytorch_model.bin first).")],
+    output: OutputOpt,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", metavar="N", help="New token count for every Pattention kind (qkv, proj, ffn).")] = None,
+    qkv_tokens: Annotated[Optional[int], typer.Option("--qkv-tokens", metavar="N", help="New qkv_slot_num (query/key/value layers).")] = None,
+    proj_tokens: Annotated[Optional[int], typer.Option("--proj-tokens", metavar="N", help="New proj_slot_num (attention output layers).")] = None,
+    ffn_tokens: Annotated[Optional[int], typer.Option("--ffn-tokens", metavar="N", help="New ffn_slot_num (feed-forward layers).")] = None,
+    factor: Annotated[Optional[float], typer.Option("--factor", metavar="F", help="Multiply every kind's token count by F.")] = None,
+    init: InitOpt = "tile",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for gram's rotation, random init and the verification ids.")] = 0,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare logits before/after on seeded random ids; an exact init that deviates fails (exit 1).")] = True,
+    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Largest relative logit deviation an exact init may show (default by dtype: 1e-5 float32, 2e-2 bfloat16).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="GPT-NeoX YAML/JSON config for checkpoints without config.json (e.g. the official 150M_eval.yml).")] = None,
+    dtype: DtypeOpt = None,
+    shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
+    force: ForceOpt = False,
+    push_to_hub: PushOpt = None,
+    private: PrivateOpt = False,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Grow a TokenFormer's parameter tokens (tile / gram / zero / random) and check the logits are kept."""
+    from surgery.core.errors import CheckFailedError
+    from surgery.grow import grow as run
+
+    try:
+        result = run(checkpoint, output, tokens=tokens, qkv_tokens=qkv_tokens, proj_tokens=proj_tokens,
+                     ffn_tokens=ffn_tokens, factor=factor, init=init, seed=seed, verify=verify, tolerance=tolerance,
+                     config_file=config, dtype=dtype, shard_size=shard_size, force=force, device=device,
+                     progress=_render.progress(quiet))
+    except CheckFailedError as exc:
+        if as_json and exc.report is not None:
+            _render.emit({"passed": False, "error": str(exc), "growth": exc.report}, lambda c: None, True)
+        raise
+    summary = _common.written_summary(result.write, _common.push_if_asked(result.write.output_dir, push_to_hub, private))
+    summary["growth"] = result.report
+    summary["passed"] = True
+    _render.emit(summary, lambda c: _print(c, summary), as_json)
+
+
+def _print(console: Any, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    rep = summary["growth"]
+    table = Table(title=f"parameter tokens (--init {rep['init']}, {rep['norm_activation_type']})")
+    for col in ("kind", "config field", "before", "after", "tensors", "scale tokens"):
+        table.add_column(col, justify="right" if col in ("before", "after", "tensors", "scale tokens") else "left")
+    for kind, s in rep["slots"].items():
+        scale = str(s["scale_tokens_after"])
+        table.add_row(kind, s["field"], str(s["before"]), str(s["after"]), str(s["tensors"]), scale)
+    console.print(table)
+    v = rep.get("verify")
+    if v is None:
+        console.print("verify: skipped (--no-verify)")
+    else:
+        verdict = ("[bold green]exact[/]" if v["passed"] else "[bold red]changed[/]") if v["exact_expected"] \
+            else "[yellow]approximate[/]"
+        console.print(f"verify: {verdict}  max |Δlogit| {_render.fmt_num(v['max_abs_dev'], 3)}, relative "
+                      f"{_render.fmt_num(v['max_rel_dev'], 3)} (tolerance {_render.fmt_num(v['tolerance'], 3)}; "
+                      f"{v['batch']}×{v['seq_len']} random ids, seed {v['seed']}, {v['compute_dtype']})")
+    for note in rep.get("notes", []):
+        console.print(f"note: {note}")
+    _common.print_written(console, summary)
+
+
+grow.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the app."""
+    app.command("grow")(grow)

@@ -1,0 +1,78 @@
+"""Per-tensor differences between two checkpoints (``surgery diff``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .checkpoint.reader import Checkpoint
+from .core.engine import dtype_name
+from .core.progress import Progress, ensure
+
+
+def tensor_diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Relative change ‖b−a‖/‖a‖, cosine, max |b−a| and norms, in float64.
+
+    Args:
+        a: Reference tensor.
+        b: Changed tensor (same shape).
+    """
+    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+    d = b64 - a64
+    na, nb, nd = a64.norm().item(), b64.norm().item(), d.norm().item()
+    cos = (a64 @ b64).item() / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+    return {
+        "norm_a": na, "norm_b": nb, "norm_diff": nd,
+        "rel_change": nd / na if na > 0 else (0.0 if nd == 0 else math.inf),
+        "cosine": cos,
+        "max_abs_diff": d.abs().max().item() if d.numel() else 0.0,
+    }
+
+
+def diff_checkpoints(a: Checkpoint, b: Checkpoint, *, device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
+    """Compare every tensor of ``a`` and ``b``, one pair at a time.
+
+    Returns:
+        ``tensors``: per shared tensor the :func:`tensor_diff` numbers plus ``changed``;
+        ``only_in_a`` / ``only_in_b``; ``mismatched`` (shape or dtype differs); ``summary``.
+    """
+    progress = ensure(progress)
+    common = [n for n in a.names if n in b]
+    rows, mismatched = [], []
+    progress.start(len(common), "diff")
+    try:
+        for name in common:
+            ia, ib = a.info(name), b.info(name)
+            if ia.shape != ib.shape:
+                mismatched.append({"name": name, "shape_a": list(ia.shape), "shape_b": list(ib.shape),
+                                   "dtype_a": dtype_name(ia.dtype), "dtype_b": dtype_name(ib.dtype)})
+                progress.advance()
+                continue
+            if ia.dtype != ib.dtype:
+                mismatched.append({"name": name, "shape_a": list(ia.shape), "shape_b": list(ib.shape),
+                                   "dtype_a": dtype_name(ia.dtype), "dtype_b": dtype_name(ib.dtype)})
+            ta = a.get(name, dtype=torch.float64, device=device)
+            tb = b.get(name, dtype=torch.float64, device=device)
+            row = {"name": name, "shape": list(ia.shape), **tensor_diff(ta, tb)}
+            row["changed"] = row["max_abs_diff"] != 0.0
+            rows.append(row)
+            del ta, tb
+            progress.advance()
+    finally:
+        progress.close()
+    changed = [r for r in rows if r["changed"]]
+    return {
+        "a": a.label, "b": b.label,
+        "tensors": rows,
+        "only_in_a": [n for n in a.names if n not in b],
+        "only_in_b": [n for n in b.names if n not in a],
+        "mismatched": mismatched,
+        "summary": {
+            "compared": len(rows), "changed": len(changed),
+            "max_rel_change": max((r["rel_change"] for r in rows), default=0.0),
+            "max_abs_diff": max((r["max_abs_diff"] for r in rows), default=0.0),
+            "identical": not changed and not mismatched and all(n in b for n in a.names) and all(n in a for n in b.names),
+        },
+    }
