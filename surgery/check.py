@@ -13,6 +13,7 @@ import torch
 from .checkpoint.reader import Checkpoint, hash_file
 from .core.errors import InputError, UsageError
 from .core.progress import Progress, ensure
+from .core.result import Result
 
 
 # Buffers (not parameters) that some checkpoints carry and transformers ignores on load.
@@ -225,3 +226,47 @@ def run_checks(ckpt: Checkpoint, *, integrity: bool = True, config: bool = False
     if manifest is not None:
         results.append(check_manifest(ckpt, manifest))
     return {"checkpoint": ckpt.label, "passed": all(r.passed for r in results), "checks": [asdict(r) for r in results]}
+
+
+def check(location: str | Path | Checkpoint, *, integrity: bool = True, config: bool = False,
+          against: str | Path | Checkpoint | None = None, atol: float = 0.0, rtol: float = 0.0,
+          manifest: Path | None = None, write_manifest_to: Path | None = None, force: bool = False,
+          progress: Progress | None = None) -> Result:
+    """``surgery check``: validate a checkpoint for CI.
+
+    Args:
+        location: The checkpoint (folder, file, index or Hub id).
+        integrity: Read every tensor; none may hold NaN or Inf.
+        config: Shapes must agree with config.json's architecture.
+        against: A reference checkpoint every tensor must be within ``atol + rtol·|ref|`` of.
+        atol, rtol: Tolerances for ``against``.
+        manifest: A sha256 manifest the files must match.
+        write_manifest_to: First write a sha256 manifest of the files here (atomically; never
+            over the checkpoint or the reference).
+        force: Replace an existing ``write_manifest_to`` file.
+        progress: Progress sink.
+
+    Returns:
+        A Result whose report lists each check with its numbers; ``passed`` is their verdict.
+
+    Raises:
+        UsageError: negative or NaN tolerances, tolerances without ``against``.
+    """
+    from .checkpoint.reader import open_checkpoint
+    from .core.output import write_file
+
+    for key, value in (("atol", atol), ("rtol", rtol)):
+        if not (value >= 0) or value == float("inf"):
+            raise UsageError(f"`{key}` must be a finite non-negative number, got {value}.")
+    if (atol or rtol) and against is None:
+        raise UsageError("`atol`/`rtol` only apply with `against` (a reference checkpoint).")
+    ckpt = location if isinstance(location, Checkpoint) else open_checkpoint(location)
+    ref = against if isinstance(against, Checkpoint) or against is None else open_checkpoint(against)
+    report: dict[str, Any] = {}
+    if write_manifest_to is not None:
+        read = ckpt.input_paths() + (ref.input_paths() if ref is not None else []) + ([manifest] if manifest else [])
+        written = write_file(write_manifest_to, write_manifest(ckpt), force=force, inputs=read)
+        report["manifest_written"] = str(written)
+    report.update(run_checks(ckpt, integrity=integrity, config=config, against=ref, atol=atol, rtol=rtol,
+                             manifest=manifest, progress=progress))
+    return Result(report, passed=report["passed"])

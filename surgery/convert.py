@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from .checkpoint.reader import PICKLE_SUFFIXES, Checkpoint, files_sha256, open_checkpoint
-from .core.engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
+from .core.engine import OutputTensor, cast_tensor, dtype_name, parse_dtype, write_checkpoint
 from .core.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError
 from .core.progress import Progress
+from .core.result import Result
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
@@ -70,6 +71,9 @@ class _PickleSource:
     def donor_files(self) -> list[Path]:
         return Checkpoint.donor_files(self)  # type: ignore[arg-type]
 
+    def input_paths(self) -> list[Path]:
+        return list(self.files) + self.donor_files() + [self.root]
+
     @property
     def config(self) -> dict | None:
         p = self.root / "config.json"
@@ -77,7 +81,7 @@ class _PickleSource:
 
 
 def convert(source: str | Path, output: str | Path, *, dtype: str | None = None, shard_size: str = "5GB",
-            force: bool = False, progress: Progress | None = None) -> WriteResult:
+            force: bool = False, progress: Progress | None = None) -> Result:
     """Convert a checkpoint to safetensors, casting floating tensors to ``dtype`` and re-sharding.
 
     Args:
@@ -88,7 +92,7 @@ def convert(source: str | Path, output: str | Path, *, dtype: str | None = None,
         force: Replace an existing output.
 
     Returns:
-        The engine's WriteResult.
+        A Result whose ``written`` is the new checkpoint.
     """
     target = parse_dtype(dtype)
     path = Path(source).expanduser()
@@ -97,10 +101,9 @@ def convert(source: str | Path, output: str | Path, *, dtype: str | None = None,
     if pickles is None:
         ckpt = open_checkpoint(str(source))
         plan = [cast_tensor(ckpt, n, target) for n in ckpt.names]
-        cfg_update = _dtype_config(ckpt.config, target)
-        return write_checkpoint(plan, output, donor=ckpt, operation="convert", parameters=params, inputs=[ckpt],
-                                input_roles=["source"], shard_size=shard_size, force=force, progress=progress,
-                                config_update=cfg_update)
+        return Result({}, write_checkpoint(plan, output, donor=ckpt, operation="convert", parameters=params,
+                                           inputs=[ckpt], input_roles=["source"], dtype=target,
+                                           shard_size=shard_size, force=force, progress=progress))
     if not pickles:
         raise CheckpointNotFoundError(f"{source} holds no checkpoint to convert.", path=source)
     tensors: dict[str, torch.Tensor] = {}
@@ -112,13 +115,6 @@ def convert(source: str | Path, output: str | Path, *, dtype: str | None = None,
         plan.append(OutputTensor(name, tuple(t.shape), out_dtype, compute=(lambda t=t: t)))
     root = path if path.is_dir() else path.parent
     src = _PickleSource(root, pickles, str(source))
-    return write_checkpoint(plan, output, donor=src, operation="convert", parameters=params, inputs=[src],  # type: ignore[list-item]
-                            input_roles=["source"], shard_size=shard_size, force=force, progress=progress,
-                            config_update=_dtype_config(src.config, target))
-
-
-def _dtype_config(config: dict | None, target: torch.dtype | None) -> dict | None:
-    if config is None or target is None:
-        return None
-    key = "torch_dtype" if "torch_dtype" in config else "dtype"
-    return {key: dtype_name(target)}
+    return Result({}, write_checkpoint(plan, output, donor=src, operation="convert", parameters=params,  # type: ignore[list-item]
+                                       inputs=[src], input_roles=["source"], dtype=target, shard_size=shard_size,
+                                       force=force, progress=progress))

@@ -10,6 +10,7 @@ import torch
 from .checkpoint.reader import Checkpoint
 from .core.engine import dtype_name
 from .core.progress import Progress, ensure
+from .core.result import Result
 
 
 def tensor_diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -76,3 +77,17 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint, *, device: str = "cpu", progr
             "identical": not changed and not mismatched and all(n in b for n in a.names) and all(n in a for n in b.names),
         },
     }
+
+
+def diff(a: str | Checkpoint, b: str | Checkpoint, *, changed_only: bool = False, device: str = "cpu",
+         progress: Progress | None = None) -> Result:
+    """``surgery diff``: :func:`diff_checkpoints` of two checkpoints given by location;
+    ``changed_only`` keeps only the tensors that differ in the listing."""
+    from .checkpoint.reader import open_checkpoint
+
+    ca = a if isinstance(a, Checkpoint) else open_checkpoint(a)
+    cb = b if isinstance(b, Checkpoint) else open_checkpoint(b)
+    report = diff_checkpoints(ca, cb, device=device, progress=progress)
+    if changed_only:
+        report["tensors"] = [r for r in report["tensors"] if r["changed"]]
+    return Result(report)

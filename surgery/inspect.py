@@ -8,6 +8,7 @@ from typing import Any
 from .checkpoint.format import TensorInfo
 from .checkpoint.reader import Checkpoint
 from .core.engine import dtype_name
+from .core.result import Result
 
 # Output heads that share storage with the input embedding when embeddings are tied.
 TIED_PAIRS = [("lm_head.weight", "model.embed_tokens.weight"), ("lm_head.weight", "transformer.wte.weight"),
@@ -65,3 +66,11 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
                                        "vocab_size", "n_embd", "n_layer") if k in cfg},
         "tensors": [_tensor_row(ckpt.tensors[n]) for n in ckpt.names],
     }
+
+
+def inspect(location: str | Checkpoint) -> Result:
+    """``surgery inspect``: :func:`inspect_checkpoint` of a checkpoint given by location."""
+    from .checkpoint.reader import open_checkpoint
+
+    ckpt = location if isinstance(location, Checkpoint) else open_checkpoint(location)
+    return Result(inspect_checkpoint(ckpt))

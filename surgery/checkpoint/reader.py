@@ -127,6 +127,18 @@ class Checkpoint:
         """Config and tokenizer files to copy into an output made from this checkpoint."""
         return [self.root / n for n in DONOR_FILES if (self.root / n).is_file()]
 
+    def input_paths(self) -> list[Path]:
+        """Everything reading this checkpoint touches: its weight files, index, config and
+        tokenizer files, and its folder unless the user named a single file in it. An output
+        may be none of these, contain none of them, and lie inside none of them."""
+        paths = list(self.files) + self.donor_files()
+        if self.index is not None:
+            paths.append(self.root / INDEX_NAME)
+        named = Path(self.label).expanduser()
+        if not (named.is_file() and named.suffix == ".safetensors"):
+            paths.append(self.root)
+        return paths
+
     # ---- reading -------------------------------------------------------------------------
 
     def _read_into(self, info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:

@@ -3,8 +3,8 @@
 The output plan (names, shapes, dtypes) is known before any tensor is computed, so every
 shard's header is written first, each shard file is sized up front, and each tensor's
 bytes go straight to their final offset when they are ready. Nothing waits in memory for a
-shard to fill. Everything is written under a temporary sibling folder that is renamed
-into place only after every tensor has been written and fsynced.
+shard to fill. The folder it writes into is the temporary sibling that
+:mod:`surgery.core.output` renames into place once every tensor has been written and fsynced.
 """
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from ..core.errors import OutputExistsError, UsageError
+from ..core.errors import UsageError
 from .format import DTYPES, TORCH_TO_CODE, TensorInfo, build_header
 
 # Room left in every header so the final record can be written after the tensors.
@@ -82,7 +78,7 @@ class ShardedWriter:
     """Writes a planned set of tensors into pre-sized shard files at their final offsets.
 
     Args:
-        folder: Folder to create the files in (a temporary folder; see :func:`atomic_output`).
+        folder: Folder to create the files in (a temporary folder; see :func:`surgery.core.output.atomic_output`).
         specs: Every output tensor; written in sorted name order.
         shard_size: Maximum bytes of tensor data per shard.
         metadata: ``__metadata__`` for every shard (may be replaced in :meth:`finish`).
@@ -223,58 +219,28 @@ def write_text(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Write one small safetensors file with sorted tensor names and metadata keys, so the
+    same tensors always give the same bytes (safetensors' own writer orders metadata by hash).
 
-
-def check_output(output: Path, *, force: bool, inputs: list[Path] = ()) -> Path:
-    """Refuse an output that exists (unless ``force``) or that is, or holds, an input."""
-    output = Path(output).expanduser()
-    out_res = output.resolve()
-    for inp in inputs:
-        inp_res = Path(inp).resolve()
-        if out_res == inp_res or out_res in inp_res.parents:
-            raise UsageError(f"output {output} would overwrite the input {inp}; choose another output folder.", path=output)
-    if output.exists() or output.is_symlink():
-        if not force:
-            raise OutputExistsError(f"output {output} already exists; pass --force to replace it.", path=output)
-        if not output.is_dir():
-            raise UsageError(f"output {output} exists and is not a folder; remove it or choose another path.", path=output)
-    return output
-
-
-@contextmanager
-def atomic_output(output: Path, *, force: bool, inputs: list[Path] = ()) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``output`` atomically.
-
-    On any exception (KeyboardInterrupt included) the temporary folder is removed and
-    ``output`` is left exactly as it was.
+    Returns:
+        The number of tensor-data bytes written.
     """
-    output = check_output(output, force=force, inputs=inputs)
-    parent = output.parent if str(output.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{output.name}.surgery-tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-        if output.exists():
-            old = parent / f".{output.name}.surgery-old-{uuid.uuid4().hex[:8]}"
-            os.rename(output, old)
-            os.rename(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    names = sorted(tensors)
+    entries, blobs, pos = [], [], 0
+    for name in names:
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in TORCH_TO_CODE:
+            raise UsageError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors.", tensor=name)
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        entries.append((name, TORCH_TO_CODE[t.dtype], tuple(t.shape), pos, pos + len(data)))
+        blobs.append(data)
+        pos += len(data)
+    header = build_header(entries, dict(sorted((metadata or {}).items())))
+    with open(path, "wb") as fh:
+        fh.write(header)
+        for data in blobs:
+            fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return pos

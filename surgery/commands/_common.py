@@ -1,14 +1,14 @@
-"""Small helpers the command modules share (imported lazily by them)."""
+"""The one way every command finishes: push if asked, render (human or one JSON document),
+exit 1 when a check failed. Imported lazily by the command modules."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import _render
 
 
-def push_if_asked(output: Path, repo_id: str | None, private: bool = False) -> str | None:
+def push_if_asked(output: Any, repo_id: str | None, private: bool = False) -> str | None:
     """Upload ``output`` when ``--push-to-hub`` was given; returns the commit URL."""
     if not repo_id:
         return None
@@ -18,20 +18,51 @@ def push_if_asked(output: Path, repo_id: str | None, private: bool = False) -> s
     return push(output, repo_id, private=private)
 
 
-def written_summary(result: Any, pushed: str | None = None) -> dict[str, Any]:
+def written_summary(written: Any, pushed: str | None = None) -> dict[str, Any]:
     """The facts every writing command reports about its output."""
     return {
-        "output": str(result.output_dir),
-        "files": [str(f.name) for f in result.files],
-        "num_tensors": result.num_tensors,
-        "total_bytes": result.total_bytes,
+        "output": str(written.output),
+        "files": [str(f.name) for f in written.files],
+        "num_tensors": written.num_tensors,
+        "total_bytes": written.total_bytes,
         "pushed": pushed,
-        "record": result.record,
+        "record": written.record,
     }
 
 
-def print_written(console: Any, summary: dict[str, Any]) -> None:
-    console.print(f"[bold green]wrote[/] {summary['output']}: {summary['num_tensors']} tensors, "
-                  f"{_render.fmt_bytes(summary['total_bytes'])} in {len(summary['files'])} file(s)")
-    if summary.get("pushed"):
-        console.print(f"pushed: {summary['pushed']}")
+def print_written(console: Any, doc: dict[str, Any]) -> None:
+    console.print(f"[bold green]wrote[/] {doc['output']}: {doc['num_tensors']} tensors, "
+                  f"{_render.fmt_bytes(doc['total_bytes'])} in {len(doc['files'])} file(s)")
+    if doc.get("pushed"):
+        console.print(f"pushed: {doc['pushed']}")
+
+
+def finish(result: Any, *, as_json: bool, human: Callable[[Any, dict[str, Any]], None] | None = None,
+           push_to_hub: str | None = None, private: bool = False, failure: str | None = None) -> None:
+    """Render an operation's :class:`~surgery.core.result.Result` and set the exit code.
+
+    The document is the written output's summary (when something was written), the
+    operation's report and ``passed``: with ``--json`` exactly that on stdout, otherwise
+    ``human(console, doc)`` followed by the "wrote ..." line. A run that did not pass is not
+    pushed, logs ``failure`` on stderr and exits 1.
+    """
+    import typer
+
+    doc: dict[str, Any] = {}
+    if result.written is not None:
+        pushed = push_if_asked(result.written.output, push_to_hub, private) if result.passed else None
+        doc.update(written_summary(result.written, pushed))
+    doc.update(result.report)
+    doc["passed"] = bool(result.passed)
+
+    def render(console: Any) -> None:
+        if human is not None:
+            human(console, doc)
+        if result.written is not None:
+            print_written(console, doc)
+
+    _render.emit(doc, render, as_json)
+    if not result.passed:
+        if failure:
+            _render.log(failure)
+        raise typer.Exit(1)

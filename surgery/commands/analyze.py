@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from . import _render
+from . import _common, _render
 from ._params import DeviceOpt, JsonOpt, QuietOpt
 
 EXAMPLES = [
@@ -32,6 +32,15 @@ PlotOpt = Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.png",
                                                  help="Also draw a figure (.png/.pdf/.svg; needs matplotlib).")]
 ExactOpt = Annotated[bool, typer.Option("--exact", help="σ_max from a full SVD instead of Lanczos (slower, for checking).")]
 TablesOpt = Annotated[int, typer.Option("--rows", help="Human output: show at most N tensor rows (0 = all; --json lists all).")]
+
+
+def _check_plot(plot: Optional[Path]) -> None:
+    """Refuse a bad --plot path, or a missing matplotlib, before the SVDs rather than after."""
+    if plot is not None:
+        from surgery.analyze.plot import check_plot_path, require_matplotlib
+
+        check_plot_path(plot)
+        require_matplotlib()
 
 
 def _num(x: Any, digits: int = 4) -> str:
@@ -73,21 +82,12 @@ def spectrum(
     quiet: QuietOpt = False,
 ) -> None:
     """Per 2-D tensor: σ_max, ‖W‖_F, stable rank, effective rank, energy rank and the top singular values; summaries per layer type and depth."""
-    from surgery.checkpoint import open_checkpoint
-    from surgery.analyze.common import check_energy, check_top
-    from surgery.analyze.spectrum import analyze_spectrum
+    from surgery.analyze import spectrum as run
 
-    check_energy(energy)
-    check_top(top)
-    if plot is not None:
-        from surgery.analyze.plot import check_plot_path, require_matplotlib
-
-        check_plot_path(plot)
-        require_matplotlib()  # fail before the SVDs, not after
-    ckpt = open_checkpoint(checkpoint)
-    base_ckpt = open_checkpoint(base) if base else None
-    report = analyze_spectrum(ckpt, base=base_ckpt, energy=energy, top=top, device=device,
-                              keep_spectra=plot is not None, progress=_render.progress(quiet))
+    _check_plot(plot)
+    result = run(checkpoint, base=base, energy=energy, top=top, keep_spectra=plot is not None, device=device,
+                 progress=_render.progress(quiet))
+    report = result.report
     report["plot"] = None
     if plot is not None:
         from surgery.analyze.plot import plot_spectrum
@@ -95,7 +95,7 @@ def spectrum(
         report["plot"] = str(plot_spectrum(report, plot))
     report.pop("spectra", None)
 
-    def human(console: Any) -> None:
+    def human(console: Any, report: dict[str, Any]) -> None:
         from rich.table import Table
 
         what = f"task vector {report['checkpoint']} − {report['base']}" if report["base"] else report["checkpoint"]
@@ -126,7 +126,7 @@ def spectrum(
         if report["plot"]:
             console.print(f"figure: {report['plot']}")
 
-    _render.emit(report, human, as_json)
+    _common.finish(result, as_json=as_json, human=human)
 
 
 @analyze_app.command("subspace")
@@ -146,24 +146,14 @@ def subspace(
     quiet: QuietOpt = False,
 ) -> None:
     """Overlap (principal angles, mean cos²) of two task vectors' top singular subspaces, their leakage into the base's top subspace, and suggested frozen ranks."""
-    from surgery.checkpoint import open_checkpoint
-    from surgery.core.errors import UsageError
-    from surgery.analyze.subspace import analyze_subspace, check_options, importance_from_text
+    from surgery.analyze import subspace as run
 
-    check_options(rank, energy, (mrr + trr) / 2 if frozen_fraction is None else frozen_fraction, mrr, trr)
-    if text is not None and not text.is_file():
-        raise UsageError(f"--text {text}: no such file; give a plain-text file to compute activations on.")
-    base_ckpt, ca, cb = open_checkpoint(base), open_checkpoint(a), open_checkpoint(b)
-    importance = None
-    if text is not None:
-        if not as_json and not quiet:
-            _render.log(f"computing per-block importance on {text} ...")
-        importance = importance_from_text(str(base_ckpt.root), text.read_text(encoding="utf-8"), device=device)
-    report = analyze_subspace(base_ckpt, ca, cb, rank=rank, energy=energy, frozen_fraction=frozen_fraction,
-                              importance=importance, mrr=mrr, trr=trr, device=device,
-                              progress=_render.progress(quiet))
+    if text is not None and not as_json and not quiet:
+        _render.log(f"computing per-block importance on {text} ...")
+    result = run(a, b, base=base, rank=rank, energy=energy, frozen_fraction=frozen_fraction, text=text, mrr=mrr,
+                 trr=trr, device=device, progress=_render.progress(quiet))
 
-    def human(console: Any) -> None:
+    def human(console: Any, report: dict[str, Any]) -> None:
         from rich.table import Table
 
         k_desc = f"k = {report['rank']}" if report["rank"] else f"k = energy rank at {report['energy']:g}"
@@ -196,7 +186,7 @@ def subspace(
         for s in report["skipped"]:
             console.print(f"[yellow]skipped[/] {s['name']}: {s['reason']}")
 
-    _render.emit(report, human, as_json)
+    _common.finish(result, as_json=as_json, human=human)
 
 
 @analyze_app.command("gain")
@@ -215,34 +205,21 @@ def gain(
     quiet: QuietOpt = False,
 ) -> None:
     """Per matrix σ_max, RMS ‖W‖_F/√(mn) and σ_max/RMS; with --vs, σ_max ratios and implied width exponents against a proxy."""
-    from surgery.checkpoint import open_checkpoint
-    from surgery.core.errors import CheckFailedError, UsageError
-    from surgery.analyze.common import TYPE_ORDER
-    from surgery.analyze.gain import analyze_gain
+    from surgery.analyze import gain as run
 
-    if vs is None and fail_on_drift:
-        raise UsageError("--fail-on-drift needs --vs PROXY: drift is measured against a proxy checkpoint.")
-    if plot is not None:
-        from surgery.analyze.plot import check_plot_path, require_matplotlib
-
-        check_plot_path(plot)
-        require_matplotlib()
-    ckpt = open_checkpoint(checkpoint)
-    proxy = open_checkpoint(vs) if vs else None
+    _check_plot(plot)
     ignore_types = [t.strip() for t in ignore.split(",") if t.strip()] if ignore else []
-    unknown = [t for t in ignore_types if t not in TYPE_ORDER]
-    if unknown:
-        raise UsageError(f"--ignore {','.join(unknown)}: unknown sublayer type; choose from {', '.join(TYPE_ORDER)}.")
-    report = analyze_gain(ckpt, vs=proxy, tolerance=tolerance, expect_exponent=expect_exponent,
-                          ignore_types=ignore_types, exact=exact,
-                          device=device, progress=_render.progress(quiet))
+    result = run(checkpoint, vs=vs, tolerance=tolerance, expect_exponent=expect_exponent, ignore_types=ignore_types,
+                 exact=exact, fail_on_drift=fail_on_drift, device=device, progress=_render.progress(quiet))
+    report = result.report
+    proxy = vs
     report["plot"] = None
     if plot is not None:
         from surgery.analyze.plot import plot_gain
 
         report["plot"] = str(plot_gain(report, plot))
 
-    def human(console: Any) -> None:
+    def human(console: Any, report: dict[str, Any]) -> None:
         from rich.table import Table
 
         if proxy is None:
@@ -282,7 +259,7 @@ def gain(
             for n in report["unpaired"]:
                 console.print(f"[yellow]unpaired[/] {n}")
             lo, hi = report["bounds"]
-            verdict = "[bold green]no drift[/]" if report["passed"] else f"[bold red]{len(report['drifted'])} pair(s) drift[/]"
+            verdict = "[bold green]no drift[/]" if report["within_tolerance"] else f"[bold red]{len(report['drifted'])} pair(s) drift[/]"
             console.print(f"{verdict} (tolerance {report['tolerance']:g}: ratio/expected within [{lo:.4g}, {hi:.4g}], "
                           f"expected exponent {report['expect_exponent']:g})")
         if report["non_finite"]:
@@ -290,11 +267,11 @@ def gain(
         if report["plot"]:
             console.print(f"figure: {report['plot']}")
 
-    _render.emit(report, human, as_json)
-    if fail_on_drift and not report["passed"]:
-        raise CheckFailedError(f"{len(report['drifted'])} of {len(report['pairs'])} tensor pairs of {report['checkpoint']} "
-                               f"vs {report['proxy']} drift beyond tolerance {tolerance:g}: first {report['drifted'][0]}.",
-                               report=report)
+    failure = None
+    if not result.passed:
+        failure = (f"{len(report['drifted'])} of {len(report['pairs'])} tensor pairs of {report['checkpoint']} vs "
+                   f"{report['proxy']} drift beyond tolerance {tolerance:g}: first {report['drifted'][0]}.")
+    _common.finish(result, as_json=as_json, human=human, failure=failure)
 
 
 for _f in (spectrum, subspace, gain):

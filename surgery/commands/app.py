@@ -1,15 +1,18 @@
 """The `surgery` console script: the Typer app and the one place errors become exit codes.
 
 Exit codes: 0 success, 1 a check or policy failed, 2 usage error, 3 input error,
-130 interrupted. Expected errors print one line on stderr; ``--debug`` (anywhere on the
-command line) or ``SURGERY_DEBUG=1`` shows the traceback.
+130 interrupted, 70 an internal error (a defect: please report it). Expected errors print
+one line on stderr; with ``--json`` stdout also gets one ``{"error": {...}}`` document.
+``--debug`` (anywhere on the command line) or ``SURGERY_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
+from typing import Any
 
 import click
 import typer
@@ -45,6 +48,39 @@ for _module in (inspect, check, diff, convert, push, merge, analyze, eval, edit,
     _module.register(app)
 
 
+INTERNAL_ERROR = 70
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from surgery import __version__
+
+        sys.stdout.write(f"surgery {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Weight-space surgery on safetensors checkpoints."""
+
+
+def _error_document(exc: BaseException, code: int) -> dict:
+    err = {"code": code, "type": type(exc).__name__, "message": str(exc),
+           "path": getattr(exc, "path", None), "tensor": getattr(exc, "tensor", None)}
+    doc: dict = {"error": err, "passed": False}
+    report = getattr(exc, "report", None)
+    if report is not None:
+        doc["report"] = report
+    return doc
+
+
+def _emit_error_json(exc: BaseException, code: int) -> None:
+    from ._render import emit
+
+    emit(_error_document(exc, code), lambda c: None, True)
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("SURGERY_DEBUG", "") not in ("", "0")
 
@@ -54,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
+    as_json = "--json" in argv
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="surgery", standalone_mode=False)
@@ -63,18 +100,62 @@ def main(argv: list[str] | None = None) -> int:
     except _CLICK_ERR as exc:
         exc.show()
         code = exc.exit_code
+        if as_json:
+            _emit_error_json(exc, code)
     except _ABORT:
         sys.stderr.write("interrupted; no output was written.\n")
         code = 130
     except SurgeryError as exc:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"error: {exc}\n")
-        if not debug:
-            sys.stderr.write("(run again with --debug for the traceback)\n" if exc.exit_code != 1 else "")
+        exc.message = flagify(_one_line(str(exc)), _invoked(command, argv))
+        exc.args = (exc.message,)
+        sys.stderr.write(f"error: {exc.message}\n")
         code = exc.exit_code
+        if as_json:
+            _emit_error_json(exc, code)
+    except Exception as exc:  # a defect: one line, the traceback only on request
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"internal error, please report: {type(exc).__name__}: {_one_line(str(exc))} "
+                         f"(run again with --debug for the traceback)\n")
+        code = INTERNAL_ERROR
+        if as_json:
+            _emit_error_json(exc, code)
     sys.stdout.flush()
     return code
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(no message)"
+
+
+_PARAM_REF = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+
+
+def _invoked(command: Any, argv: list[str]) -> Any:
+    """The (sub)command ``argv`` runs."""
+    for tok in argv:
+        sub = getattr(command, "commands", None)
+        if not sub:
+            break
+        if tok in sub:
+            command = sub[tok]
+    return command
+
+
+def flagify(message: str, command: Any) -> str:
+    """Library messages name parameters in backticks (`density`); on the command line they
+    read as the flag (--density) or the argument's metavar (MODELS) of the invoked command.
+    Names the command does not take lose their backticks."""
+    names: dict[str, str] = {}
+    for param in getattr(command, "params", []):
+        if getattr(param, "param_type_name", "") == "option":
+            longs = [o for o in param.opts if o.startswith("--")]
+            names[param.name] = (longs or param.opts)[0]
+        elif param.name:
+            names[param.name] = param.name.upper()
+    return _PARAM_REF.sub(lambda m: names.get(m.group(1), m.group(1)), message)
 
 
 def _console_script() -> None:

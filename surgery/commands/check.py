@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import _render
-from ._params import JsonOpt, QuietOpt
+from . import _common, _render
+from ._params import ForceOpt, JsonOpt, QuietOpt
 
 EXAMPLES = [
     "surgery check out/merged                       # headers valid, every tensor readable, no NaN/Inf",
@@ -28,27 +28,19 @@ def check(
     sha256: Annotated[Optional[Path], typer.Option("--sha256", metavar="FILE", help="Manifest (sha256sum format or JSON) the files must match.")] = None,
     write_sha256: Annotated[Optional[Path], typer.Option("--write-sha256", metavar="FILE", help="Write a sha256 manifest of the shards, then run the checks.")] = None,
     no_integrity: Annotated[bool, typer.Option("--no-integrity", help="Skip reading every tensor for NaN/Inf.")] = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Validate a checkpoint for CI: integrity, config shapes, tolerance against a reference, sha256 manifest."""
-    from surgery.checkpoint import open_checkpoint
-    from surgery.core.errors import UsageError
-    from surgery.check import run_checks, write_manifest
+    from surgery.check import check as run
 
-    if atol < 0 or rtol < 0:
-        raise UsageError("--atol and --rtol must be non-negative.")
-    if (atol or rtol) and against is None:
-        raise UsageError("--atol/--rtol only apply with --against REF.")
-    ckpt = open_checkpoint(checkpoint)
-    if write_sha256 is not None:
-        write_sha256.write_text(write_manifest(ckpt))
-        _render.log(f"wrote {write_sha256}")
-    ref = open_checkpoint(against) if against else None
-    report = run_checks(ckpt, integrity=not no_integrity, config=config, against=ref, atol=atol, rtol=rtol,
-                        manifest=sha256, progress=_render.progress(quiet))
+    result = run(checkpoint, integrity=not no_integrity, config=config, against=against, atol=atol, rtol=rtol,
+                 manifest=sha256, write_manifest_to=write_sha256, force=force, progress=_render.progress(quiet))
 
-    def human(console) -> None:
+    def human(console, report) -> None:
+        if report.get("manifest_written"):
+            console.print(f"wrote {report['manifest_written']}")
         for c in report["checks"]:
             mark = "[bold green]PASS[/]" if c["passed"] else "[bold red]FAIL[/]"
             console.print(f"{mark} {c['name']}: {c['detail']}")
@@ -58,9 +50,7 @@ def check(
                 console.print(f"     ... and {len(c['failures']) - 10} more (--json lists all)")
         console.print("[bold green]passed[/]" if report["passed"] else "[bold red]failed[/]")
 
-    _render.emit(report, human, as_json)
-    if not report["passed"]:
-        raise typer.Exit(1)
+    _common.finish(result, as_json=as_json, human=human)
 
 
 check.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]

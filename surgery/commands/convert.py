@@ -31,8 +31,7 @@ def convert(
     from surgery.convert import convert as run
 
     result = run(source, output, dtype=dtype, shard_size=shard_size, force=force, progress=_render.progress(quiet))
-    summary = _common.written_summary(result, _common.push_if_asked(result.output_dir, push_to_hub, private))
-    _render.emit(summary, lambda c: _common.print_written(c, summary), as_json)
+    _common.finish(result, as_json=as_json, push_to_hub=push_to_hub, private=private)
 
 
 convert.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]

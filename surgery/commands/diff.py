@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import _render
+from . import _common, _render
 from ._params import DeviceOpt, JsonOpt, QuietOpt
 
 EXAMPLES = [
@@ -25,14 +25,11 @@ def diff(
     quiet: QuietOpt = False,
 ) -> None:
     """Per-tensor relative change ‖B−A‖/‖A‖, cosine and max |B−A|; tensors only in one side; shape or dtype mismatches."""
-    from surgery.checkpoint import open_checkpoint
-    from surgery.diff import diff_checkpoints
+    from surgery.diff import diff as run
 
-    report = diff_checkpoints(open_checkpoint(a), open_checkpoint(b), device=device, progress=_render.progress(quiet))
-    if changed_only:
-        report["tensors"] = [r for r in report["tensors"] if r["changed"]]
+    result = run(a, b, changed_only=changed_only, device=device, progress=_render.progress(quiet))
 
-    def human(console) -> None:
+    def human(console, report) -> None:
         from rich.table import Table
 
         rows = sorted(report["tensors"], key=lambda r: -r["rel_change"]) if top else report["tensors"]
@@ -51,7 +48,7 @@ def diff(
         for m in report["mismatched"]:
             console.print(f"[red]mismatch[/] {m['name']}: {m['shape_a']} {m['dtype_a']} vs {m['shape_b']} {m['dtype_b']}")
 
-    _render.emit(report, human, as_json)
+    _common.finish(result, as_json=as_json, human=human)
 
 
 diff.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]

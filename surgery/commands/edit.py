@@ -69,11 +69,8 @@ def apply(
                          max_ppl=max_ppl, check_every=check_every, on_collapse=on_collapse, max_rel_norm=max_rel_norm,
                          max_sigma_ratio=max_sigma_ratio, force_base=force_base, tokenizer=tokenizer, device=device,
                          dtype=dtype, shard_size=shard_size, force=force, plot=plot, progress=_render.progress(quiet))
-    pushed = None if result.stopped else _common.push_if_asked(result.written.output_dir, push_to_hub, private)
-    report = dict(result.report)
-    report["written"] = _common.written_summary(result.written, pushed)
 
-    def human(console) -> None:
+    def human(console, report) -> None:
         from rich.table import Table
 
         t = Table(title=f"edits on {report['base']} ({report['metric']})")
@@ -93,15 +90,15 @@ def apply(
                       f"{_render.fmt_num(report['thresholds']['max_ppl'], 6)})")
         for note in report["notes"]:
             console.print(f"note: {note}")
-        _common.print_written(console, report["written"])
         if report.get("plot"):
             console.print(f"plot: {report['plot']}")
 
-    _render.emit(report, human, as_json)
-    if result.stopped:
-        _render.log(f"collapse detected after edit {report['collapsed_at']}; wrote the last good state "
-                    f"({report['accepted']} edit(s)) to {report['output']}.")
-        raise typer.Exit(1)
+    failure = None
+    if not result.passed:
+        r = result.report
+        failure = (f"collapse detected after edit {r['collapsed_at']}; wrote the last good state "
+                   f"({r['accepted']} edit(s)) to {r['output']}.")
+    _common.finish(result, as_json=as_json, human=human, push_to_hub=push_to_hub, private=private, failure=failure)
 
 
 def extract(
@@ -123,11 +120,11 @@ def extract(
     """Make an edit file from two checkpoints: truncated SVD of each changed tensor's difference."""
     from surgery.edit.extract import extract_edit
 
-    report = extract_edit(base, edited, output, rank=rank, energy=energy, description=description, subject=subject,
+    result = extract_edit(base, edited, output, rank=rank, energy=energy, description=description, subject=subject,
                           prompt=prompt, target=target, factor_dtype=factor_dtype, device=device, force=force,
                           progress=_render.progress(quiet))
 
-    def human(console) -> None:
+    def human(console, report) -> None:
         from rich.table import Table
 
         t = Table(title=f"{report['changed']} changed tensor(s), {report['unchanged']} unchanged")
@@ -137,11 +134,11 @@ def extract(
             t.add_row(r["name"], "x".join(map(str, r["shape"])), r["kind"], _render.fmt_num(r["rank"]),
                       _render.fmt_num(r["energy"], 4), _render.fmt_num(r["rel_error"], 3), _render.fmt_num(r["rel_change"], 3))
         console.print(t)
-        console.print(f"[bold green]wrote[/] {report['output']}: {_render.fmt_bytes(report['stored_bytes'])} "
-                      f"(dense: {_render.fmt_bytes(report['dense_bytes'])}); lowest captured energy "
+        console.print(f"stored {_render.fmt_bytes(report['stored_bytes'])} (dense: "
+                      f"{_render.fmt_bytes(report['dense_bytes'])}); lowest captured energy "
                       f"{_render.fmt_num(report['min_energy'], 4)}")
 
-    _render.emit(report, human, as_json)
+    _common.finish(result, as_json=as_json, human=human)
 
 
 def from_peft(
@@ -155,17 +152,17 @@ def from_peft(
     """Convert a PEFT LoRA adapter to an edit file (ΔW = scale·B·A per module, in the stored layout)."""
     from surgery.edit.lora import from_peft as run
 
-    report = run(adapter, output, base=base, description=description, force=force)
+    result = run(adapter, output, base=base, description=description, force=force)
 
-    def human(console) -> None:
-        console.print(f"[bold green]wrote[/] {report['output']}: {len(report['tensors'])} tensor(s) from {report['adapter']}"
+    def human(console, report) -> None:
+        console.print(f"{len(report['tensors'])} tensor(s) from {report['adapter']}"
                       + ("" if report["base_verified"] else " (no --base: base sha256 not recorded)"))
         for r in report["tensors"]:
             console.print(f"  {r['name']}: {r['layer']}, rank {r['rank']}, scale {_render.fmt_num(r['scale'])}")
         if report["ignored"]:
             console.print(f"ignored (saved full weights, not deltas): {', '.join(report['ignored'])}")
 
-    _render.emit(report, human, as_json)
+    _common.finish(result, as_json=as_json, human=human)
 
 
 def to_peft(
@@ -180,17 +177,17 @@ def to_peft(
     """Convert an edit file to a PEFT LoRA adapter folder (loadable with PeftModel.from_pretrained)."""
     from surgery.edit.lora import to_peft as run
 
-    report = run(edit, output, base=base, rank=rank, drop_vectors=drop_vectors, force=force)
+    result = run(edit, output, base=base, rank=rank, drop_vectors=drop_vectors, force=force)
 
-    def human(console) -> None:
-        console.print(f"[bold green]wrote[/] {report['output']}: LoRA r={report['r']} on {len(report['tensors'])} module(s)")
+    def human(console, report) -> None:
+        console.print(f"LoRA r={report['r']} on {len(report['tensors'])} module(s)")
         for r in report["tensors"]:
             err = f", rel. error {_render.fmt_num(r['rel_error'], 3)}" if r["rel_error"] else ""
             console.print(f"  {r['name']}: {r['layer']}, rank {r['rank']}{err}")
         if report["dropped"]:
             console.print(f"dropped 1-D deltas: {', '.join(report['dropped'])}")
 
-    _render.emit(report, human, as_json)
+    _common.finish(result, as_json=as_json, human=human)
 
 
 _examples(apply, "edit apply")

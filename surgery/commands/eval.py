@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import _render
+from . import _common, _render
 from ._params import DeviceOpt, JsonOpt, QuietOpt
 
 EXAMPLES = [
@@ -35,18 +35,13 @@ def ppl(
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity: strided sliding windows (Hugging Face docs) or per-sentence (mean and median)."""
-    from surgery.core.errors import UsageError
-    from surgery.eval.perplexity import perplexity
+    from surgery.eval import ppl as run
 
-    if stride is not None and sentences:
-        raise UsageError("--stride applies to corpus mode only; drop it or drop --sentences.")
-    if max_sentences is not None and not sentences:
-        raise UsageError("--max-sentences applies to --sentences mode only.")
-    report = perplexity(checkpoint, text=text, sentences=sentences, ctx=ctx, stride=stride, batch_size=batch_size,
-                        device=device, dtype=model_dtype, tokenizer=tokenizer, max_sentences=max_sentences,
-                        progress=_render.progress(quiet))
+    result = run(checkpoint, text=text, sentences=sentences, ctx=ctx, stride=stride, batch_size=batch_size,
+                 device=device, dtype=model_dtype, tokenizer=tokenizer, max_sentences=max_sentences,
+                 progress=_render.progress(quiet))
 
-    def human(console) -> None:
+    def human(console, report) -> None:
         console.print(f"checkpoint: {report['checkpoint']}   text: {report['text']}   "
                       f"device: {report['device']} ({report['dtype']})")
         if report["mode"] == "corpus":
@@ -65,7 +60,7 @@ def ppl(
         console.print(f"{_render.fmt_num(report['tokens_per_second'], 4)} scored tokens/s "
                       f"({_render.fmt_num(report['seconds'], 3)} s of forward passes)")
 
-    _render.emit(report, human, as_json)
+    _common.finish(result, as_json=as_json, human=human)
 
 
 ppl.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]

@@ -36,27 +36,24 @@ def fuse(
     """Fuse adapters into the base weights: affected tensors in float32, the rest copied untouched."""
     from surgery.fuse import fuse as run
 
-    result, report = run(base, adapters, output, dtype=dtype, shard_size=shard_size, force=force, device=device,
-                         check=check, threads=threads, progress=_render.progress(quiet))
-    summary = _common.written_summary(result, _common.push_if_asked(result.output_dir, push_to_hub, private))
-    summary["fuse"] = report
+    result = run(base, adapters, output, dtype=dtype, shard_size=shard_size, force=force, device=device,
+                 check=check, threads=threads, progress=_render.progress(quiet))
 
-    def human(console) -> None:
-        for a in report["adapters"]:
+    def human(console, doc) -> None:
+        for a in doc["adapters"]:
             console.print(f"[bold]{a['kind']}[/] {a['path']} (weight {a['weight']:g}): {a['tensors_changed']} "
                           f"tensor(s) changed; {a['key_mapping']}")
-        if report["untied_embeddings"]:
-            u = report["untied_embeddings"]
+        if doc["untied_embeddings"]:
+            u = doc["untied_embeddings"]
             console.print(f"untied {u['output']} from {u['input']} (config tie_word_embeddings=false)")
-        cast = f", {report['tensors_cast']} cast to {dtype}" if report["tensors_cast"] else ""
-        console.print(f"{len(report['tensors_changed'])} tensor(s) fused, {report['tensors_copied']} copied untouched{cast}")
-        if report["check"]:
-            c = report["check"]
+        cast = f", {doc['tensors_cast']} cast to {dtype}" if doc["tensors_cast"] else ""
+        console.print(f"{len(doc['tensors_changed'])} tensor(s) fused, {doc['tensors_copied']} copied untouched{cast}")
+        if doc["check"]:
+            c = doc["check"]
             console.print(f"[bold green]check passed[/]: max |Δlogit| {c['max_abs_diff']:.3g} "
                           f"({c['relative_diff']:.2g} of the largest logit, tolerance {c['tolerance']:g})")
-        _common.print_written(console, summary)
 
-    _render.emit(summary, human, as_json)
+    _common.finish(result, as_json=as_json, human=human, push_to_hub=push_to_hub, private=private)
 
 
 fuse.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]

@@ -49,28 +49,19 @@ def grow(
     quiet: QuietOpt = False,
 ) -> None:
     """Grow a TokenFormer's parameter tokens (tile / gram / zero / random) and check the logits are kept."""
-    from surgery.core.errors import CheckFailedError
     from surgery.grow import grow as run
 
-    try:
-        result = run(checkpoint, output, tokens=tokens, qkv_tokens=qkv_tokens, proj_tokens=proj_tokens,
-                     ffn_tokens=ffn_tokens, factor=factor, init=init, seed=seed, verify=verify, tolerance=tolerance,
-                     config_file=config, dtype=dtype, shard_size=shard_size, force=force, device=device,
-                     progress=_render.progress(quiet))
-    except CheckFailedError as exc:
-        if as_json and exc.report is not None:
-            _render.emit({"passed": False, "error": str(exc), "growth": exc.report}, lambda c: None, True)
-        raise
-    summary = _common.written_summary(result.write, _common.push_if_asked(result.write.output_dir, push_to_hub, private))
-    summary["growth"] = result.report
-    summary["passed"] = True
-    _render.emit(summary, lambda c: _print(c, summary), as_json)
+    result = run(checkpoint, output, tokens=tokens, qkv_tokens=qkv_tokens, proj_tokens=proj_tokens,
+                 ffn_tokens=ffn_tokens, factor=factor, init=init, seed=seed, verify=verify, tolerance=tolerance,
+                 config_file=config, dtype=dtype, shard_size=shard_size, force=force, device=device,
+                 progress=_render.progress(quiet))
+    _common.finish(result, as_json=as_json, human=_print, push_to_hub=push_to_hub, private=private)
 
 
-def _print(console: Any, summary: dict[str, Any]) -> None:
+def _print(console: Any, doc: dict[str, Any]) -> None:
     from rich.table import Table
 
-    rep = summary["growth"]
+    rep = doc["growth"]
     table = Table(title=f"parameter tokens (--init {rep['init']}, {rep['norm_activation_type']})")
     for col in ("kind", "config field", "before", "after", "tensors", "scale tokens"):
         table.add_column(col, justify="right" if col in ("before", "after", "tensors", "scale tokens") else "left")
@@ -89,7 +80,6 @@ def _print(console: Any, summary: dict[str, Any]) -> None:
                       f"{v['batch']}×{v['seq_len']} random ids, seed {v['seed']}, {v['compute_dtype']})")
     for note in rep.get("notes", []):
         console.print(f"note: {note}")
-    _common.print_written(console, summary)
 
 
 grow.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import _render
+from . import _common, _render
 from ._params import JsonOpt
 
 EXAMPLES = [
@@ -21,12 +21,11 @@ def inspect(
     tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="List every tensor (human output).")] = True,
 ) -> None:
     """Tensors, shapes, dtypes, parameter count, shards and metadata of a checkpoint (headers only)."""
-    from surgery.checkpoint import open_checkpoint
-    from surgery.inspect import inspect_checkpoint
+    from surgery.inspect import inspect as run
 
-    report = inspect_checkpoint(open_checkpoint(checkpoint))
+    result = run(checkpoint)
 
-    def human(console) -> None:
+    def human(console, report) -> None:
         from rich.table import Table
 
         if tensors:
@@ -53,7 +52,7 @@ def inspect(
             if other:
                 console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in other.items()))
 
-    _render.emit(report, human, as_json)
+    _common.finish(result, as_json=as_json, human=human)
 
 
 inspect.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]

@@ -110,25 +110,21 @@ def merge(
                            trim_ties=trim_ties, device=device, state_dir=state, resume_dir=resume)
     result = run(request, output, options=options, dtype=dtype, shard_size=shard_size, force=force,
                  progress=_render.progress(quiet))
-    summary = _common.written_summary(result.write, _common.push_if_asked(result.write.output_dir, push_to_hub, private))
-    summary.update({"method": result.method, "order": result.order, "lambda": result.lam, "steps": result.steps,
-                    "state": str(result.state_dir) if result.state_dir else None})
 
-    def human(console) -> None:
-        _common.print_written(console, summary)
-        console.print(f"method: {result.method}   models, in order: {', '.join(result.order)}")
-        if result.steps:
+    def human(console, doc) -> None:
+        console.print(f"method: {doc['method']}   models, in order: {', '.join(doc['order'])}")
+        if doc["steps"]:
             from rich.table import Table
 
             table = Table("step", "model", "‖τ‖", "‖S_t‖", "λ_t")
-            for s in result.steps:
+            for s in doc["steps"]:
                 table.add_row(str(s["step"]), s["model"], _render.fmt_num(s.get("tau_norm")),
                               _render.fmt_num(s.get("merged_norm")), _render.fmt_num(s.get("lambda")))
             console.print(table)
-        if result.state_dir:
-            console.print(f"continual state saved in {result.state_dir}")
+        if doc["state"]:
+            console.print(f"continual state saved in {doc['state']}")
 
-    _render.emit(summary, human, as_json)
+    _common.finish(result, as_json=as_json, human=human, push_to_hub=push_to_hub, private=private)
 
 
 merge.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]

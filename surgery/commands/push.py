@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import _render
+from . import _common, _render
 from ._params import JsonOpt
 
 EXAMPLES = ["surgery push out/merged my-org/merged-model --private"]
@@ -27,8 +27,10 @@ def push(
 
     open_checkpoint(str(folder))  # refuse to upload something that is not a valid checkpoint
     url = run(folder, repo_id, private=private, revision=revision, commit_message=message)
-    _render.emit({"repo_id": repo_id, "revision": revision, "commit_url": url},
-                 lambda c: c.print(f"pushed {folder} to {repo_id}: {url}"), as_json)
+    from surgery.core.result import Result
+
+    _common.finish(Result({"repo_id": repo_id, "revision": revision, "commit_url": url}), as_json=as_json,
+                   human=lambda c, doc: c.print(f"pushed {folder} to {repo_id}: {url}"))
 
 
 push.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -20,7 +20,8 @@ import torch
 from ..checkpoint.card import make_record, render_card
 from ..checkpoint.format import TensorInfo
 from ..checkpoint.reader import Checkpoint, read_into
-from ..checkpoint.writer import ShardedWriter, TensorSpec, atomic_output, parse_size, write_text
+from ..checkpoint.writer import ShardedWriter, TensorSpec, parse_size, write_text
+from .output import atomic_output
 from .errors import UsageError
 from .progress import Progress, ensure
 
@@ -94,14 +95,22 @@ def cast_tensor(ckpt: Checkpoint, name: str, dtype: torch.dtype | None, new_name
 
 @dataclass
 class WriteResult:
-    """What :func:`write_checkpoint` produced."""
+    """What :func:`write_checkpoint` (or a single-file writer) produced.
 
-    output_dir: Path
+    Attributes:
+        output: The output folder or file, now in place.
+        files: The weight files written (for a single-file output: that file).
+        record: The provenance record written into the card and ``__metadata__``.
+        num_tensors, total_bytes: How much was written.
+        verified: What the ``verify`` step returned, if one ran.
+    """
+
+    output: Path
     files: list[Path]
     record: dict[str, Any]
     num_tensors: int
     total_bytes: int
-    tensor_stats: dict[str, Any] = field(default_factory=dict)
+    verified: Any = None
 
 
 def row_ranges(start: int, stop: int, row_elems: int, max_elements: int) -> list[tuple[int, int]]:
@@ -185,6 +194,36 @@ def _write_one(writer: ShardedWriter, out: OutputTensor, scratch: _Scratch) -> N
     writer.write(out.name, t.to(device="cpu", dtype=out.dtype))
 
 
+def _retarget(out: OutputTensor, dtype: torch.dtype | None) -> OutputTensor:
+    """``out`` written in ``dtype`` when it is a floating tensor (raw copies become casts)."""
+    if dtype is None or out.dtype == dtype or not out.dtype.is_floating_point:
+        return out
+    if out.source is not None:
+        if not out.shape:
+            info = out.source
+            return OutputTensor(out.name, out.shape, dtype, compute=lambda: read_tensor(info))
+        return OutputTensor(out.name, out.shape, dtype, cast_source=out.source)
+    return OutputTensor(out.name, out.shape, dtype, compute=out.compute, rows=out.rows, cast_source=out.cast_source)
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """A stored tensor in its own dtype (fresh CPU copy)."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    read_into(info, 0, buf)
+    return buf.view(info.dtype).reshape(info.shape)
+
+
+def config_with_dtype(config: dict[str, Any] | None, dtype: torch.dtype | None) -> dict[str, Any] | None:
+    """``config`` with its dtype field (``torch_dtype`` or transformers 5's ``dtype``) set to ``dtype``."""
+    if config is None or dtype is None:
+        return config
+    config = dict(config)
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    for k in keys:
+        config[k] = dtype_name(dtype)
+    return config
+
+
 def write_checkpoint(
     plan: Iterable[OutputTensor],
     output: str | Path,
@@ -194,43 +233,57 @@ def write_checkpoint(
     parameters: dict[str, Any],
     inputs: list[Checkpoint] | None = None,
     input_roles: list[str] | None = None,
+    input_paths: Iterable[str | Path] = (),
+    dtype: str | torch.dtype | None = None,
     shard_size: str | int = "5GB",
     force: bool = False,
     progress: Progress | None = None,
     config_update: dict[str, Any] | None = None,
     extra_record: Callable[[], dict[str, Any]] | None = None,
     extra_files: dict[str, str] | None = None,
+    verify: Callable[[Path], Any] | None = None,
 ) -> WriteResult:
     """Stream ``plan`` into a new checkpoint folder, atomically.
 
     Args:
         plan: The output tensors.
-        output: Output folder (refused if it exists unless ``force``; never an input).
+        output: Output folder (refused if it exists unless ``force``; never an input, never
+            inside or around one).
         donor: Checkpoint whose config.json and tokenizer files are copied.
         operation: Operation name recorded in the card and metadata.
         parameters: JSON-able parameters recorded.
-        inputs: Input checkpoints recorded with their sha256 (hashed in the background).
+        inputs: Input checkpoints, recorded with their sha256 (hashed in the background).
         input_roles: Optional role per input (``base``, ``model``...).
+        input_paths: Other files and folders the operation reads (adapters, recipes, states,
+            edit files, texts): the output may not touch them either.
+        dtype: Target dtype of every floating tensor (None: as planned); config.json's dtype
+            field follows it.
         shard_size: Max bytes of tensor data per shard (``5GB`` by default).
         force: Replace an existing output.
         progress: Receives one step per output byte.
         config_update: Keys merged into the copied config.json.
         extra_record: Called after all tensors are written; its dict lands under ``results``.
         extra_files: Extra text files (name -> content) written into the output.
+        verify: Called with the finished temporary folder before it is renamed into place;
+            raising (e.g. CheckFailedError) leaves no output. Its return value is kept in
+            ``WriteResult.verified``.
 
     Returns:
         A WriteResult.
     """
-    plan = sorted(plan, key=lambda o: o.name)
+    target = parse_dtype(dtype)
+    plan = sorted((_retarget(o, target) for o in plan), key=lambda o: o.name)
     inputs = list(inputs or [])
     for ck in inputs:
         ck.start_sha256()
     size = parse_size(shard_size)
     progress = ensure(progress)
-    roots = [ck.root for ck in inputs] + ([donor.root] if donor is not None else [])
+    guarded = [p for ck in inputs + ([donor] if donor is not None else []) for p in ck.input_paths()]
+    guarded += [Path(p) for p in input_paths]
     specs = [TensorSpec(o.name, o.shape, o.dtype) for o in plan]
     total = sum(s.nbytes for s in specs)
-    with atomic_output(Path(output), force=force, inputs=roots) as tmp:
+    verified = None
+    with atomic_output(Path(output), force=force, inputs=guarded) as tmp:
         placeholder = {"format": "pt", "surgery": json.dumps({"operation": operation})}
         writer = ShardedWriter(tmp, specs, size, placeholder)
         try:
@@ -252,7 +305,7 @@ def write_checkpoint(
                 if f.name == "config.json":
                     continue
                 shutil.copyfile(f, tmp / f.name)
-            cfg = donor.config
+            cfg = config_with_dtype(donor.config, target) if donor.config is not None else None
             if cfg is not None or config_update:
                 cfg = dict(cfg or {})
                 cfg.update(config_update or {})
@@ -261,5 +314,7 @@ def write_checkpoint(
             write_text(tmp / name, text)
         base_label = inputs[0].label if inputs and not Path(inputs[0].label).exists() else None
         write_text(tmp / "README.md", render_card(record, base_model=base_label))
-    out_dir = Path(output)
-    return WriteResult(out_dir, [out_dir / f.name for f in files], record, len(plan), total)
+        if verify is not None:
+            verified = verify(tmp)
+    out_dir = Path(output).expanduser()
+    return WriteResult(out_dir, [out_dir / f.name for f in files], record, len(plan), total, verified)

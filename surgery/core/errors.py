@@ -68,6 +68,16 @@ class HubError(InputError):
     """The Hugging Face Hub could not serve or accept a checkpoint."""
 
 
+class OutputError(SurgeryError):
+    """The output could not be written (full disk, read-only folder, ...); nothing was (exit 3)."""
+
+    exit_code = 3
+
+
+class NonFiniteError(InputError):
+    """An output tensor came out NaN or infinite (exit 3); names the input tensor that carried it."""
+
+
 class CheckFailedError(SurgeryError):
     """A check or policy failed (exit 1): validation, collapse, drift.
 

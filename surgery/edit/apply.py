@@ -25,24 +25,17 @@ from typing import Any, Sequence
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..core.engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
-from ..core.errors import IncompatibleCheckpointsError, InputError, OutputExistsError, UsageError
+from ..core.engine import OutputTensor, cast_tensor, dtype_name, parse_dtype, write_checkpoint
+from ..core.errors import IncompatibleCheckpointsError, InputError, UsageError
+from ..core.output import check_output
 from ..core.progress import Progress, ensure
+from ..core.result import Result
 from .format import Edit, TensorEdit, load_edit
 
 ON_COLLAPSE = ("stop", "skip", "ignore")
 DEFAULT_MAX_PPL_RATIO = 1.5
 DEFAULT_MAX_REL_NORM = 0.1
 DEFAULT_MAX_SIGMA_RATIO = 0.5
-
-
-@dataclass
-class ApplyResult:
-    """What :func:`apply_edits` did: the report, the written output, whether it stopped."""
-
-    report: dict[str, Any]
-    written: WriteResult | None
-    stopped: bool
 
 
 @dataclass
@@ -190,7 +183,7 @@ def apply_edits(
     force: bool = False,
     plot: str | Path | None = None,
     progress: Progress | None = None,
-) -> ApplyResult:
+) -> Result:
     """Apply edits one after another, checking perplexity, and write the result.
 
     Args:
@@ -214,7 +207,8 @@ def apply_edits(
         plot: Write a PNG of perplexity against edit index here.
 
     Returns:
-        ApplyResult; ``stopped`` is True when ``on_collapse == "stop"`` fired.
+        A Result: the written checkpoint (the last good state when a collapse stopped the run)
+        and the report; ``passed`` is False when ``on_collapse == "stop"`` fired.
 
     Raises:
         UsageError, InputError, IncompatibleCheckpointsError (mismatched base), OutputExistsError.
@@ -233,12 +227,12 @@ def apply_edits(
         raise UsageError("give at least one edit file.")
     target_dtype = parse_dtype(dtype)
     out = Path(output)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to replace it.", path=out)
     if plot is not None and Path(plot).suffix.lower() != ".png":
         raise UsageError(f"--plot must name a .png file, got {plot}.")
     ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(str(base))
     edits = [load_edit(p) for p in edit_files]
+    read_paths = [Path(p) for p in edit_files] + ([Path(text)] if text is not None else [])
+    check_output(out, force=force, inputs=ckpt.input_paths() + read_paths)  # before the long loop, again at the end
     _validate(ckpt, edits)
     base_status = _verify_bases(ckpt, edits, force_base)
     body = read_text(text)
@@ -404,13 +398,10 @@ def apply_edits(
               "check_every": check_every, "on_collapse": on_collapse, "force_base": force_base,
               "text": str(text) if text is not None else "probe (built in)",
               "metric": report["metric"], "dtype": dtype_name(target_dtype) if target_dtype else None}
-    cfg_update = None
-    if target_dtype is not None and ckpt.config is not None:
-        cfg_update = {"torch_dtype" if "torch_dtype" in ckpt.config else "dtype": dtype_name(target_dtype)}
     t_write = time.perf_counter()
     written = write_checkpoint(plan, out, donor=ckpt, operation="edit-apply", parameters=params, inputs=[ckpt],
-                               input_roles=["base"], shard_size=shard_size, force=force, progress=progress,
-                               config_update=cfg_update,
+                               input_roles=["base"], input_paths=read_paths, dtype=target_dtype,
+                               shard_size=shard_size, force=force, progress=progress,
                                extra_record=lambda: {"baseline_perplexity": baseline,
                                                      "final_perplexity": report["final_perplexity"],
                                                      "verdicts": [r["verdict"] for r in records]})
@@ -420,7 +411,7 @@ def apply_edits(
 
         plot_perplexity(report, plot)
         report["plot"] = str(plot)
-    return ApplyResult(report, written, stopped)
+    return Result(report, written, passed=not stopped)
 
 
 def _file_sha(path: Path | None) -> str | None:

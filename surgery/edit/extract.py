@@ -12,8 +12,10 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..core.errors import IncompatibleCheckpointsError, OutputExistsError, UsageError
+from ..core.errors import IncompatibleCheckpointsError, UsageError
+from ..core.output import check_output
 from ..core.progress import Progress, ensure
+from ..core.result import Result
 from .format import Edit, TensorEdit, save_edit
 
 DEFAULT_ENERGY = 0.99
@@ -65,7 +67,7 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
                  rank: int | None = None, energy: float | None = None, description: str = "",
                  subject: str | None = None, prompt: str | None = None, target: str | None = None,
                  factor_dtype: str = "float32", device: str = "cpu", force: bool = False,
-                 progress: Progress | None = None) -> dict[str, Any]:
+                 progress: Progress | None = None) -> Result:
     """Write the edit that turns ``base`` into ``edited``.
 
     Args:
@@ -80,7 +82,8 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
         force: Replace an existing output file.
 
     Returns:
-        A report: per changed tensor its kind, rank, captured energy and relative error.
+        A Result: the written edit file and a report (per changed tensor its kind, rank,
+        captured energy and relative error).
 
     Raises:
         UsageError: Both or bad ``rank`` / ``energy``; IncompatibleCheckpointsError when the
@@ -96,12 +99,10 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
         raise UsageError(f"--energy must be in (0, 1], got {energy}.")
     fdtype = parse_dtype(factor_dtype) or torch.float32
     out = Path(output)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to replace it.", path=out)
     b = base if isinstance(base, Checkpoint) else open_checkpoint(str(base))
     e = edited if isinstance(edited, Checkpoint) else open_checkpoint(str(edited))
-    if out.resolve() in {f.resolve() for f in [*b.files, *e.files]}:
-        raise UsageError(f"{out} is one of the input files; choose another output.")
+    read_paths = b.input_paths() + e.input_paths()
+    check_output(out, force=force, inputs=read_paths, kind="file")
     only_b = sorted(set(b.names) - set(e.names))
     only_e = sorted(set(e.names) - set(b.names))
     if only_b or only_e:
@@ -153,9 +154,9 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
             "created_by": f"surgery edit extract {e.label}"}
     extra = {"extract": json.dumps({"rank": rank, "energy": None if rank is not None else (energy or DEFAULT_ENERGY)})}
     edit = Edit(tensors, base_sha256=shas, info={k: v for k, v in info.items() if v}, extra=extra)
-    save_edit(edit, out, force=force)
+    written = save_edit(edit, out, force=force, inputs=read_paths)
     stored = sum(t.numel() * t.element_size() for te in tensors.values() for t in te.tensors().values())
     dense = sum(math.prod(b.info(n).shape) * torch.empty((), dtype=fdtype).element_size() for n in tensors)
-    return {"output": str(out), "base": b.label, "edited": e.label, "changed": len(tensors),
+    return Result({"output": str(written.output), "base": b.label, "edited": e.label, "changed": len(tensors),
             "unchanged": len(b.names) - len(tensors), "stored_bytes": stored, "dense_bytes": dense,
-            "min_energy": min(r["energy"] for r in rows), "tensors": rows}
+            "min_energy": min(r["energy"] for r in rows), "tensors": rows}, written)

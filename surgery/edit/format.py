@@ -20,11 +20,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from ..core.errors import CorruptCheckpointError, InputError, OutputExistsError
+from ..core.engine import WriteResult
+from ..core.errors import CorruptCheckpointError, InputError
 
 FORMAT = "surgery-edit"
 FORMAT_VERSION = 1
@@ -220,31 +221,29 @@ def load_edit(path: str | Path) -> Edit:
     return parse_edit(tensors, meta, p)
 
 
-def save_edit(edit: Edit, path: str | Path, *, force: bool = False) -> Path:
-    """Write ``edit`` atomically (temporary sibling, then rename).
+def save_edit(edit: Edit, path: str | Path, *, force: bool = False, inputs: Sequence[str | Path] = ()) -> WriteResult:
+    """Write ``edit`` atomically (see :func:`surgery.core.output.atomic_file`), with sorted
+    names and metadata so the same edit always gives the same bytes.
+
+    Args:
+        edit: The edit.
+        path: The ``.safetensors`` file to write.
+        force: Replace an existing file.
+        inputs: What the command read (the file may be none of them).
 
     Raises:
         OutputExistsError: ``path`` exists and ``force`` is False.
+        UsageError: ``path`` is a folder or one of ``inputs``.
     """
-    from safetensors.torch import save_file
+    from ..checkpoint.writer import write_safetensors
+    from ..core.output import atomic_file
 
-    p = Path(path)
-    if p.exists() and not force:
-        raise OutputExistsError(f"{p} exists; pass --force to replace it.", path=p)
-    if p.is_dir():
-        raise OutputExistsError(f"{p} is a folder; an edit is one .safetensors file.", path=p)
-    p.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Any] = {}
     for te in edit.tensors.values():
-        tensors.update({k: t.detach().cpu().contiguous() for k, t in te.tensors().items()})
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=edit.metadata())
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        tensors.update(te.tensors())
+    metadata = edit.metadata()
+    with atomic_file(path, force=force, inputs=inputs) as tmp:
+        nbytes = write_safetensors(tmp, tensors, metadata)
+    p = Path(path).expanduser()
     edit.path = p
-    return p
+    return WriteResult(p, [p], dict(metadata), len(tensors), nbytes)

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..core.errors import CorruptCheckpointError, IncompatibleCheckpointsError, InputError, OutputExistsError, UsageError
+from ..core.engine import WriteResult
+from ..core.errors import CorruptCheckpointError, IncompatibleCheckpointsError, InputError, UsageError
+from ..core.result import Result
 from .format import Edit, TensorEdit, load_edit, save_edit
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -85,7 +87,7 @@ def module_kinds(config: dict | None, modules: list[str]) -> dict[str, str]:
 
 
 def from_peft(adapter: str | Path, output: str | Path, *, base: str | Path | Checkpoint | None = None,
-              description: str = "", force: bool = False) -> dict[str, Any]:
+              description: str = "", force: bool = False) -> Result:
     """Convert a PEFT LoRA adapter folder to an edit file.
 
     Args:
@@ -97,7 +99,8 @@ def from_peft(adapter: str | Path, output: str | Path, *, base: str | Path | Che
         force: Replace an existing output.
 
     Returns:
-        A report: per tensor its rank and scale, and ignored adapter keys.
+        A Result: the written edit file and a report (per tensor its rank and scale, and
+        ignored adapter keys).
     """
     root = Path(adapter)
     cfg_path, w_path = root / CONFIG_FILE, root / ADAPTER_FILE
@@ -187,13 +190,14 @@ def from_peft(adapter: str | Path, output: str | Path, *, base: str | Path | Che
                 extra={"peft_config": json.dumps({k: cfg.get(k) for k in ("r", "lora_alpha", "use_rslora",
                                                                            "fan_in_fan_out", "target_modules")},
                                                   default=list)})
-    save_edit(edit, output, force=force)
-    return {"output": str(output), "adapter": str(root), "base": ckpt.label if ckpt is not None else None,
-            "base_verified": ckpt is not None, "tensors": rows, "ignored": ignored}
+    written = save_edit(edit, output, force=force, inputs=[root] + (ckpt.input_paths() if ckpt is not None else []))
+    return Result({"output": str(written.output), "adapter": str(root),
+                   "base": ckpt.label if ckpt is not None else None, "base_verified": ckpt is not None,
+                   "tensors": rows, "ignored": ignored}, written)
 
 
 def to_peft(edit: str | Path | Edit, output: str | Path, *, base: str | Path | Checkpoint,
-            rank: int | None = None, drop_vectors: bool = False, force: bool = False) -> dict[str, Any]:
+            rank: int | None = None, drop_vectors: bool = False, force: bool = False) -> Result:
     """Convert an edit file to a PEFT LoRA adapter folder.
 
     Low-rank entries convert exactly (s is split as √|s| between A and B, its sign put on B).
@@ -211,17 +215,16 @@ def to_peft(edit: str | Path | Edit, output: str | Path, *, base: str | Path | C
             instead of refusing.
         force: Replace an existing output folder.
     """
-    from safetensors.torch import save_file
-
-    from ..checkpoint.writer import atomic_output
+    from ..checkpoint.writer import write_safetensors, write_text
+    from ..core.output import atomic_output, check_output
 
     if rank is not None and rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}.")
     e = edit if isinstance(edit, Edit) else load_edit(edit)
     ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(str(base))
     out = Path(output)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to replace it.", path=out)
+    read_paths = ckpt.input_paths() + ([e.path] if e.path is not None else [])
+    check_output(out, force=force, inputs=read_paths)
     modules = {n.removesuffix(".weight"): n for n in e.tensors if n.endswith(".weight")}
     kinds = module_kinds(ckpt.config, sorted(modules))
     state: dict[str, torch.Tensor] = {}
@@ -279,7 +282,10 @@ def to_peft(edit: str | Path | Edit, output: str | Path, *, base: str | Path | C
         "use_rslora": False, "use_dora": False, "lora_dropout": 0.0, "bias": "none", "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True,
     }
-    with atomic_output(out, force=force, inputs=[ckpt.root]) as tmp:
-        save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return {"output": str(out), "edit": e.label, "base": ckpt.label, "r": r_max, "tensors": rows, "dropped": dropped}
+    with atomic_output(out, force=force, inputs=read_paths) as tmp:
+        nbytes = write_safetensors(tmp / ADAPTER_FILE, state, {"format": "pt"})
+        write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    out = out.expanduser()
+    written = WriteResult(out, [out / ADAPTER_FILE], config, len(state), nbytes)
+    return Result({"output": str(out), "edit": e.label, "base": ckpt.label, "r": r_max, "tensors": rows,
+                   "dropped": dropped}, written)

@@ -10,7 +10,6 @@ its adapter factors and the shared factors of VeRA / TeRA.
 from __future__ import annotations
 
 import math
-import shutil
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,9 +19,10 @@ from typing import Any
 import torch
 
 from ..checkpoint.reader import Checkpoint, open_checkpoint
-from ..core.engine import OutputTensor, WriteResult, cast_tensor, copy_tensor, dtype_name, parse_dtype, write_checkpoint
-from ..core.errors import IncompatibleCheckpointsError, OutputExistsError, UsageError
+from ..core.engine import OutputTensor, cast_tensor, copy_tensor, dtype_name, parse_dtype, write_checkpoint
+from ..core.errors import IncompatibleCheckpointsError, UsageError
 from ..core.progress import Progress
+from ..core.result import Result
 from .base import Adapter, Update, header_problem, open_adapter
 from .registry import KINDS, detect
 
@@ -129,7 +129,7 @@ def _tied_pair(base: Checkpoint) -> tuple[str, str] | None:
 
 def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path, *, dtype: str | None = None,
          shard_size: str = "5GB", force: bool = False, device: str = "cpu", check: bool = False,
-         threads: int | None = None, progress: Progress | None = None) -> tuple[WriteResult, dict[str, Any]]:
+         threads: int | None = None, progress: Progress | None = None) -> Result:
     """Fuse ``adapters`` into ``base`` and write the result to ``output``.
 
     Args:
@@ -148,7 +148,8 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
         progress: Progress sink.
 
     Returns:
-        The engine's WriteResult and a report (adapters, kinds, changed tensors, tying).
+        A Result: the written checkpoint and a report (adapters, kinds, changed tensors, tying,
+        the check's numbers).
 
     Raises:
         UsageError: No adapters; ``check`` with adapters PEFT cannot run.
@@ -285,48 +286,30 @@ def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, pr
         else:
             plan.append(cast_tensor(ckpt, start, target, new_name=name) if target else copy_tensor(ckpt, start, new_name=name))
 
-    config_update: dict[str, Any] = {}
-    if untied:
-        config_update["tie_word_embeddings"] = False
-    if target is not None and ckpt.config is not None:
-        config_update["torch_dtype" if "torch_dtype" in ckpt.config else "dtype"] = dtype_name(target)
+    config_update = {"tie_word_embeddings": False} if untied else None
     params = {"adapters": [{"path": str(a.path), "kind": a.kind, "weight": a.weight} for a in opened],
               "dtype": dtype_name(target) if target else None, "untied_embeddings": untied}
     adapter_ckpts = [a.tensors for a in opened]
-    out_path = Path(output)
+    verify = None
     if check:
         if len(opened) != 1:
-            raise UsageError("--check compares with PEFT's forward pass of one adapter; give a single adapter.")
-        if out_path.exists() and not force:
-            raise OutputExistsError(f"{out_path} exists; pass --force to replace it.", path=out_path)
-        final, out_path = out_path, out_path.with_name(f".{out_path.name}.fuse-check")
-        if out_path.exists():
-            shutil.rmtree(out_path)
-    result = write_checkpoint(plan, out_path, donor=ckpt, operation="fuse", parameters=params,
-                              inputs=[ckpt, *adapter_ckpts], input_roles=["base"] + ["adapter"] * len(opened),
-                              shard_size=shard_size, force=force, progress=progress,
-                              config_update=config_update or None)
-    check_report = None
-    if check:
+            raise UsageError("check compares with PEFT's forward pass of one adapter; give a single adapter.")
         from .check import check_against_peft
 
-        try:
-            check_report = check_against_peft(ckpt.root, params["adapters"][0], out_path,
-                                              out_dtype(_dominant_dtype(ckpt)))
-        except BaseException:
-            shutil.rmtree(out_path, ignore_errors=True)
-            raise
-        if final.exists():
-            shutil.rmtree(final)
-        out_path.rename(final)
-        result.output_dir = final
-        result.files = [final / f.name for f in result.files]
+        def verify(folder: Path) -> dict[str, Any]:
+            return check_against_peft(ckpt.root, params["adapters"][0], folder, out_dtype(_dominant_dtype(ckpt)))
+
+    result = write_checkpoint(plan, output, donor=ckpt, operation="fuse", parameters=params,
+                              inputs=[ckpt, *adapter_ckpts], input_roles=["base"] + ["adapter"] * len(opened),
+                              input_paths=[a.path for a in opened], dtype=target, shard_size=shard_size, force=force,
+                              progress=progress, config_update=config_update, verify=verify)
+    check_report = result.verified
     report = {"base": ckpt.label, "adapters": report_adapters,
               "tensors_changed": sorted(steps), "tensors_added": sorted(new_from),
               "tensors_copied": sum(1 for o in plan if o.source is not None),
               "tensors_cast": sum(1 for o in plan if o.source is None and o.name not in steps),
               "untied_embeddings": untied, "check": check_report}
-    return result, report
+    return Result(report, result)
 
 
 def _validate(ckpt: Checkpoint, steps: dict[str, list[_Step]], new_from: dict[str, str]) -> None:

@@ -9,6 +9,6 @@
 
 from .growth import INITS, exact_for
 from .pattention import NORM_TYPES, nonlinear_norm, pattention
-from .run import GrowResult, grow
+from .run import grow
 
-__all__ = ["INITS", "NORM_TYPES", "GrowResult", "exact_for", "grow", "nonlinear_norm", "pattention"]
+__all__ = ["INITS", "NORM_TYPES", "exact_for", "grow", "nonlinear_norm", "pattention"]

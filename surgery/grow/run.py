@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..checkpoint.reader import Checkpoint, open_checkpoint
-from ..core.engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
+from ..core.engine import OutputTensor, cast_tensor, dtype_name, parse_dtype, write_checkpoint
 from ..core.errors import CheckFailedError, InputError, UsageError
 from ..core.progress import Progress
+from ..core.result import Result
 from .growth import INITS, exact_for, grow_keys, grow_values, key_rank, new_scale_tokens
 from .model import (EMBEDDING, KINDS, NORM_SLOT_FIELDS, SLOT_FIELDS, PattentionSite, TokenFormerConfig,
                     find_pattention, lm_logits, normalize_keys)
@@ -31,14 +31,6 @@ from .model import (EMBEDDING, KINDS, NORM_SLOT_FIELDS, SLOT_FIELDS, PattentionS
 # Largest relative logit deviation an exact init may show, by the dtype the grown tokens are
 # stored in (the new keys of `gram` are rounded to it; `tile` and `zero` are bit-exact).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-
-
-@dataclass
-class GrowResult:
-    """What :func:`grow` did: the engine's write result and the growth report."""
-
-    write: WriteResult
-    report: dict[str, Any]
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -106,7 +98,7 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
          init: str = "tile", seed: int = 0, verify: bool = True, tolerance: float | None = None,
          config_file: str | Path | None = None, dtype: str | None = None, shard_size: str = "5GB",
          force: bool = False, device: str = "cpu", verify_batch: int = 2, verify_seq_len: int = 32,
-         progress: Progress | None = None) -> GrowResult:
+         progress: Progress | None = None) -> Result:
     """Grow the parameter tokens of a TokenFormer checkpoint (Wang et al. 2024, arXiv 2410.23168).
 
     Args:
@@ -127,7 +119,8 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
         verify_batch, verify_seq_len: Size of the random verification batch.
 
     Returns:
-        A GrowResult.
+        A Result: the written checkpoint and ``report["growth"]`` (slots before and after,
+        the verification's deviations, notes).
 
     Raises:
         UsageError: bad sizes, tile with a non-multiple, gram on a norm it cannot keep.
@@ -219,7 +212,7 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
             raise CheckFailedError(
                 f"--init {init} should keep the function of {ckpt.label} but the logits moved by {v['max_rel_dev']:.3g} "
                 f"(relative; max abs {v['max_abs_dev']:.3g}), above the tolerance {tol:.3g}; nothing was written.",
-                report=report, path=ckpt.root)
+                report={"growth": report}, path=ckpt.root)
     else:
         report["verify"] = None
 
@@ -235,9 +228,10 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
     params = {"init": init, "seed": seed, "dtype": dtype_name(target_dtype) if target_dtype else None,
               **{SLOT_FIELDS[k]: {"from": current[k], "to": targets[k]} for k in KINDS}}
     result = write_checkpoint(plan, output, donor=ckpt, operation="grow", parameters=params, inputs=[ckpt],
-                              input_roles=["base"], shard_size=shard_size, force=force, progress=progress,
+                              input_roles=["base"], input_paths=[config_file] if config_file is not None else (),
+                              dtype=target_dtype, shard_size=shard_size, force=force, progress=progress,
                               config_update=cfg_update, extra_record=lambda: {"growth": report})
-    return GrowResult(result, report)
+    return Result({"growth": report}, result)
 
 
 def _check_shapes(ckpt: Checkpoint, sites: list[PattentionSite], config: TokenFormerConfig, where: str) -> None:

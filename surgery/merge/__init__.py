@@ -3,7 +3,7 @@ continual-merge state, mergekit-style recipes and the streaming entry point :fun
 
 from .recipe import MergeRequest, ModelEntry, load_recipe
 from .registry import METHODS, MethodSpec, get_method
-from .run import MergeOptions, MergeResult, merge
+from .run import MergeOptions, merge
 
-__all__ = ["METHODS", "MergeOptions", "MergeRequest", "MergeResult", "MethodSpec", "ModelEntry", "get_method",
+__all__ = ["METHODS", "MergeOptions", "MergeRequest", "MethodSpec", "ModelEntry", "get_method",
            "load_recipe", "merge"]

@@ -17,7 +17,7 @@ import tempfile
 from collections import deque
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +30,7 @@ from ..core.engine import (OutputTensor, WriteResult, copy_tensor, dtype_name, p
                       write_checkpoint)
 from ..core.errors import IncompatibleCheckpointsError, InputError, UsageError
 from ..core.progress import Progress, ensure
+from ..core.result import Result
 from . import opcm as opcm_math
 from . import ties as ties_math
 from .recipe import MergeRequest, evaluate
@@ -62,17 +63,10 @@ class MergeOptions:
     resume_dir: Path | None = None
 
 
-@dataclass
-class MergeResult:
-    """What :func:`merge` did."""
-
-    write: WriteResult
-    method: str
-    order: list[str]
-    parameters: dict[str, Any]
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    lam: float | None = None
-    state_dir: Path | None = None
+def _result(written: WriteResult, method: str, order: list[str], steps: list[dict[str, Any]] | None = None,
+            lam: float | None = None, state_dir: Path | None = None) -> Result:
+    return Result({"method": method, "order": order, "lambda": lam, "steps": steps or [],
+                   "state": str(state_dir) if state_dir else None}, written)
 
 
 # ---- parameters -----------------------------------------------------------------------------
@@ -458,7 +452,7 @@ class _Continual:
     def _norms(tau, s_prev, s_new, lazy_first) -> list[float]:
         return [_sq(tau), _sq(s_new), _sq(s_prev) if lazy_first and s_prev is not None else 0.0]
 
-    def run(self, output, *, shard_size, force, sink_factory) -> MergeResult:
+    def run(self, output, *, shard_size, force, sink_factory) -> Result:
         st = self.state
         self.count = st.count if st else 0
         self.sum_norms = st.sum_norms if st else 0.0
@@ -515,7 +509,7 @@ class _Continual:
                 s["tau_norm"] = s["merged_norm"] = s["mean_tau_norm"] = norm
         self.sum_norms += norm
 
-    def _write(self, output, prev, fold_models, order, steps, lazy_first, shard_size, force, sink_factory) -> MergeResult:
+    def _write(self, output, prev, fold_models, order, steps, lazy_first, shard_size, force, sink_factory) -> Result:
         base, dev, spec = self.base, self.dev, self.spec
         count0 = self.count
         acc = {"first": 0.0, "tau": [0.0] * len(fold_models)}
@@ -592,8 +586,8 @@ class _Continual:
                                            self.sum_norms, self.lam, steps))
         else:
             result = run_write(None)
-        return MergeResult(result, spec.name, [e["label"] for e in order], self.record_params, steps,
-                           self.lam if is_opcm else None, self.options.state_dir)
+        return _result(result, spec.name, [e["label"] for e in order], steps, self.lam if is_opcm else None,
+                       self.options.state_dir)
 
 
 # ---- entry point ----------------------------------------------------------------------------
@@ -635,7 +629,7 @@ def _resume(request: MergeRequest, options: MergeOptions) -> tuple[ContinualStat
 
 def merge(request: MergeRequest, output: str | Path, *, options: MergeOptions | None = None,
           dtype: str | None = None, shard_size: str | int = "5GB", force: bool = False,
-          progress: Progress | None = None) -> MergeResult:
+          progress: Progress | None = None) -> Result:
     """Merge the models of ``request`` into a new checkpoint at ``output``.
 
     Args:
@@ -648,7 +642,8 @@ def merge(request: MergeRequest, output: str | Path, *, options: MergeOptions | 
         progress: Progress sink.
 
     Returns:
-        A MergeResult (for OPCM with λ_t and the per-step norms).
+        A Result: the written checkpoint, and a report with the method, the model order and
+        (continual methods) the per-step norms and OPCM's λ_t.
 
     Raises:
         UsageError: Unknown method or parameters, wrong number of models, bad flag combinations.
@@ -707,7 +702,7 @@ def merge(request: MergeRequest, output: str | Path, *, options: MergeOptions | 
         roles = (["base"] if base is not None and spec.base != "ignored" else []) + ["model"] * len(models)
         result = write_checkpoint(plan, output, donor=donor, operation="merge", parameters=record, inputs=inputs,
                                   input_roles=roles, shard_size=shard_size, force=force, progress=progress)
-        return MergeResult(result, spec.name, [m.label for m in models], record)
+        return _result(result, spec.name, [m.label for m in models])
     record.update({"decomposition": options.decomposition, "shuffle": options.shuffle,
                    "resume": str(options.resume_dir) if options.resume_dir else None,
                    "state": str(options.state_dir) if options.state_dir else None})

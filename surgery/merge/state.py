@@ -20,7 +20,8 @@ from typing import Any, Iterator
 import torch
 
 from ..checkpoint.reader import Checkpoint, open_local
-from ..checkpoint.writer import ShardedWriter, TensorSpec, atomic_output, write_text
+from ..checkpoint.writer import ShardedWriter, TensorSpec, write_text
+from ..core.output import atomic_output
 from ..core.errors import CorruptCheckpointError, InputError, UsageError
 
 STATE_FORMAT = "surgery-continual-state"

@@ -49,7 +49,7 @@ def test_extract_apply_json(cli, setup, fixtures_dir, tmp_path):
             "--on-collapse", "ignore", "--json")
     assert r.code == 0, r.stderr
     rep = json.loads(r.stdout)
-    assert rep["written"]["output"] == str(tmp_path / "out") and len(rep["edits"]) == 1
+    assert rep["output"] == str(tmp_path / "out") and len(rep["edits"]) == 1
     assert rep["baseline_perplexity"] > 0 and rep["edits"][0]["tensors"][0]["base_check"] == "base"
     sd = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(sd) == set(ck.names)

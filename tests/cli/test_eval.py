@@ -38,7 +38,7 @@ def test_ppl_errors(cli, fixtures_dir, tmp_path):
     r = cli("eval", "ppl", base, "--ctx", 4096)
     assert r.code == 2 and "exceeds the model's 128 positions; pass --ctx 128 or less" in r.stderr
     r = cli("eval", "ppl", base, "--sentences", "--stride", 4)
-    assert r.code == 2 and "--stride applies to corpus mode only" in r.stderr
+    assert r.code == 2 and "--stride applies to corpus perplexity only" in r.stderr
     r = cli("eval", "ppl", base, "--max-sentences", 4)
     assert r.code == 2 and "--max-sentences applies to --sentences mode only" in r.stderr
     r = cli("eval", "ppl", tmp_path / "missing-model")

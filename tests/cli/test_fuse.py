@@ -30,7 +30,7 @@ def test_json_is_one_document_with_the_facts(cli, tmp_path, gpt2_lora):
     assert r.code == 0, r.stderr
     rep = r.json()
     assert rep["output"] == str(out) and rep["files"] == ["model.safetensors"]
-    fz = rep["fuse"]
+    fz = rep
     assert fz["adapters"][0]["kind"] == "LORA" and fz["adapters"][0]["weight"] == 0.5
     assert len(fz["tensors_changed"]) == 6 and fz["untied_embeddings"] is None
     assert rep["record"]["operation"] == "fuse"
@@ -46,7 +46,7 @@ def test_json_is_one_document_with_the_facts(cli, tmp_path, gpt2_lora):
 def test_check_passes_and_reports(cli, tmp_path, gpt2_lora):
     r = cli("fuse", GPT2, gpt2_lora, "-o", tmp_path / "out", "--check", "--json")
     assert r.code == 0, r.stderr
-    c = r.json()["fuse"]["check"]
+    c = r.json()["check"]
     assert c["passed"] and c["relative_diff"] <= 1e-4 and c["max_abs_diff"] >= 0
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert not list(tmp_path.glob(".out.fuse-check"))

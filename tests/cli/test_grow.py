@@ -72,7 +72,8 @@ def test_check_failure_exit_1_json(cli, tf_dirs, tmp_path):
             "--tolerance", "1e-15", "--json")
     assert r.code == 1
     doc = r.json()
-    assert doc["passed"] is False and doc["growth"]["verify"]["max_rel_dev"] > 1e-15
+    assert doc["passed"] is False and doc["error"]["code"] == 1
+    assert doc["report"]["growth"]["verify"]["max_rel_dev"] > 1e-15
     assert "nothing was written" in r.stderr and not (tmp_path / "o").exists()
 
 

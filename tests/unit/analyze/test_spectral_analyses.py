@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from surgery.checkpoint import open_checkpoint
 from surgery.core.errors import IncompatibleCheckpointsError, UsageError
-from surgery.analyze.gain import analyze_gain, matrix_gain, pair_tensors, proxy_depth, with_depth
-from surgery.analyze.spectrum import analyze_spectrum
-from surgery.analyze.subspace import (
+from surgery.analyze.gains import analyze_gain, matrix_gain, pair_tensors, proxy_depth, with_depth
+from surgery.analyze.spectra import analyze_spectrum
+from surgery.analyze.subspaces import (
     analyze_subspace,
     block_importance,
     frozen_rank,
@@ -233,9 +233,9 @@ def test_gain_pairs_across_widths_on_fixtures(fixtures_dir):
     # Random-init matrices whose both sides double: σ_max ≈ std·(√m + √n) grows by √2 (exponent 0.5).
     qs = rep["pairs_by_type"]["q"]
     assert qs["exponent"]["mean"] == pytest.approx(0.5, abs=0.1)
-    assert not rep["passed"] and "model.layers.0.self_attn.q_proj.weight" in rep["drifted"]
+    assert not rep["within_tolerance"] and "model.layers.0.self_attn.q_proj.weight" in rep["drifted"]
     ok = analyze_gain(wide, vs=tiny, tolerance=0.2, expect_exponent=0.5, ignore_types=["embed"])
-    assert ok["passed"], ok["drifted"]
+    assert ok["within_tolerance"], ok["drifted"]
     emb = next(p for p in ok["pairs"] if p["sublayer"] == "embed")
     assert emb["judged"] is False and emb["within_tolerance"] is False
 
@@ -277,7 +277,7 @@ def test_gain_nonfinite_pair_fails(tmp_path):
     bad = next(x for x in rep["pairs"] if x["name"].startswith("model.layers.1."))
     assert bad["ratio"] is None and bad["within_tolerance"] is False and bad["reason"] == "non-finite target"
     assert rep["non_finite"] == ["model.layers.1.self_attn.o_proj.weight"]
-    assert not rep["passed"]
+    assert not rep["within_tolerance"]
 
 
 def test_gain_errors(fixtures_dir):

@@ -119,8 +119,9 @@ def test_missing_repo_offline_is_input_error(offline):
 def test_missing_revision_offline_is_input_error(offline):
     code, out, err = _main("inspect", "org/name@nope", "--json")
     assert code == 3
-    assert out == ""
-    assert "org/name at revision nope could not be fetched" in err
+    doc = json.loads(out)  # --json on failure: one error document on stdout
+    assert doc["error"]["code"] == 3 and doc["error"]["type"] == "HubError" and doc["passed"] is False
+    assert "org/name at revision nope could not be fetched" in err and doc["error"]["message"] in err
 
 
 def test_pull_raises_hub_error_in_process(monkeypatch, tmp_path):

@@ -178,7 +178,7 @@ def test_output_may_not_be_input(fixtures_dir, tmp_path):
     src_dir = tmp_path / "src"
     shutil.copytree(fixtures_dir / "llama-tiny" / "base", src_dir)
     src = open_checkpoint(src_dir)
-    with pytest.raises(UsageError, match="would overwrite the input"):
+    with pytest.raises(UsageError, match="is the input|contains the input"):
         write_checkpoint([copy_tensor(src, n) for n in src.names], src_dir, donor=src, operation="x",
                          parameters={}, inputs=[src], force=True)
 

@@ -65,7 +65,7 @@ def test_prechecks_closed_form(llama, tmp_path, make_rank1, probe6):
 def test_stop_writes_last_good_state(llama, tmp_path, three_edits, probe6):
     res = apply_edits(llama, three_edits, tmp_path / "out", text=probe6, on_collapse="stop")
     rep = res.report
-    assert res.stopped and rep["collapsed_at"] == 1
+    assert (not res.passed) and rep["collapsed_at"] == 1
     assert [e["verdict"] for e in rep["edits"]] == ["ok", "collapsed (rolled back)", "not reached"]
     assert rep["edits"][1]["ratio"] > 1e3 and rep["edits"][1]["precheck"] == "over"
     assert rep["final_perplexity"] == rep["edits"][0]["perplexity"]
@@ -75,7 +75,7 @@ def test_stop_writes_last_good_state(llama, tmp_path, three_edits, probe6):
 def test_skip_drops_only_the_offender(llama, tmp_path, three_edits, probe6):
     res = apply_edits(llama, three_edits, tmp_path / "out", text=probe6, on_collapse="skip")
     rep = res.report
-    assert not res.stopped
+    assert res.passed
     assert [e["verdict"] for e in rep["edits"]] == ["ok", "collapsed (skipped)", "ok"]
     # the big edit was rolled back by subtraction: the next check is back near the baseline
     assert rep["edits"][2]["ratio"] == pytest.approx(1.0, abs=0.01)
@@ -102,7 +102,7 @@ def test_check_every_isolates_offender_in_group(llama, tmp_path, three_edits, pr
     # with default thresholds the big edit's pre-check forces a check right after it
     res2 = apply_edits(llama, three_edits, tmp_path / "out2", text=probe6, on_collapse="stop", check_every=3)
     assert [c["after_edit"] for c in res2.report["checks"]] == [None, 1]
-    assert res2.stopped and [e["verdict"] for e in res2.report["edits"]][:2] == ["collapsed (rolled back)"] * 2
+    assert (not res2.passed) and [e["verdict"] for e in res2.report["edits"]][:2] == ["collapsed (rolled back)"] * 2
 
 
 def test_base_verification(llama, fixtures_dir, tmp_path, make_rank1, probe6):

@@ -28,7 +28,7 @@ def test_choose_rank_closed_form():
 
 def test_extract_matches_eckart_young(fixtures_dir, tmp_path):
     base, edited = fixtures_dir / "gpt2-tiny" / "base", fixtures_dir / "gpt2-tiny" / "ft-a"
-    rep = extract_edit(base, edited, tmp_path / "e.safetensors", rank=3, description="ft-a as an edit")
+    rep = extract_edit(base, edited, tmp_path / "e.safetensors", rank=3, description="ft-a as an edit").report
     e = load_edit(tmp_path / "e.safetensors")
     a, b = load_file(str(base / "model.safetensors")), load_file(str(edited / "model.safetensors"))
     rows = {r["name"]: r for r in rep["tensors"]}

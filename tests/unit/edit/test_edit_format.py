@@ -22,7 +22,7 @@ def test_round_trip_and_metadata(tmp_path):
     d = torch.randn(5)
     e = Edit({"a.weight": TensorEdit("a.weight", u=u, v=v, s=s), "b.bias": TensorEdit("b.bias", dense=d)},
              base_sha256={"a.weight": "ab" * 32}, info={"description": "move the Eiffel Tower", "subject": "Eiffel Tower"})
-    p = save_edit(e, tmp_path / "e.safetensors")
+    p = save_edit(e, tmp_path / "e.safetensors").output
     back = load_edit(p)
     assert set(back.tensors) == {"a.weight", "b.bias"}
     assert torch.equal(back.tensors["a.weight"].u, u) and torch.equal(back.tensors["b.bias"].dense, d)

@@ -45,7 +45,7 @@ def _peft_merge(base_dir, adapter_dir):
 def test_from_peft_equals_peft_merge(fixtures_dir, tmp_path, which, targets, cfg):
     base = fixtures_dir / which / "base"
     merged = _peft_adapter(base, tmp_path / "ad", targets, **cfg)
-    rep = from_peft(tmp_path / "ad", tmp_path / "e.safetensors", base=base)
+    rep = from_peft(tmp_path / "ad", tmp_path / "e.safetensors", base=base).report
     e = load_edit(tmp_path / "e.safetensors")
     ckpt = open_checkpoint(base)
     assert rep["base_verified"] and set(e.base_sha256) == set(e.tensors)
@@ -78,7 +78,7 @@ def test_to_peft_loads_in_peft(fixtures_dir, tmp_path, which, names):
             tensors[n] = TensorEdit(n, u=u, v=v, s=s)
         want[n] = tensors[n].delta(torch.float64)
     save_edit(Edit(tensors), tmp_path / "e.safetensors")
-    rep = to_peft(tmp_path / "e.safetensors", tmp_path / "ad", base=base)
+    rep = to_peft(tmp_path / "e.safetensors", tmp_path / "ad", base=base).report
     merged = _peft_merge(base, tmp_path / "ad")
     for n in names:
         got = merged[n].double() - ckpt.get(n, dtype=torch.float64)
@@ -97,7 +97,7 @@ def test_to_peft_truncates_dense_with_rank(fixtures_dir, tmp_path):
     n = "model.layers.0.mlp.up_proj.weight"
     d = torch.randn(128, 64, generator=torch.Generator().manual_seed(2))
     save_edit(Edit({n: TensorEdit(n, dense=d)}), tmp_path / "e.safetensors")
-    rep = to_peft(tmp_path / "e.safetensors", tmp_path / "ad", base=base, rank=5)
+    rep = to_peft(tmp_path / "e.safetensors", tmp_path / "ad", base=base, rank=5).report
     sv = torch.linalg.svdvals(d.double())
     assert rep["tensors"][0]["rank"] == 5
     assert rep["tensors"][0]["rel_error"] == pytest.approx(float((sv[5:] ** 2).sum().sqrt() / sv.norm()), rel=1e-4)

@@ -36,10 +36,10 @@ def _renamed_base(src, dst, rename):
     (lambda k: "language_model." + k, "prefix 'language_model.' added"),            # wrapped in a bigger model
 ])
 def test_key_mapping_any_prefix(tmp_path, llama_f32, lora_adapter, rename, rule):
-    _, ref_report = fuse(llama_f32, [str(lora_adapter)], tmp_path / "ref")
+    ref_report = fuse(llama_f32, [str(lora_adapter)], tmp_path / "ref").report
     ref = load_file(tmp_path / "ref" / "model.safetensors")
     base = _renamed_base(llama_f32, tmp_path / "renamed", rename)
-    _, report = fuse(base, [str(lora_adapter)], tmp_path / "out")
+    report = fuse(base, [str(lora_adapter)], tmp_path / "out").report
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert report["adapters"][0]["key_mapping"] == rule
     assert report["tensors_changed"] == sorted(rename(k) for k in ref_report["tensors_changed"])
@@ -51,7 +51,7 @@ def test_untouched_tensors_are_byte_copies(tmp_path, llama_f32, lora_adapter):
     from surgery.checkpoint import open_checkpoint
 
     threads = torch.get_num_threads()
-    _, report = fuse(llama_f32, [str(lora_adapter)], tmp_path / "out")
+    report = fuse(llama_f32, [str(lora_adapter)], tmp_path / "out").report
     assert torch.get_num_threads() == threads          # small tensors ran on one thread, then restored
     base, out = open_checkpoint(str(llama_f32)), open_checkpoint(str(tmp_path / "out"))
     untouched = [n for n in base.names if n not in report["tensors_changed"]]
@@ -87,7 +87,7 @@ def test_converted_pissa_accepted(tmp_path, lora_adapter, llama_f32):
     cfg = json.loads((ad / "adapter_config.json").read_text())
     cfg["init_lora_weights"] = True
     (ad / "adapter_config.json").write_text(json.dumps(cfg))
-    _, report = fuse(llama_f32, [str(ad)], tmp_path / "out")
+    report = fuse(llama_f32, [str(ad)], tmp_path / "out").report
     assert len(report["tensors_changed"]) == 4
 
 

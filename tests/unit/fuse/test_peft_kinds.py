@@ -61,7 +61,7 @@ def test_matches_peft(case, tmp_path, llama_f32):
     base = llama_f32 if base_id == "f32" else base_id
     adapter = make_adapter(base, make_cfg(), tmp_path / "adapter", seed=hash(case) % 1000, tweak=tweak)
     out = tmp_path / "fused"
-    result, report = fuse(base, [str(adapter)], out)
+    report = fuse(base, [str(adapter)], out).report
     ref_sd, ref_logits = peft_reference(base, adapter)
     ours = load_file(out / "model.safetensors")
     assert report["tensors_changed"], "the adapter changed nothing"
@@ -84,7 +84,7 @@ def test_bf16_base_within_one_rounding_step(tmp_path):
     cfg = peft.LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     adapter = make_adapter(LLAMA, cfg, tmp_path / "adapter", seed=3)
-    _, report = fuse(LLAMA, [str(adapter)], tmp_path / "fused")
+    report = fuse(LLAMA, [str(adapter)], tmp_path / "fused").report
     ref_sd, _ = peft_reference(LLAMA, adapter)
     ours = load_file(tmp_path / "fused" / "model.safetensors")
     assert len(report["tensors_changed"]) == 14
@@ -102,7 +102,7 @@ def test_tied_embedding_lora_unties_and_follows_the_forward_pass(tmp_path):
                           init_lora_weights=False)
     adapter = make_adapter(GPT2, cfg, tmp_path / "adapter", seed=5)
     out = tmp_path / "fused"
-    _, report = fuse(GPT2, [str(adapter)], out)
+    report = fuse(GPT2, [str(adapter)], out).report
     assert report["untied_embeddings"] == {"output": "lm_head.weight", "input": "transformer.wte.weight"}
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     ours, base = load_file(out / "model.safetensors"), load_file(GPT2 / "model.safetensors")
@@ -120,7 +120,7 @@ def test_modules_to_save_head_on_tied_model(tmp_path, llama_f32):
                           init_lora_weights=False)
     adapter = make_adapter(llama_f32, cfg, tmp_path / "adapter", seed=9, tweak=_noise_on("modules_to_save"))
     out = tmp_path / "fused"
-    _, report = fuse(llama_f32, [str(adapter)], out)
+    report = fuse(llama_f32, [str(adapter)], out).report
     assert "lm_head.weight" in report["tensors_added"]
     assert report["untied_embeddings"]["output"] == "lm_head.weight"
     _, ref_logits = peft_reference(llama_f32, adapter)

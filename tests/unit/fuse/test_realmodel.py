@@ -28,7 +28,7 @@ def test_workload_lora_matches_peft_within_one_bf16_step(tmp_path, one_thread):
     from surgery.fuse import fuse
     from surgery.checkpoint import open_checkpoint
 
-    _, report = fuse(base, [str(lora)], tmp_path / "fused")
+    report = fuse(base, [str(lora)], tmp_path / "fused").report
     assert len(report["tensors_changed"]) == 30 * 7
     quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)

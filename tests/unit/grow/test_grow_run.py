@@ -34,13 +34,13 @@ def test_exact_inits_keep_the_logits(tokenformers, tmp_path, norm, init, kw):
     res = grow(src, tmp_path / "out", init=init, **kw)
     sd0, cfg0 = load(src)
     sd1, cfg1 = load(tmp_path / "out")
-    assert res.report["exact"] is True and res.report["verify"]["passed"] is True
-    assert res.report["verify"]["max_rel_dev"] < 1e-5
+    assert res.report["growth"]["exact"] is True and res.report["growth"]["verify"]["passed"] is True
+    assert res.report["growth"]["verify"]["max_rel_dev"] < 1e-5
     # independent check on the written files, other ids than the verifier's
     assert _max_rel(reference_logits(sd1, cfg1, IDS), reference_logits(sd0, cfg0, IDS)) < 1e-5
     # config slot counts and shapes updated; old tokens kept bit for bit
     for kind in ("qkv", "proj", "ffn"):
-        assert cfg1[f"{kind}_slot_num"] == res.report["slots"][kind]["after"]
+        assert cfg1[f"{kind}_slot_num"] == res.report["growth"]["slots"][kind]["after"]
     for name, t in sd0.items():
         if name.endswith("param_tokens"):
             kind = "ffn" if ".mlp." in name else ("proj" if ".proj." in name else "qkv")
@@ -58,8 +58,8 @@ def test_zero_records_frozen_scale_which_the_released_forward_ignores(tokenforme
     sd0, cfg0 = load(src)
     sd1, cfg1 = load(tmp_path / "z")
     assert cfg1["qkv_norm_slot_num"] == 16 and "ffn_norm_slot_num" not in cfg1
-    assert res.report["frozen_scale"] == {"qkv_norm_slot_num": 16}
-    assert any("does not read it" in n for n in res.report["notes"])
+    assert res.report["growth"]["frozen_scale"] == {"qkv_norm_slot_num": 16}
+    assert any("does not read it" in n for n in res.report["growth"]["notes"])
     ref = reference_logits(sd0, cfg0, IDS)
     assert _max_rel(reference_logits(sd1, cfg1, IDS), ref) < 1e-5
     assert _max_rel(reference_logits(sd1, cfg1, IDS, honour_frozen=False), ref) > 1e-3
@@ -69,8 +69,8 @@ def test_zero_records_frozen_scale_which_the_released_forward_ignores(tokenforme
 def test_approximate_inits_report_their_deviation(tokenformers, tmp_path, norm, init):
     src = tokenformers[norm]
     res = grow(src, tmp_path / "a", init=init, tokens=80, seed=7)
-    v = res.report["verify"]
-    assert res.report["exact"] is False and v["passed"] is None
+    v = res.report["growth"]["verify"]
+    assert res.report["growth"]["exact"] is False and v["passed"] is None
     sd0, cfg0 = load(src)
     sd1, cfg1 = load(tmp_path / "a")
     # the reported deviation is the one an independent forward sees on the verifier's ids
@@ -89,13 +89,13 @@ def test_grow_twice_keeps_the_function(tokenformers, tmp_path):
     assert (cfg3["qkv_slot_num"], cfg3["proj_slot_num"], cfg3["ffn_slot_num"]) == (80, 48, 160)
     # zero froze qkv at 16 and ffn at 64; tile doubled both; gram added 32 qkv tokens
     assert (cfg3["qkv_norm_slot_num"], cfg3["ffn_norm_slot_num"]) == (64, 128)
-    assert res.report["slots"]["qkv"]["scale_tokens_before"] == 32
+    assert res.report["growth"]["slots"]["qkv"]["scale_tokens_before"] == 32
     assert _max_rel(reference_logits(sd3, cfg3, IDS), reference_logits(sd0, cfg0, IDS)) < 1e-5
 
 
 def test_bfloat16_output_gram_within_default_tolerance(tokenformers, tmp_path):
     res = grow(tokenformers["l2_norm_gelu"], tmp_path / "bf", init="gram", ffn_tokens=96, dtype="bfloat16")
-    v = res.report["verify"]
+    v = res.report["growth"]["verify"]
     assert v["passed"] and 0 < v["max_rel_dev"] < v["tolerance"] == 2e-2
     with safe_open(str(tmp_path / "bf" / "model.safetensors"), "pt") as f:
         assert f.get_slice("sequential.2.mlp.key_param_tokens").get_dtype() == "BF16"
@@ -104,7 +104,7 @@ def test_bfloat16_output_gram_within_default_tolerance(tokenformers, tmp_path):
 def test_exact_mode_over_tolerance_fails_and_writes_nothing(tokenformers, tmp_path):
     with pytest.raises(CheckFailedError, match="should keep the function .* above the tolerance 1e-14; nothing was written") as e:
         grow(tokenformers["l2_norm_gelu"], tmp_path / "f", init="gram", ffn_tokens=100, tolerance=1e-14)
-    assert e.value.exit_code == 1 and e.value.report["verify"]["passed"] is False
+    assert e.value.exit_code == 1 and e.value.report["growth"]["verify"]["passed"] is False
     assert not (tmp_path / "f").exists()
 
 
@@ -120,7 +120,7 @@ def test_model_card_and_metadata_record_growth(tokenformers, tmp_path):
 
 def test_no_verify(tokenformers, tmp_path):
     res = grow(tokenformers["softmax"], tmp_path / "nv", init="random", tokens=64, verify=False)
-    assert res.report["verify"] is None
+    assert res.report["growth"]["verify"] is None
     assert load_file(str(tmp_path / "nv" / "model.safetensors"))["sequential.3.mlp.key_param_tokens"].shape == (64, 32)
 
 
@@ -189,7 +189,7 @@ def test_official_yaml_config_for_a_bare_checkpoint(tmp_path):
     res = grow(bare, tmp_path / "out", tokens=128, config_file=yml)
     out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out_cfg["qkv_slot_num"] == 128 and out_cfg["num_layers"] == 2 and out_cfg["no_weight_tying"] is False
-    assert res.report["verify"]["passed"] is True
+    assert res.report["growth"]["verify"]["passed"] is True
 
 
 def test_config_file_errors(tokenformers, tmp_path):

@@ -75,9 +75,9 @@ def test_opcm_equals_direct_implementation(tmp_path, decomposition):
     for n, want in ref.items():
         got = out.get(n, dtype=torch.float64)
         assert float((got - want).norm() / want.norm()) < 1e-5, n
-    assert [s["lambda"] for s in res.steps] == pytest.approx(lambdas, rel=1e-5)
-    assert [s["tau_norm"] for s in res.steps] == pytest.approx(norms, rel=1e-5)
-    assert res.lam == pytest.approx(lambdas[-1], rel=1e-5)
+    assert [s["lambda"] for s in res.report["steps"]] == pytest.approx(lambdas, rel=1e-5)
+    assert [s["tau_norm"] for s in res.report["steps"]] == pytest.approx(norms, rel=1e-5)
+    assert res.report["lambda"] == pytest.approx(lambdas[-1], rel=1e-5)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "lambda" in card and "ft-c" in card
 
@@ -107,8 +107,8 @@ def test_resume_equals_one_run_and_state_contents(tmp_path):
     assert st["base"]["sha256"] == base_sha
     assert st["count"] == 3 and [Path(o["label"]).name for o in st["order"]] == ["ft-a", "ft-b", "ft-c"]
     assert st["sum_norms"] == pytest.approx(sum(o["tau_norm"] for o in st["order"]))
-    assert st["lambda"] == pytest.approx(res.lam) and st["parameters"]["alpha"] == 0.5
-    assert [s["step"] for s in res.steps] == [1, 2, 3]
+    assert st["lambda"] == pytest.approx(res.report["lambda"]) and st["parameters"]["alpha"] == 0.5
+    assert [s["step"] for s in res.report["steps"]] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("method", ["continual_task_arithmetic", "continual_weight_average", "magmax"])
@@ -241,7 +241,7 @@ def test_incompatible_inputs_name_the_tensor(tmp_path):
             merge(_req("task_arithmetic", base, [m]), tmp_path / "out")
         assert e.value.exit_code == 3
     res = merge(_req("task_arithmetic", base, [missing]), tmp_path / "ok", options=MergeOptions(allow_missing=True))
-    out = open_checkpoint(res.write.output_dir)
+    out = open_checkpoint(res.written.output)
     assert torch.equal(out.get("a.weight"), w) and torch.equal(out.get("embed_tokens.weight"), torch.ones(10, 3) * 2)
 
 
@@ -312,7 +312,7 @@ def test_opcm_is_deterministic_with_worker_threads(tmp_path):
     finally:
         torch.set_num_threads(previous)
     assert torch.get_num_threads() == previous
-    assert outs[0].steps == outs[1].steps
+    assert outs[0].report["steps"] == outs[1].report["steps"]
     a, b = open_checkpoint(tmp_path / "o0"), open_checkpoint(tmp_path / "o1")
     assert all(torch.equal(a.get_raw(n), b.get_raw(n)) for n in a.names)
 

@@ -183,7 +183,7 @@ def analyze_gain(ckpt: Checkpoint, *, vs: Checkpoint | None = None, tolerance: f
             "pairs_by_type": summarize(pair_rows, "sublayer", PAIR_FIELDS),
             "pairs_by_depth": summarize(pair_rows, "depth", PAIR_FIELDS),
             "drifted": [p["name"] for p in drifted],
-            "passed": not drifted,
+            "within_tolerance": not drifted,
             "unpaired": unpaired,
             "proxy_unused": proxy_unused,
         })
