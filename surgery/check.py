@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint.reader import Checkpoint, hash_file
 from .core.errors import InputError, UsageError
-from .core.progress import Progress, ensure
+from .core.progress import Progress, track
 from .core.result import Result
 
 
@@ -33,23 +33,17 @@ class CheckResult:
 
 def check_integrity(ckpt: Checkpoint, progress: Progress | None = None) -> CheckResult:
     """Every tensor readable; no NaN or Inf in any floating tensor."""
-    progress = ensure(progress)
     failures = []
-    progress.start(len(ckpt.names), "integrity")
-    try:
-        for name in ckpt.names:
-            info = ckpt.info(name)
-            t = ckpt.get_raw(name)
-            if info.dtype.is_floating_point and t.numel():
-                finite = torch.isfinite(t)
-                if not bool(finite.all()):
-                    nan = int(torch.isnan(t).sum())
-                    inf = int(torch.isinf(t).sum())
-                    failures.append({"tensor": name, "file": info.file.name, "nan": nan, "inf": inf})
-            del t
-            progress.advance()
-    finally:
-        progress.close()
+    for name in track(ckpt.names, "integrity", progress):
+        info = ckpt.info(name)
+        t = ckpt.get_raw(name)
+        if info.dtype.is_floating_point and t.numel():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(t).sum())
+                inf = int(torch.isinf(t).sum())
+                failures.append({"tensor": name, "file": info.file.name, "nan": nan, "inf": inf})
+        del t
     detail = ("all tensors readable and finite" if not failures else
               f"{len(failures)} tensor(s) hold NaN or Inf, first {failures[0]['tensor']!r} "
               f"({failures[0]['nan']} NaN, {failures[0]['inf']} Inf)")
@@ -130,34 +124,27 @@ def check_config(ckpt: Checkpoint) -> CheckResult:
 def check_against(ckpt: Checkpoint, ref: Checkpoint, atol: float, rtol: float = 0.0,
                   progress: Progress | None = None) -> CheckResult:
     """Every tensor within ``atol + rtol·|ref|`` of the reference; names and shapes equal."""
-    progress = ensure(progress)
     failures, worst, worst_name = [], 0.0, None
     for n in sorted(set(ckpt.names) ^ set(ref.names)):
         failures.append({"tensor": n, "problem": "only in " + ("checkpoint" if n in ckpt else "reference")})
     common = [n for n in ckpt.names if n in ref]
-    progress.start(len(common), "compare")
-    try:
-        for name in common:
-            a, b = ckpt.info(name), ref.info(name)
-            if a.shape != b.shape:
-                failures.append({"tensor": name, "problem": "shape", "shape": list(a.shape), "expected": list(b.shape)})
-                progress.advance()
-                continue
-            ta, tb = ckpt.get(name, dtype=torch.float64), ref.get(name, dtype=torch.float64)
-            diff = (ta - tb).abs()
-            m = float(diff.max()) if diff.numel() else 0.0
-            bad = diff > atol + rtol * tb.abs()
-            if diff.numel() and bool(torch.isnan(diff).any()):
-                bad = bad | torch.isnan(diff)
-                m = float("nan")
-            if m > worst or m != m:
-                worst, worst_name = m, name
-            if bool(bad.any()):
-                failures.append({"tensor": name, "problem": "tolerance", "max_abs_diff": m, "violations": int(bad.sum())})
-            del ta, tb, diff
-            progress.advance()
-    finally:
-        progress.close()
+    for name in track(common, "compare", progress):
+        a, b = ckpt.info(name), ref.info(name)
+        if a.shape != b.shape:
+            failures.append({"tensor": name, "problem": "shape", "shape": list(a.shape), "expected": list(b.shape)})
+            continue
+        ta, tb = ckpt.get(name, dtype=torch.float64), ref.get(name, dtype=torch.float64)
+        diff = (ta - tb).abs()
+        m = float(diff.max()) if diff.numel() else 0.0
+        bad = diff > atol + rtol * tb.abs()
+        if diff.numel() and bool(torch.isnan(diff).any()):
+            bad = bad | torch.isnan(diff)
+            m = float("nan")
+        if m > worst or m != m:
+            worst, worst_name = m, name
+        if bool(bad.any()):
+            failures.append({"tensor": name, "problem": "tolerance", "max_abs_diff": m, "violations": int(bad.sum())})
+        del ta, tb, diff
     detail = (f"all {len(common)} tensors within atol={atol} (max |diff| {worst:.3g} in {worst_name!r})" if not failures
               else f"{len(failures)} tensor(s) outside tolerance or missing; first {failures[0]['tensor']!r} ({failures[0]['problem']})")
     return CheckResult("against", not failures, detail,

@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint.reader import Checkpoint
 from .core.engine import dtype_name
-from .core.progress import Progress, ensure
+from .core.progress import Progress, track
 from .core.result import Result
 
 
@@ -39,30 +39,21 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint, *, device: str = "cpu", progr
         ``tensors``: per shared tensor the :func:`tensor_diff` numbers plus ``changed``;
         ``only_in_a`` / ``only_in_b``; ``mismatched`` (shape or dtype differs); ``summary``.
     """
-    progress = ensure(progress)
     common = [n for n in a.names if n in b]
     rows, mismatched = [], []
-    progress.start(len(common), "diff")
-    try:
-        for name in common:
-            ia, ib = a.info(name), b.info(name)
-            if ia.shape != ib.shape:
-                mismatched.append({"name": name, "shape_a": list(ia.shape), "shape_b": list(ib.shape),
-                                   "dtype_a": dtype_name(ia.dtype), "dtype_b": dtype_name(ib.dtype)})
-                progress.advance()
-                continue
-            if ia.dtype != ib.dtype:
-                mismatched.append({"name": name, "shape_a": list(ia.shape), "shape_b": list(ib.shape),
-                                   "dtype_a": dtype_name(ia.dtype), "dtype_b": dtype_name(ib.dtype)})
-            ta = a.get(name, dtype=torch.float64, device=device)
-            tb = b.get(name, dtype=torch.float64, device=device)
-            row = {"name": name, "shape": list(ia.shape), **tensor_diff(ta, tb)}
-            row["changed"] = row["max_abs_diff"] != 0.0
-            rows.append(row)
-            del ta, tb
-            progress.advance()
-    finally:
-        progress.close()
+    for name in track(common, "diff", progress):
+        ia, ib = a.info(name), b.info(name)
+        if ia.shape != ib.shape or ia.dtype != ib.dtype:
+            mismatched.append({"name": name, "shape_a": list(ia.shape), "shape_b": list(ib.shape),
+                               "dtype_a": dtype_name(ia.dtype), "dtype_b": dtype_name(ib.dtype)})
+        if ia.shape != ib.shape:
+            continue
+        ta = a.get(name, dtype=torch.float64, device=device)
+        tb = b.get(name, dtype=torch.float64, device=device)
+        row = {"name": name, "shape": list(ia.shape), **tensor_diff(ta, tb)}
+        row["changed"] = row["max_abs_diff"] != 0.0
+        rows.append(row)
+        del ta, tb
     changed = [r for r in rows if r["changed"]]
     return {
         "a": a.label, "b": b.label,

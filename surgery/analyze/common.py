@@ -19,6 +19,33 @@ def matrix_names(ckpt: Checkpoint) -> list[str]:
     return [n for n in ckpt.names if matrix_like(ckpt.info(n))]
 
 
+def shared_matrices(ref: Checkpoint, others: dict[str, Checkpoint]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The matrices of ``ref`` that every checkpoint in ``others`` holds with the same shape.
+
+    Args:
+        ref: The checkpoint whose matrices are walked.
+        others: Role -> checkpoint (``{"base": base}``, ``{"A": a, "B": b}``), named in reasons.
+
+    Returns:
+        (names, skipped): the shared names in order, and ``{"name", "reason"}`` for the rest
+        (``not in base``, ``shapes differ: ref [m, n], base [p, q]``).
+    """
+    names, skipped = [], []
+    for n in matrix_names(ref):
+        shape = list(ref.info(n).shape)
+        missing = [role for role, c in others.items() if n not in c]
+        if missing:
+            skipped.append({"name": n, "reason": "not in " + ", ".join(missing)})
+            continue
+        shapes = {role: list(c.info(n).shape) for role, c in others.items()}
+        if any(s != shape for s in shapes.values()):
+            listed = ", ".join(f"{role} {s}" for role, s in shapes.items())
+            skipped.append({"name": n, "reason": f"shapes differ: {shape} here, {listed}"})
+        else:
+            names.append(n)
+    return names, skipped
+
+
 def tensor_identity(name: str) -> dict[str, Any]:
     """``sublayer`` (type, "other" when unknown) and ``depth`` (block index or None) of a name."""
     return {"sublayer": sublayer_of(name) or "other", "depth": depth_of(name)}

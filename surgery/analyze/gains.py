@@ -10,7 +10,6 @@ in steady state σ_max ∝ √(η/λ)·d^0.75, so with λ ∝ √d and η ∝ 1/
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.roles import depth_of, with_depth
 from ..core.errors import IncompatibleCheckpointsError, UsageError
-from ..core.progress import Progress, ensure
+from ..core.progress import Progress, track
 from .common import matrix_names, summarize, tensor_identity
 from .linalg import is_finite, nonfinite_counts, sigma_max
 
@@ -126,7 +125,6 @@ def analyze_gain(ckpt: Checkpoint, *, vs: Checkpoint | None = None, tolerance: f
     """
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise UsageError(f"--tolerance must be a positive number, got {tolerance}.")
-    progress = ensure(progress)
     names = matrix_names(ckpt)
     pairs: list[tuple[str, str]] = []
     unpaired: list[str] = []
@@ -143,24 +141,19 @@ def analyze_gain(ckpt: Checkpoint, *, vs: Checkpoint | None = None, tolerance: f
     lo, hi = _drift_bounds(tolerance)
     rows: list[dict[str, Any]] = []
     pair_rows: list[dict[str, Any]] = []
-    progress.start(len(names), "gain")
-    try:
-        for name in names:
-            info = ckpt.info(name)
-            w = ckpt.get(name, dtype=torch.float32, device=device)
-            row = {"name": name, "shape": list(info.shape), **tensor_identity(name), **matrix_gain(w, exact=exact)}
-            rows.append(row)
-            del w
-            pname = proxy_of.get(name)
-            if pname is not None:
-                wp = vs.get(pname, dtype=torch.float32, device=device)  # type: ignore[union-attr]
-                prow = matrix_gain(wp, exact=exact)
-                del wp
-                pair_rows.append(_pair_row(row, pname, list(vs.info(pname).shape), prow,  # type: ignore[union-attr]
-                                           d_t, d_p, expect_exponent, lo, hi))
-            progress.advance()
-    finally:
-        progress.close()
+    for name in track(names, "gain", progress):
+        info = ckpt.info(name)
+        w = ckpt.get(name, dtype=torch.float32, device=device)
+        row = {"name": name, "shape": list(info.shape), **tensor_identity(name), **matrix_gain(w, exact=exact)}
+        rows.append(row)
+        del w
+        pname = proxy_of.get(name)
+        if pname is not None:
+            wp = vs.get(pname, dtype=torch.float32, device=device)  # type: ignore[union-attr]
+            prow = matrix_gain(wp, exact=exact)
+            del wp
+            pair_rows.append(_pair_row(row, pname, list(vs.info(pname).shape), prow,  # type: ignore[union-attr]
+                                       d_t, d_p, expect_exponent, lo, hi))
     report: dict[str, Any] = {
         "checkpoint": ckpt.label,
         "method": "svd" if exact else "lanczos",

@@ -114,10 +114,8 @@ def sigma_max_lanczos(w: torch.Tensor, *, tol: float = SIGMA_TOL, max_steps: int
                 b += torch.diag(torch.tensor(betas[:-1], dtype=torch.float64), 1)
             p, s, _ = torch.linalg.svd(b)
             sigma = float(s[0])
-            resid = beta * abs(float(p[-1, 0]))
-            gap = float(s[0] - s[1]) if len(s) > 1 else sigma
-            bound = resid
-            if beta == 0.0 or bound <= tol * sigma:
+            resid = beta * abs(float(p[-1, 0]))  # residual bound on the top Ritz value
+            if beta == 0.0 or resid <= tol * sigma:
                 converged = True
                 break
     if not alphas:

@@ -14,8 +14,8 @@ import torch
 from ..checkpoint.reader import Checkpoint
 from ..core.engine import dtype_name
 from ..core.errors import IncompatibleCheckpointsError
-from ..core.progress import Progress, ensure
-from .common import check_energy, check_top, matrix_names, summarize, tensor_identity
+from ..core.progress import Progress, track
+from .common import check_energy, check_top, matrix_names, shared_matrices, summarize, tensor_identity
 from .linalg import is_finite, nonfinite_counts, singular_values, spectrum_metrics
 
 SUMMARY_FIELDS = ["sigma_max", "frobenius", "stable_rank", "effective_rank", "energy_rank", "effective_rank_ratio"]
@@ -56,44 +56,24 @@ def analyze_spectrum(ckpt: Checkpoint, *, base: Checkpoint | None = None, energy
     """
     check_energy(energy)
     check_top(top)
-    progress = ensure(progress)
-    names = matrix_names(ckpt)
-    skipped: list[dict[str, Any]] = []
-    if base is not None:
-        todo = []
-        for n in names:
-            if n not in base:
-                skipped.append({"name": n, "reason": "not in base"})
-            elif tuple(base.info(n).shape) != tuple(ckpt.info(n).shape):
-                skipped.append({"name": n, "reason": f"shape {list(ckpt.info(n).shape)} vs base {list(base.info(n).shape)}"})
-            else:
-                todo.append(n)
-        if not todo:
-            raise IncompatibleCheckpointsError(
-                f"{ckpt.label} and base {base.label} share no 2-D tensor of the same shape: pass the base "
-                "this checkpoint was fine-tuned from.", path=base.label)
-        names = todo
+    names, skipped = (matrix_names(ckpt), []) if base is None else shared_matrices(ckpt, {"base": base})
+    if base is not None and not names:
+        raise IncompatibleCheckpointsError(
+            f"{ckpt.label} and base {base.label} share no 2-D tensor of the same shape: pass the base "
+            "this checkpoint was fine-tuned from.", path=base.label)
     rows: list[dict[str, Any]] = []
     spectra: dict[str, list[float]] = {}
-    progress.start(len(names), "spectrum")
-    try:
-        for name in names:
-            info = ckpt.info(name)
-            w = ckpt.get(name, dtype=torch.float32, device=device)
-            if base is not None:
-                w0 = base.get(name, dtype=torch.float32, device=device)
-                w = w - w0
-                del w0
-            metrics, s = tensor_spectrum(w, energy=energy, top=top)
-            row = {"name": name, "shape": list(info.shape), "dtype": dtype_name(info.dtype), **tensor_identity(name),
-                   **metrics}
-            rows.append(row)
-            if keep_spectra and s is not None:
-                spectra[name] = [float(x) for x in s.cpu()]
-            del w, s
-            progress.advance()
-    finally:
-        progress.close()
+    for name in track(names, "spectrum", progress):
+        info = ckpt.info(name)
+        w = ckpt.get(name, dtype=torch.float32, device=device)
+        if base is not None:
+            w -= base.get(name, dtype=torch.float32, device=device)
+        metrics, s = tensor_spectrum(w, energy=energy, top=top)
+        rows.append({"name": name, "shape": list(info.shape), "dtype": dtype_name(info.dtype),
+                     **tensor_identity(name), **metrics})
+        if keep_spectra and s is not None:
+            spectra[name] = [float(x) for x in s.cpu()]
+        del w, s
     report: dict[str, Any] = {
         "checkpoint": ckpt.label,
         "base": base.label if base is not None else None,

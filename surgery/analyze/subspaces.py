@@ -19,8 +19,8 @@ import torch
 
 from ..checkpoint.reader import Checkpoint
 from ..core.errors import IncompatibleCheckpointsError, UsageError
-from ..core.progress import Progress, ensure
-from .common import check_energy, matrix_names, summarize, tensor_identity
+from ..core.progress import Progress, track
+from .common import check_energy, shared_matrices, summarize, tensor_identity
 from .linalg import energy_rank, is_finite, leakage, subspace_overlap
 
 MRR = 0.1   # minimum retention ratio (Nayak et al. 2025)
@@ -89,65 +89,47 @@ def analyze_subspace(base: Checkpoint, a: Checkpoint, b: Checkpoint, *, rank: in
     if frozen_fraction is None:
         frozen_fraction = (mrr + trr) / 2
     check_options(rank, energy, frozen_fraction, mrr, trr)
-    progress = ensure(progress)
-    names, skipped = [], []
-    for n in matrix_names(base):
-        shape = tuple(base.info(n).shape)
-        missing = [c.label for c in (a, b) if n not in c]
-        if missing:
-            skipped.append({"name": n, "reason": "not in " + ", ".join(missing)})
-        elif tuple(a.info(n).shape) != shape or tuple(b.info(n).shape) != shape:
-            skipped.append({"name": n, "reason": f"shapes differ: base {list(shape)}, A {list(a.info(n).shape)}, "
-                                                 f"B {list(b.info(n).shape)}"})
-        else:
-            names.append(n)
+    names, skipped = shared_matrices(base, {"A": a, "B": b})
     if not names:
         raise IncompatibleCheckpointsError(
             f"{a.label} and {b.label} share no 2-D tensor of the same shape with base {base.label}: "
             "both must be fine-tunes of that base.", path=base.label)
     rows: list[dict[str, Any]] = []
-    progress.start(len(names), "subspace")
-    try:
-        for name in names:
-            m, n = base.info(name).shape
-            ident = tensor_identity(name)
-            w0 = base.get(name, dtype=torch.float32, device=device)
-            ta = a.get(name, dtype=torch.float32, device=device) - w0
-            tb = b.get(name, dtype=torch.float32, device=device) - w0
-            row: dict[str, Any] = {"name": name, "shape": [m, n], **ident}
-            bad = [lbl for lbl, t in (("base", w0), ("A", ta), ("B", tb)) if not is_finite(t)]
-            if importance is not None and ident["depth"] is not None and ident["depth"] in importance:
-                frac, rule = importance_fraction(importance[ident["depth"]], mrr, trr), "importance"
-            else:
-                frac, rule = frozen_fraction, "fixed_fraction"
-            r = frozen_rank(m, n, frac)
-            row.update({"frozen_rank": r, "frozen_fraction": frac, "frozen_rule": rule})
-            if bad:
-                row.update({"finite": False, "non_finite_in": bad, "k_a": None, "k_b": None, "left": None,
-                            "right": None, "leakage_a": None, "leakage_b": None,
-                            "overlap_left": None, "overlap_right": None})
-                rows.append(row)
-                progress.advance()
-                continue
-            ua, sa, va = _svd(ta)
-            ub, sb, vb = _svd(tb)
-            if rank is not None:
-                ka = kb = min(rank, min(m, n))
-            else:
-                ka, kb = energy_rank(sa, energy), energy_rank(sb, energy)
-            left = subspace_overlap(ua[:, :ka], ub[:, :kb])
-            right = subspace_overlap(va[:, :ka], vb[:, :kb])
-            u0, _, v0 = _svd(w0)
-            la = leakage(ta, u0[:, :r], v0[:, :r])
-            lb = leakage(tb, u0[:, :r], v0[:, :r])
-            row.update({"finite": True, "k_a": ka, "k_b": kb, "left": left, "right": right,
-                        "leakage_a": la, "leakage_b": lb,
-                        "overlap_left": left["mean_cos2"], "overlap_right": right["mean_cos2"]})
-            rows.append(row)
-            del w0, ta, tb, ua, ub, va, vb, u0, v0
-            progress.advance()
-    finally:
-        progress.close()
+    for name in track(names, "subspace", progress):
+        m, n = base.info(name).shape
+        ident = tensor_identity(name)
+        w0 = base.get(name, dtype=torch.float32, device=device)
+        ta = a.get(name, dtype=torch.float32, device=device) - w0
+        tb = b.get(name, dtype=torch.float32, device=device) - w0
+        row: dict[str, Any] = {"name": name, "shape": [m, n], **ident}
+        bad = [lbl for lbl, t in (("base", w0), ("A", ta), ("B", tb)) if not is_finite(t)]
+        if importance is not None and ident["depth"] is not None and ident["depth"] in importance:
+            frac, rule = importance_fraction(importance[ident["depth"]], mrr, trr), "importance"
+        else:
+            frac, rule = frozen_fraction, "fixed_fraction"
+        r = frozen_rank(m, n, frac)
+        row.update({"frozen_rank": r, "frozen_fraction": frac, "frozen_rule": rule})
+        rows.append(row)
+        if bad:
+            row.update({"finite": False, "non_finite_in": bad, "k_a": None, "k_b": None, "left": None,
+                        "right": None, "leakage_a": None, "leakage_b": None,
+                        "overlap_left": None, "overlap_right": None})
+            continue
+        ua, sa, va = _svd(ta)
+        ub, sb, vb = _svd(tb)
+        if rank is not None:
+            ka = kb = min(rank, min(m, n))
+        else:
+            ka, kb = energy_rank(sa, energy), energy_rank(sb, energy)
+        left = subspace_overlap(ua[:, :ka], ub[:, :kb])
+        right = subspace_overlap(va[:, :ka], vb[:, :kb])
+        u0, _, v0 = _svd(w0)
+        la = leakage(ta, u0[:, :r], v0[:, :r])
+        lb = leakage(tb, u0[:, :r], v0[:, :r])
+        row.update({"finite": True, "k_a": ka, "k_b": kb, "left": left, "right": right,
+                    "leakage_a": la, "leakage_b": lb,
+                    "overlap_left": left["mean_cos2"], "overlap_right": right["mean_cos2"]})
+        del w0, ta, tb, ua, ub, va, vb, u0, v0
     flat = [{**r, "leakage_a": (r["leakage_a"] or {}).get("total"), "leakage_b": (r["leakage_b"] or {}).get("total")}
             for r in rows]
     return {

@@ -14,7 +14,7 @@ import torch
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..core.errors import IncompatibleCheckpointsError, UsageError
 from ..core.output import check_output
-from ..core.progress import Progress, ensure
+from ..core.progress import Progress, track
 from ..core.result import Result
 from .format import Edit, TensorEdit, save_edit
 
@@ -115,38 +115,30 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
             raise IncompatibleCheckpointsError(
                 f"tensor {name!r} is {b.info(name).shape} in {b.label} but {e.info(name).shape} in {e.label}.",
                 tensor=name)
-    progress = ensure(progress)
-    progress.start(len(b.names), "extracting")
     tensors: dict[str, TensorEdit] = {}
     shas: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
-    try:
-        for name in b.names:
-            ib, ie = b.info(name), e.info(name)
-            raw_b = b.get_raw(name)
-            if ib.dtype == ie.dtype and torch.equal(raw_b, e.get_raw(name)):
-                progress.advance()
-                continue
-            wb = raw_b.to(torch.float32).to(device)
-            delta = e.get(name, device=device) - wb
-            if not bool(delta.any()):
-                progress.advance()
-                continue
-            if delta.dim() == 2 and min(delta.shape) > 1:
-                te, facts = compress(name, delta, rank=rank, energy=energy, factor_dtype=fdtype)
-            else:
-                te, facts = TensorEdit(name, dense=delta.to(fdtype)), {"kind": "dense", "rank": None, "energy": 1.0,
-                                                                       "rel_error": 0.0}
-            # Factors go to CPU at once: only the (small) edit stays resident, never two models.
-            tensors[name] = TensorEdit(name, *(None if t is None else t.cpu() for t in (te.u, te.v, te.s, te.dense)))
-            shas[name] = b.tensor_sha256(name)
-            dn = float(delta.double().norm())
-            wn = float(wb.double().norm())
-            rows.append({"name": name, "shape": list(ib.shape), **facts, "delta_norm": dn,
-                         "rel_change": dn / wn if wn > 0 else None})
-            progress.advance()
-    finally:
-        progress.close()
+    for name in track(b.names, "extracting", progress):
+        ib, ie = b.info(name), e.info(name)
+        raw_b = b.get_raw(name)
+        if ib.dtype == ie.dtype and torch.equal(raw_b, e.get_raw(name)):
+            continue
+        wb = raw_b.to(torch.float32).to(device)
+        delta = e.get(name, device=device) - wb
+        if not bool(delta.any()):
+            continue
+        if delta.dim() == 2 and min(delta.shape) > 1:
+            te, facts = compress(name, delta, rank=rank, energy=energy, factor_dtype=fdtype)
+        else:
+            te, facts = TensorEdit(name, dense=delta.to(fdtype)), {"kind": "dense", "rank": None, "energy": 1.0,
+                                                                   "rel_error": 0.0}
+        # Factors go to CPU at once: only the (small) edit stays resident, never two models.
+        tensors[name] = TensorEdit(name, *(None if t is None else t.cpu() for t in (te.u, te.v, te.s, te.dense)))
+        shas[name] = b.tensor_sha256(name)
+        dn = float(delta.double().norm())
+        wn = float(wb.double().norm())
+        rows.append({"name": name, "shape": list(ib.shape), **facts, "delta_norm": dn,
+                     "rel_change": dn / wn if wn > 0 else None})
     if not tensors:
         raise UsageError(f"{e.label} is identical to {b.label}: there is no edit to extract.")
     info = {"description": description, "subject": subject or "", "prompt": prompt or "", "target": target or "",
