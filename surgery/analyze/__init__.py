@@ -58,7 +58,7 @@ def subspace(a: "str | Checkpoint", b: "str | Checkpoint", *, base: "str | Check
     if text is not None:
         from ..eval.perplexity import read_text
 
-        importance = importance_from_text(str(base_ckpt.root), read_text(text), device=device)
+        importance = importance_from_text(base_ckpt, read_text(text), device=device)
     return Result(analyze_subspace(base_ckpt, ca, cb, rank=rank, energy=energy, frozen_fraction=frozen_fraction,
                                    importance=importance, mrr=mrr, trr=trr, device=device, progress=progress))
 

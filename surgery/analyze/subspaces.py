@@ -169,28 +169,26 @@ def block_importance(hidden_states: list[torch.Tensor], mask: torch.Tensor | Non
     return {k: (v - lo) / (hi - lo) for k, v in raw.items()}
 
 
-def importance_from_text(checkpoint_dir: str, text: str, *, max_tokens: int = 512,
+def importance_from_text(base: Checkpoint, text: str, *, max_tokens: int = 512,
                          device: str = "cpu") -> dict[int, float]:
-    """Run the base model (transformers) on ``text`` and return :func:`block_importance`.
+    """Run the base model (transformers, built from ``base``'s tensors) on ``text`` and return
+    :func:`block_importance`.
 
     This holds the whole model in memory: it is the only part of ``analyze`` that does.
 
     Raises:
-        InputError: The checkpoint cannot be loaded as a transformers model or has no tokenizer.
+        InputError: The checkpoint cannot be built as a transformers model or has no tokenizer.
     """
+    from ..checkpoint.model import load_model, load_tokenizer
     from ..core.errors import InputError
 
     try:
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # the library does not draw on the terminal
-        tok = AutoTokenizer.from_pretrained(checkpoint_dir)
-        model = AutoModel.from_pretrained(checkpoint_dir, dtype=torch.float32).to(device).eval()
-    except Exception as exc:  # transformers raises many kinds; all mean "cannot compute activations"
-        raise InputError(f"cannot load {checkpoint_dir} with transformers to compute activations for --text "
-                         f"({type(exc).__name__}: {exc}); drop --text to use the fixed-fraction rule.",
-                         path=checkpoint_dir) from exc
+        tok = load_tokenizer(base)
+        model = load_model(base, head="base", device=device)
+    except InputError as exc:
+        why = str(exc).rstrip(".")
+        raise InputError(f"cannot load {base.label} with transformers to compute activations for `text` ({why}); "
+                         f"drop `text` to use the fixed-fraction rule.", path=exc.path, tensor=exc.tensor) from exc
     enc = tok(text, return_tensors="pt", truncation=True, max_length=max_tokens)
     enc = {k: v.to(device) for k, v in enc.items()}
     with torch.no_grad():

@@ -84,7 +84,8 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def load_causal_lm(ckpt: Checkpoint, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                    tokenizer: str | Path | None = None) -> tuple[Any, Any]:
-    """Load the checkpoint as a ``transformers`` causal LM (in ``dtype``, eval mode) and its tokenizer.
+    """The checkpoint as a ``transformers`` causal LM built from its own tensors (in ``dtype``,
+    eval mode), and its tokenizer; see :mod:`surgery.checkpoint.model`.
 
     Args:
         ckpt: An opened checkpoint whose folder holds config.json (and usually the tokenizer).
@@ -93,34 +94,13 @@ def load_causal_lm(ckpt: Checkpoint, *, device: str = "cpu", dtype: torch.dtype 
         tokenizer: Folder or Hub id of the tokenizer when the checkpoint has none.
 
     Raises:
-        InputError: No config.json, no tokenizer, or transformers cannot build the model.
+        InputError: No config.json, no causal-LM head, missing tensors, or no tokenizer.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..checkpoint.model import build_config, load_model, load_tokenizer
 
-    if ckpt.config is None:
-        raise InputError(f"{ckpt.label} has no config.json; perplexity needs the model's config next to the weights.",
-                         path=ckpt.root)
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the library draws no progress of its own on stderr
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt.root), dtype=dtype)
-    except Exception as exc:  # transformers raises many types for unsupported / broken configs
-        raise InputError(f"transformers cannot load {ckpt.label} as a causal language model "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).", path=ckpt.root) from exc
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    tok_src = str(tokenizer) if tokenizer is not None else str(ckpt.root)
-    try:
-        tok = AutoTokenizer.from_pretrained(tok_src)
-    except Exception as exc:
-        raise InputError(f"no usable tokenizer in {tok_src} ({type(exc).__name__}); "
-                         f"pass --tokenizer with a folder or Hub id that has one.", path=tok_src) from exc
-    model.to(device)
-    model.eval()
-    return model, tok
+    build_config(ckpt)  # the cheap failures first: no or unknown config, then no tokenizer
+    tok = load_tokenizer(ckpt, tokenizer)
+    return load_model(ckpt, head="causal_lm", dtype=dtype, device=device), tok
 
 
 def _supports_logits_to_keep(model: Any) -> bool:

@@ -10,20 +10,13 @@ from typing import Any
 
 import torch
 
+from ..checkpoint.model import load_model, quiet_transformers
+from ..checkpoint.reader import Checkpoint, open_checkpoint
 from ..core.errors import CheckFailedError, UsageError
 
 PEFT_KINDS = ("LORA", "LOHA", "LOKR", "IA3", "VERA", "HIRA")
 # Relative logit tolerance: max|Δ| / max|reference| for each output dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-
-
-def _load(path: str | Path):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(path)
-    cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
-                                      for a in (cfg.architectures or [])) else AutoModel
-    return cls.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _out(model, ids: torch.Tensor) -> torch.Tensor:
@@ -32,9 +25,10 @@ def _out(model, ids: torch.Tensor) -> torch.Tensor:
     return (res.logits if hasattr(res, "logits") and res.logits is not None else res.last_hidden_state).float()
 
 
-def check_against_peft(base_dir: str | Path, adapter: dict[str, Any], fused_dir: str | Path,
+def check_against_peft(base: Checkpoint, adapter: dict[str, Any], fused_dir: str | Path,
                        out_dtype: torch.dtype, tokens: int = 32) -> dict[str, Any]:
-    """Forward pass of PEFT's base + adapter vs the fused checkpoint.
+    """Forward pass of PEFT's base + adapter vs the fused checkpoint, both models built from
+    their own tensors (:mod:`surgery.checkpoint.model`).
 
     Raises:
         UsageError: PEFT is not installed, or the adapter is not a PEFT kind with weight 1.
@@ -47,24 +41,18 @@ def check_against_peft(base_dir: str | Path, adapter: dict[str, Any], fused_dir:
         from peft import PeftModel
     except ImportError:
         raise UsageError("--check needs PEFT (pip install peft).") from None
-    if not Path(base_dir).is_dir():
-        raise UsageError(f"--check needs a local base folder; {base_dir} is not one.")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_transformers():
         warnings.simplefilter("ignore")
-        return _compare(base_dir, adapter, fused_dir, out_dtype, tokens, PeftModel)
+        return _compare(base, adapter, fused_dir, out_dtype, tokens, PeftModel)
 
 
-def _compare(base_dir, adapter, fused_dir, out_dtype, tokens, PeftModel) -> dict[str, Any]:
-    base = _load(base_dir)
-    vocab = int(getattr(base.config, "vocab_size", 0) or 256)
+def _compare(base: Checkpoint, adapter, fused_dir, out_dtype, tokens, PeftModel) -> dict[str, Any]:
+    model = load_model(base, head="auto")
+    vocab = int(getattr(model.config, "vocab_size", 0) or 256)
     ids = (torch.arange(tokens) * 7919 % max(vocab - 1, 1) + 1).unsqueeze(0)
-    ref = _out(PeftModel.from_pretrained(base, adapter["path"]).eval(), ids)
-    del base
-    got = _out(_load(fused_dir), ids)
+    ref = _out(PeftModel.from_pretrained(model, adapter["path"]).eval(), ids)
+    del model
+    got = _out(load_model(open_checkpoint(str(fused_dir)), head="auto"), ids)
     diff = (got - ref).abs().max().item()
     scale = max(ref.abs().max().item(), 1e-12)
     tol = TOLERANCE.get(out_dtype, 3e-2)

@@ -297,7 +297,7 @@ def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, pr
         from .check import check_against_peft
 
         def verify(folder: Path) -> dict[str, Any]:
-            return check_against_peft(ckpt.root, params["adapters"][0], folder, out_dtype(_dominant_dtype(ckpt)))
+            return check_against_peft(ckpt, params["adapters"][0], folder, out_dtype(_dominant_dtype(ckpt)))
 
     result = write_checkpoint(plan, output, donor=ckpt, operation="fuse", parameters=params,
                               inputs=[ckpt, *adapter_ckpts], input_roles=["base"] + ["adapter"] * len(opened),

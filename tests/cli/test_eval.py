@@ -45,3 +45,5 @@ def test_ppl_errors(cli, fixtures_dir, tmp_path):
     assert r.code == 3 and r.stdout == ""
     r = cli("eval", "ppl", base, "--text", tmp_path / "nope.txt")
     assert r.code == 3 and "cannot read the text file" in r.stderr
+    r = cli("eval", "ppl", fixtures_dir / "bert-tiny" / "base", "--json")
+    assert r.code == 3 and r.json()["error"]["type"] == "InputError" and "no causal-LM head" in r.json()["error"]["message"]

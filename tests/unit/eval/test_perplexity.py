@@ -133,7 +133,7 @@ def test_errors(fixtures_dir, tmp_path, llama):
     no_tok.mkdir()
     for f in ("model.safetensors", "config.json"):
         shutil.copy(fixtures_dir / "llama-tiny" / "base" / f, no_tok / f)
-    with pytest.raises(InputError, match="no usable tokenizer .* pass --tokenizer"):
+    with pytest.raises(InputError, match="no usable tokenizer .* pass `tokenizer`"):
         perplexity(no_tok)
     # ...and --tokenizer fixes it
     assert perplexity(no_tok, tokenizer=fixtures_dir / "llama-tiny" / "base", sentences=True,
