@@ -159,9 +159,10 @@ DECOMPOSITION_FLOOR = r'''
 import json, sys, time, torch
 from concurrent.futures import ThreadPoolExecutor
 from surgery.checkpoint import open_checkpoint
-from surgery.merge.run import _projected
+from surgery.merge.methods.opcm import projected
 base, ft, steps = open_checkpoint(sys.argv[1]), open_checkpoint(sys.argv[2]), int(sys.argv[3])
-mats = [ft.get(n) - base.get(n) for n in base.names if _projected(base, n, False)]
+mats = [ft.get(n) - base.get(n) for n in base.names
+        if base.info(n).dtype.is_floating_point and projected(n, base.info(n).shape, {"project_embeddings": False})]
 workers = torch.get_num_threads()
 torch.set_num_threads(1)
 def floor(m):

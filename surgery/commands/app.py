@@ -153,6 +153,8 @@ def flagify(message: str, command: Any) -> str:
         if getattr(param, "param_type_name", "") == "option":
             longs = [o for o in param.opts if o.startswith("--")]
             names[param.name] = (longs or param.opts)[0]
+            for opt in longs:   # `lambda` names --lambda although its Python name is lam
+                names.setdefault(opt[2:].replace("-", "_"), opt)
         elif param.name:
             names[param.name] = param.name.upper()
     return _PARAM_REF.sub(lambda m: names.get(m.group(1), m.group(1)), message)

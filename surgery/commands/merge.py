@@ -1,12 +1,15 @@
-"""`surgery merge`: linear, task arithmetic, TIES, DARE, SLERP and continual merging (OPCM,
-continual task arithmetic / weight average, MagMax) with a resumable state, or a mergekit-style recipe."""
+"""`surgery merge`: every merge method of the registry (batch and continual with a resumable
+state), from flags or a mergekit-style recipe. Methods, parameters, ranges and this command's
+help all come from the methods' declarations (surgery/merge/registry.py)."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from . import _common, _render
 from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, OutputOpt, PrivateOpt, PushOpt,
@@ -14,17 +17,82 @@ from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt
 
 EXAMPLES = [
     "surgery merge -m ties --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
-    "--density 0.5 -o out/ties",
-    "surgery merge -m task_arithmetic --base B A1 A2 --weight 1.0 --weight 0.5 --lambda 0.8 -o out/ta",
-    "surgery merge -m slerp --base A B --t 0.3 -o out/slerp",
+    "-p density=0.5 -o out/ties",
+    "surgery merge -m task_arithmetic --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a "
+    "fixtures/llama-tiny/ft-b -p 1:weight=1.0 -p 2:weight=0.5 -p lambda=0.8 -o out/ta",
+    "surgery merge -m slerp --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a -p t=0.3 -o out/slerp",
     "surgery merge -m opcm --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
     "--state out/opcm-state -o out/opcm-ab",
     "surgery merge --resume out/opcm-state fixtures/llama-tiny/ft-c --state out/opcm-state -o out/opcm-abc",
-    "surgery merge --config recipe.yml -o out/merged --dtype bfloat16",
 ]
 
-METHOD_NAMES = ("linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, opcm, continual_task_arithmetic, "
-                "continual_weight_average, magmax")
+
+class Decomposition(str, Enum):
+    gram = "gram"
+    svd = "svd"
+
+
+class TrimTies(str, Enum):
+    index = "index"
+    argsort = "argsort"
+
+
+def methods_help() -> str:
+    """The methods and their parameters, from the registry (imported only when help is shown)."""
+    from surgery.merge.registry import METHODS
+
+    lines = ["[bold]Methods[/] (-m) and their parameters (-p NAME=VALUE, or -p MODEL:NAME=VALUE for one model, "
+             "counted from 1; a list of numbers is interpolated across the layers):"]
+    for m in METHODS.values():
+        params = "; ".join(f"{p.name}={_value(p.default)} ({'per model, ' if p.per_model else ''}{p.range_text()})"
+                           for p in m.params)
+        lines.append(f"[bold]{m.name}[/] ({m.kind}) {m.summary}." + (f" {params}" if params else ""))
+    return "\n\n".join(line.replace("[", "\\[").replace("\\[bold]", "[bold]").replace("\\[/]", "[/]")
+                       for line in lines)
+
+
+def _value(x: Any) -> str:
+    return str(x).lower() if isinstance(x, bool) else str(x)
+
+
+class MergeCommand(TyperCommand):
+    """Appends the registry's methods and parameters to `surgery merge --help`."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        if not getattr(self, "_methods_added", False):
+            self.epilog = methods_help()
+            self._methods_added = True
+        super().format_help(ctx, formatter)
+
+
+def _parse_params(items: list[str], n_models: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``-p KEY=VALUE`` (global) and ``-p MODEL:KEY=VALUE`` (model MODEL, counted from 1);
+    values are YAML scalars or lists (``0.5``, ``true``, ``[0.2, 0.8]``)."""
+    import yaml
+
+    from surgery.core.errors import UsageError
+
+    shared: dict[str, Any] = {}
+    per: list[dict[str, Any]] = [dict() for _ in range(n_models)]
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"-p {item!r}: write KEY=VALUE (or MODEL:KEY=VALUE for one model), e.g. -p density=0.5.")
+        target = shared
+        if ":" in key:
+            index, _, key = key.partition(":")
+            if not index.strip().isdigit() or not 1 <= int(index) <= n_models:
+                raise UsageError(f"-p {item!r}: the model number must be 1 to {n_models} (the models in the order "
+                                 f"given), not {index!r}.")
+            target = per[int(index) - 1]
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        if value is None or isinstance(value, dict):
+            raise UsageError(f"-p {item!r}: {key} needs a value (a number, true/false, text or a list of numbers).")
+        target[key.strip()] = value
+    return shared, per
 
 
 def _per_model(values: list[float] | None, n: int, flag: str) -> list[float] | None:
@@ -42,22 +110,23 @@ def _per_model(values: list[float] | None, n: int, flag: str) -> list[float] | N
 def merge(
     output: OutputOpt,
     models: Annotated[Optional[List[str]], typer.Argument(help="Models to merge, in order (local folders, files or Hub ids).")] = None,
-    method: Annotated[Optional[str], typer.Option("-m", "--method", help=f"Merge method: {METHOD_NAMES}.")] = None,
+    method: Annotated[Optional[str], typer.Option("-m", "--method", help="Merge method (listed below).")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base (pretrained) model θ0; the t=0 end for slerp.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="mergekit-style YAML recipe (instead of -m/--base/MODELS).")] = None,
-    weight: Annotated[Optional[List[float]], typer.Option("--weight", "-w", help="Per-model weight; once for all models or once per model.")] = None,
-    density: Annotated[Optional[List[float]], typer.Option("--density", help="Fraction of each task vector kept (ties, dare_*); once or per model.")] = None,
-    lam: Annotated[Optional[float], typer.Option("--lambda", help="Global scale of the merged task vector (task_arithmetic, ties, dare_*).")] = None,
-    t: Annotated[Optional[float], typer.Option("--t", help="SLERP interpolation parameter (0 = base, 1 = the model).")] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="OPCM split-rank threshold on cumsum(σ)/Σσ (default 0.5).")] = None,
-    scaling: Annotated[Optional[float], typer.Option("--scaling", help="Scale of continual_task_arithmetic (0.3) and magmax (0.5).")] = None,
-    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Divide by the sum of the weights (default per method, as mergekit).")] = None,
-    rescale: Annotated[Optional[bool], typer.Option("--rescale/--no-rescale", help="DARE: divide survivors by the density (default on).")] = None,
-    keep_diagonal: Annotated[bool, typer.Option("--keep-diagonal", help="OPCM: keep the diagonal of τ in the (U, V) basis.")] = False,
-    project_embeddings: Annotated[bool, typer.Option("--project-embeddings", help="OPCM: project embeddings too (default: summed like biases).")] = False,
-    decomposition: Annotated[str, typer.Option("--decomposition", help="OPCM's SVD: gram (eigh of the smaller Gram matrix, fast) or svd (LAPACK).")] = "gram",
-    trim_ties: Annotated[str, typer.Option("--trim-ties", help="TIES: which entries tied at the trim threshold survive: index (lowest flat index first, O(n), default) or argsort (mergekit 0.1.5's torch.argsort order: identical to mergekit, slower).")] = "index",
-    seed: Annotated[int, typer.Option("--seed", help="Seed for DARE's drops and --shuffle.")] = 0,
+    param: Annotated[Optional[List[str]], typer.Option("-p", "--param", metavar="[MODEL:]KEY=VALUE", help="A method parameter by mergekit's name, e.g. -p density=0.5 or -p 2:weight=0.3 (model 2 only); repeatable.")] = None,
+    weight: Annotated[Optional[List[float]], typer.Option("--weight", "-w", help="Per-model weight; once for all models or once per model (alias of -p weight).")] = None,
+    density: Annotated[Optional[List[float]], typer.Option("--density", help="Fraction of each task vector kept; once or per model (alias of -p density).")] = None,
+    lam: Annotated[Optional[float], typer.Option("--lambda", help="Scale of the merged task vector (alias of -p lambda).")] = None,
+    t: Annotated[Optional[float], typer.Option("--t", help="Interpolation factor (alias of -p t).")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="OPCM's split-rank threshold (alias of -p alpha).")] = None,
+    scaling: Annotated[Optional[float], typer.Option("--scaling", help="Scale of continual_task_arithmetic and magmax (alias of -p scaling).")] = None,
+    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Divide by the sum of the weights (alias of -p normalize).")] = None,
+    rescale: Annotated[Optional[bool], typer.Option("--rescale/--no-rescale", help="DARE: divide survivors by the density (alias of -p rescale).")] = None,
+    keep_diagonal: Annotated[bool, typer.Option("--keep-diagonal", help="OPCM: keep τ's diagonal in the (U, V) basis (alias of -p keep_diagonal=true).")] = False,
+    project_embeddings: Annotated[bool, typer.Option("--project-embeddings", help="OPCM: project embeddings too (alias of -p project_embeddings=true).")] = False,
+    decomposition: Annotated[Decomposition, typer.Option("--decomposition", help="Continual methods' SVD: gram (eigh of the smaller Gram matrix, fast) or svd (LAPACK).")] = Decomposition.gram,
+    trim_ties: Annotated[TrimTies, typer.Option("--trim-ties", help="TIES: which entries tied at the trim threshold survive: index (lowest flat index first, O(n)) or argsort (mergekit 0.1.5's torch.argsort order: identical to mergekit, slower).")] = TrimTies.index,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of random methods (DARE's drops) and of --shuffle.")] = 0,
     shuffle: Annotated[bool, typer.Option("--shuffle", help="Continual methods: shuffle the models with --seed (default: command-line order).")] = False,
     state: Annotated[Optional[Path], typer.Option("--state", metavar="DIR", help="Save the continual-merge state here (atomically).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", metavar="DIR", help="Continue the continual merge saved in DIR with MODELS.")] = None,
@@ -77,18 +146,19 @@ def merge(
     from surgery.merge import merge as run
 
     models = list(models or [])
-    params: dict[str, Any] = {}
+    aliases: dict[str, Any] = {}
     for key, value in (("lambda", lam), ("t", t), ("alpha", alpha), ("scaling", scaling), ("normalize", normalize),
                        ("rescale", rescale)):
         if value is not None:
-            params[key] = value
+            aliases[key] = value
     if keep_diagonal:
-        params["keep_diagonal"] = True
+        aliases["keep_diagonal"] = True
     if project_embeddings:
-        params["project_embeddings"] = True
+        aliases["project_embeddings"] = True
     if config is not None:
         given = [f for f, v in (("-m", method), ("--base", base), ("MODELS", models), ("--weight", weight),
-                                ("--density", density), ("--resume", resume)) if v] + [f"--{k}" for k in params]
+                                ("--density", density), ("--resume", resume), ("-p", param)) if v] + \
+            [f"--{k}" for k in aliases]
         if given:
             raise UsageError(f"--config takes the method, models and parameters from the recipe; drop {', '.join(given)} "
                              f"(or put them in {config}).")
@@ -97,19 +167,24 @@ def merge(
         if not models:
             raise UsageError("name the models to merge (MODEL...), or pass --config recipe.yml.")
         if resume is None and not method:
-            raise UsageError(f"choose a merge method with -m: {METHOD_NAMES}.")
-        per = [dict() for _ in models]
+            raise UsageError("choose a merge method with -m (surgery merge --help lists them).")
+        shared, per = _parse_params(list(param or []), len(models))
+        for key, value in aliases.items():
+            if key in shared:
+                raise UsageError(f"{key} is given both as --{key} and as -p {key}=...; give it once.")
+            shared[key] = value
         for key, values, flag in (("weight", weight, "--weight"), ("density", density, "--density")):
-            vals = _per_model(values, len(models), flag)
-            for d, v in zip(per, vals or []):
+            for d, v in zip(per, _per_model(values, len(models), flag) or []):
+                if key in d:
+                    raise UsageError(f"{key} of a model is given both with {flag} and with -p; give it once.")
                 d[key] = v
-        request = MergeRequest(method or "", base, [ModelEntry(m, p) for m, p in zip(models, per)], params)
-    if shuffle and resume is None and request.method and not request.method.startswith(("opcm", "continual", "magmax")):
-        raise UsageError("--shuffle only applies to continual methods (opcm, continual_*, magmax).")
-    options = MergeOptions(seed=seed, allow_missing=allow_missing, decomposition=decomposition, shuffle=shuffle,
-                           trim_ties=trim_ties, device=device, state_dir=state, resume_dir=resume)
+        request = MergeRequest(method or "", base, [ModelEntry(m, p) for m, p in zip(models, per)], shared)
+    options = MergeOptions(seed=seed, allow_missing=allow_missing, decomposition=decomposition.value, shuffle=shuffle,
+                           trim_ties=trim_ties.value, device=device, state_dir=state, resume_dir=resume)
     result = run(request, output, options=options, dtype=dtype, shard_size=shard_size, force=force,
                  progress=_render.progress(quiet))
+    for warning in result.report.get("warnings", []):
+        _render.log(f"warning: {warning}")
 
     def human(console, doc) -> None:
         console.print(f"method: {doc['method']}   models, in order: {', '.join(doc['order'])}")
@@ -132,4 +207,4 @@ merge.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  
 
 def register(app: typer.Typer) -> None:
     """Add `surgery merge` to the app."""
-    app.command("merge")(merge)
+    app.command("merge", cls=MergeCommand)(merge)

@@ -38,6 +38,7 @@ class MergeRequest:
     models: list[ModelEntry]
     parameters: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
+    origin: str | None = None      # the recipe file, None for the command line
 
 
 def _scalar(x: Any) -> bool:
@@ -135,4 +136,4 @@ def load_recipe(path: str | Path) -> MergeRequest:
     base = doc.get("base_model")
     dtype = doc.get("out_dtype") or doc.get("dtype")
     return MergeRequest(str(doc["merge_method"]), str(base) if base is not None else None, entries, dict(params),
-                        str(dtype) if dtype else None)
+                        str(dtype) if dtype else None, origin=str(p))

@@ -3,7 +3,7 @@ re-reading the earlier ones.
 
 A state folder holds ``state.json`` (method, parameters, the base's identity with sha256,
 the models merged so far in order with their task-vector norms, the count and sum of
-those norms, λ_t) and ``model.safetensors`` with one float32 tensor per merged tensor: the
+those norms, λ_t and the method's other scalars) and ``model.safetensors`` with one float32 tensor per merged tensor: the
 running state (OPCM: S_t, so that θ^(t) = θ0 + S_t / λ_t; the other continual methods:
 their running task vector). It is written under a temporary sibling folder and renamed
 into place, so a crash never leaves half a state.
@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint.reader import Checkpoint, open_local
 from ..checkpoint.writer import ShardedWriter, TensorSpec, write_text
-from ..core.output import atomic_output
+from ..core.output import atomic_output, check_output
 from ..core.errors import CorruptCheckpointError, InputError, UsageError
 
 STATE_FORMAT = "surgery-continual-state"
@@ -42,6 +42,7 @@ class ContinualState:
     sum_norms: float = 0.0
     lam: float = 1.0
     steps: list[dict[str, Any]] = field(default_factory=list)
+    scalars: dict[str, float] = field(default_factory=dict)   # the method's scalars after the last step
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -57,9 +58,10 @@ class ContinualState:
             raise CorruptCheckpointError(f"{path} has state version {d.get('version')!r}; this surgery reads version "
                                          f"{STATE_VERSION}.", path=path)
         try:
+            lam = float(d["lambda"])
             return cls(method=d["method"], parameters=d["parameters"], base=d["base"], order=d["order"],
-                       count=int(d["count"]), sum_norms=float(d["sum_norms"]), lam=float(d["lambda"]),
-                       steps=list(d.get("steps", [])))
+                       count=int(d["count"]), sum_norms=float(d["sum_norms"]), lam=lam,
+                       steps=list(d.get("steps", [])), scalars=dict(d.get("scalars") or {"lambda": lam}))
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(f"{path} misses or mangles the field {exc}; the state is damaged.",
                                          path=path) from exc
@@ -85,18 +87,27 @@ def load_state(folder: str | Path) -> tuple[ContinualState, Checkpoint]:
     return state, tensors
 
 
+def check_state_target(folder: str | Path, *, replace_ok: list[Path] = (), inputs: list[Path] = ()) -> None:
+    """Refuse a state folder that exists and is not a state (unless in ``replace_ok``), or that
+    is, contains or lies inside an input or the output — before any work starts."""
+    folder = Path(folder)
+    if folder.exists() and not (folder / STATE_JSON).is_file() and folder.resolve() not in [p.resolve() for p in replace_ok]:
+        raise UsageError(f"`state` {folder} exists and is not a continual-merge state folder; choose another path.",
+                         path=folder)
+    check_output(folder, force=True, inputs=inputs)
+
+
 @contextmanager
-def state_writer(folder: str | Path, specs: list[TensorSpec], *, replace_ok: list[Path] = ()) -> Iterator["StateSink"]:
+def state_writer(folder: str | Path, specs: list[TensorSpec], *, replace_ok: list[Path] = (),
+                 inputs: list[Path] = ()) -> Iterator["StateSink"]:
     """Write a state folder atomically: yields a sink; on a clean exit the folder replaces ``folder``.
 
     An existing ``folder`` is replaced only if it is itself a state folder (or listed in
-    ``replace_ok``); anything else is refused.
+    ``replace_ok``); anything else is refused, as is a folder that is, contains or lies inside
+    one of ``inputs``.
     """
-    folder = Path(folder)
-    if folder.exists() and not (folder / STATE_JSON).is_file() and folder.resolve() not in [p.resolve() for p in replace_ok]:
-        raise UsageError(f"--state {folder} exists and is not a continual-merge state folder; choose another path.",
-                         path=folder)
-    with atomic_output(folder, force=True) as tmp:
+    check_state_target(folder, replace_ok=replace_ok, inputs=inputs)
+    with atomic_output(folder, force=True, inputs=inputs) as tmp:
         sink = StateSink(tmp, specs)
         try:
             yield sink

@@ -126,11 +126,12 @@ def test_merge_in_small_row_blocks(cli, tmp_path, monkeypatch, method):
     """The streamed row-block paths (TIES' radix passes and tie counting, DARE's chunk draws)
     on the GPU, forced with tiny blocks, against the CPU."""
     from surgery.core import engine
-    from surgery.merge import dare, ties
+    from surgery.merge import batch
+    from surgery.merge.methods import ties
 
     monkeypatch.setattr(ties, "IN_MEMORY_BYTES", 0)
     monkeypatch.setattr(ties, "SUB_ELEMENTS", 40)
-    monkeypatch.setattr(dare, "SUB_ELEMENTS", 40)
+    monkeypatch.setattr(batch, "SUB_BLOCK_ELEMENTS", 40)
     monkeypatch.setattr(engine, "BLOCK_BYTES", 1024)
     _both(cli, tmp_path, "merge", "-m", method, "--base", LLAMA / "base", LLAMA / "ft-a", LLAMA / "ft-b",
           *MERGES[method], "--dtype", "float32")

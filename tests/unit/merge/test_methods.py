@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from surgery.core.errors import UsageError
-from surgery.merge import continual, dare, linear, opcm, slerp, task_arithmetic, ties
+from surgery.merge.methods import continual, dare, linear, opcm, slerp, task_arithmetic, ties
 
 
 def _rand(*shape, seed=0):
@@ -26,7 +26,7 @@ def test_linear_weighted_mean_and_plain_sum():
 
 
 def test_linear_zero_weight_sum_is_a_usage_error():
-    with pytest.raises(UsageError, match="sum to zero.*--no-normalize"):
+    with pytest.raises(UsageError, match="sum to zero.*`normalize` off"):
         linear.linear([_rand(2), _rand(2, seed=1)], [1.0, -1.0])
 
 
@@ -216,20 +216,20 @@ def test_dare_linear_and_ties_match_manual_drop():
 
 
 @pytest.mark.parametrize("consensus", [False, True])
-def test_dare_rows_equal_the_whole_tensor(monkeypatch, consensus):
-    """Row blocks (several sub-blocks each, boundaries inside draw chunks) give the bytes of
-    the whole-tensor computation."""
+def test_dare_blocks_equal_the_whole_tensor(monkeypatch, consensus):
+    """Blocks of the flat tensor (boundaries inside draw chunks) give the bytes of the
+    whole-tensor computation."""
     monkeypatch.setattr(dare, "DRAW_CHUNK", 64)
-    monkeypatch.setattr(dare, "SUB_ELEMENTS", 50)
     base = _rand(41, 13).float()
     ms = [base + 0.1 * _rand(41, 13, seed=i + 1).float() for i in range(3)]
     w, dens = [1.0, 0.5, 0.8], [0.4, 0.6, 1.0]
-    kw = dict(seed=5, tensor_name="t", lam=0.9, normalize=True)
-    whole = dare.dare_streamed(base, lambda i: ms[i].clone(), 3, w, dens, consensus=consensus, **kw)
-    rows = dare.DareRows(base.shape, lambda a, e: base[a:e].clone(), lambda i, a, e: ms[i][a:e].clone(), 3, w, dens,
-                         consensus=consensus, **kw)
-    got = torch.cat([rows(a, min(41, a + 9)) for a in range(0, 41, 9)])
-    assert torch.equal(got, whole)
+    kw = dict(seed=5, tensor_name="t", lam=0.9, normalize=True, consensus=consensus, numel=base.numel())
+    whole = dare.dare_block(base, lambda i: ms[i].clone(), 3, w, dens, start=0, **kw)
+    parts = []
+    for a in range(0, 41, 9):
+        e = min(41, a + 9)
+        parts.append(dare.dare_block(base[a:e].clone(), lambda i: ms[i][a:e].clone(), 3, w, dens, start=a * 13, **kw))
+    assert torch.equal(torch.cat(parts), whole)
 
 
 # ---- SLERP ----------------------------------------------------------------------------------

@@ -171,14 +171,14 @@ def test_row_blocked_batch_merges_equal_whole_tensor_ones(tmp_path, monkeypatch,
     several per tensor and several engine blocks per tensor) give the same bytes as one
     block per tensor."""
     from surgery.core import engine
-    from surgery.merge import dare, run, ties
+    from surgery.merge import batch
+    from surgery.merge.methods import ties
 
     req = lambda: _req(method, None if method == "linear" else LLAMA / "base",  # noqa: E731
                        [LLAMA / "ft-a", LLAMA / "ft-b", LLAMA / "ft-c"], **({"density": 0.4} if "ties" in method or "dare" in method else {}))
     merge(req(), tmp_path / "whole", dtype="float32")
-    monkeypatch.setattr(run, "SUB_BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(batch, "SUB_BLOCK_ELEMENTS", 40)
     monkeypatch.setattr(ties, "SUB_ELEMENTS", 40)
-    monkeypatch.setattr(dare, "SUB_ELEMENTS", 40)
     monkeypatch.setattr(ties, "IN_MEMORY_BYTES", 0)
     monkeypatch.setattr(engine, "BLOCK_BYTES", 1024)
     merge(req(), tmp_path / "blocked", dtype="float32")
@@ -236,7 +236,7 @@ def test_incompatible_inputs_name_the_tensor(tmp_path):
     for m, pattern in [(bad_shape, "tensor 'a.weight': shapes differ"),
                        (bad_vocab, "tensor 'embed_tokens.weight': vocabulary sizes differ"),
                        (bad_dtype, "tensor 'a.weight': dtypes differ"),
-                       (missing, "lacks 1 tensor.*'a.weight'.*--allow-missing")]:
+                       (missing, "lacks 1 tensor.*'a.weight'.*`allow_missing`")]:
         with pytest.raises(IncompatibleCheckpointsError, match=pattern) as e:
             merge(_req("task_arithmetic", base, [m]), tmp_path / "out")
         assert e.value.exit_code == 3
@@ -248,19 +248,19 @@ def test_incompatible_inputs_name_the_tensor(tmp_path):
 def test_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="unknown merge method 'nope'; choose one of linear"):
         merge(_req("nope", LLAMA / "base", [LLAMA / "ft-a"]), tmp_path / "o")
-    with pytest.raises(UsageError, match="does not take parameter\\(s\\) alpha"):
+    with pytest.raises(UsageError, match="does not take `alpha`; it takes: weight, density, lambda"):
         merge(_req("ties", LLAMA / "base", [LLAMA / "ft-a"], alpha=0.5), tmp_path / "o")
     req = _req("ties", LLAMA / "base", [LLAMA / "ft-a"])
     req.models[0].parameters["density"] = [{"filter": "mlp", "value": "high"}]
-    with pytest.raises(UsageError, match="density must be a number, got 'high'"):
+    with pytest.raises(UsageError, match="`density` must be a number, got 'high'"):
         merge(req, tmp_path / "o")
-    with pytest.raises(UsageError, match="normalize must be true or false"):
+    with pytest.raises(UsageError, match="`normalize` must be true or false"):
         merge(_req("ties", LLAMA / "base", [LLAMA / "ft-a"], normalize=1.5), tmp_path / "o")
     with pytest.raises(UsageError, match="needs a base model"):
         merge(_req("ties", None, [LLAMA / "ft-a"]), tmp_path / "o")
     with pytest.raises(UsageError, match="takes exactly 1 model"):
         merge(_req("slerp", LLAMA / "base", [LLAMA / "ft-a", LLAMA / "ft-b"]), tmp_path / "o")
-    with pytest.raises(UsageError, match="--state/--resume need a continual method"):
+    with pytest.raises(UsageError, match="`state`/`resume` need a continual method"):
         merge(_req("ties", LLAMA / "base", [LLAMA / "ft-a"]), tmp_path / "o", options=MergeOptions(state_dir=tmp_path / "s"))
     (tmp_path / "notstate").mkdir()
     (tmp_path / "notstate" / "x").write_text("x")
@@ -317,16 +317,60 @@ def test_opcm_is_deterministic_with_worker_threads(tmp_path):
     assert all(torch.equal(a.get_raw(n), b.get_raw(n)) for n in a.names)
 
 
-def test_opcm_large_matrices_on_the_calling_thread_give_the_same_merge(tmp_path, monkeypatch):
-    """Matrices above the worker size limit run on the calling thread with all threads, the
-    rest on workers under a tight in-flight budget: the same merge as all on workers."""
-    from surgery.merge import run
+def test_opcm_tight_memory_budget_gives_the_same_bytes(tmp_path, monkeypatch):
+    """With room for one projection in flight at a time, the merge is byte-identical to the
+    default scheduling."""
+    from surgery.merge import stepwise
 
     fts = [LLAMA / f"ft-{c}" for c in "abc"]
     merge(_req("opcm", LLAMA / "base", fts), tmp_path / "pool", dtype="float32")
-    monkeypatch.setattr(run._ProjectionPool, "SMALL_BYTES", run._ProjectionPool.footprint(64 * 64))   # 64x64 small, 64x128 not
-    monkeypatch.setattr(run._ProjectionPool, "BUDGET_BYTES", run._ProjectionPool.footprint(64 * 64))  # one in flight
-    merge(_req("opcm", LLAMA / "base", fts), tmp_path / "mixed", dtype="float32")
-    a, b = open_checkpoint(tmp_path / "pool"), open_checkpoint(tmp_path / "mixed")
-    for n in a.names:
-        assert torch.allclose(a.get(n), b.get(n), rtol=0, atol=1e-6), n
+    budget = stepwise._Pool.footprint(64 * 64)
+    real_init = stepwise._Pool.__init__
+
+    def tight(self, device, enabled):
+        real_init(self, device, enabled)
+        self.budget = budget        # one 64x64 step in flight at a time
+
+    monkeypatch.setattr(stepwise._Pool, "__init__", tight)
+    merge(_req("opcm", LLAMA / "base", fts), tmp_path / "tight", dtype="float32")
+    a, b = open_checkpoint(tmp_path / "pool"), open_checkpoint(tmp_path / "tight")
+    for n in a.names:       # same bytes: the order of results never depends on the scheduling
+        assert torch.equal(a.get_raw(n), b.get_raw(n)), n
+
+
+def test_state_output_and_inputs_never_overlap(tmp_path):
+    """The state is an output and, resumed, an input: -o may not be it, and it may not be -o."""
+    fts = [LLAMA / "ft-a", LLAMA / "ft-b"]
+    x = tmp_path / "X"
+    with pytest.raises(UsageError, match="output .*X is the input .*X"):
+        merge(_req("opcm", LLAMA / "base", fts), x, options=MergeOptions(state_dir=x))
+    assert not x.exists()
+    merge(_req("opcm", LLAMA / "base", fts[:1]), tmp_path / "a", options=MergeOptions(state_dir=tmp_path / "S"))
+    before = (tmp_path / "S" / "state.json").read_bytes()
+    with pytest.raises(UsageError, match="is the input"):
+        merge(_req("", None, fts[1:]), tmp_path / "S", force=True, options=MergeOptions(resume_dir=tmp_path / "S"))
+    with pytest.raises(UsageError, match="lies inside the input"):
+        merge(_req("", None, fts[1:]), tmp_path / "S" / "out", options=MergeOptions(resume_dir=tmp_path / "S"))
+    with pytest.raises(UsageError, match="contains the input"):
+        merge(_req("opcm", LLAMA / "base", fts), tmp_path / "o", options=MergeOptions(state_dir=tmp_path / "o" / "s"))
+    with pytest.raises(UsageError, match="is not a continual-merge state"):   # the state may not replace a model
+        merge(_req("opcm", LLAMA / "base", fts), tmp_path / "o", options=MergeOptions(state_dir=LLAMA / "ft-a"))
+    with pytest.raises(UsageError, match="lies inside the input"):
+        merge(_req("opcm", LLAMA / "base", fts), tmp_path / "o", options=MergeOptions(state_dir=LLAMA / "ft-a" / "s"))
+    assert (tmp_path / "S" / "state.json").read_bytes() == before and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "gram"])
+def test_opcm_bytes_do_not_depend_on_the_thread_count(tmp_path, decomposition):
+    fts = [LLAMA / f"ft-{c}" for c in "abc"]
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            merge(_req("opcm", LLAMA / "base", fts), tmp_path / f"t{threads}",
+                  options=MergeOptions(decomposition=decomposition))
+    finally:
+        torch.set_num_threads(previous)
+    a, b = open_checkpoint(tmp_path / "t1"), open_checkpoint(tmp_path / "t2")
+    assert all(torch.equal(a.get_raw(n), b.get_raw(n)) for n in a.names)
+    assert (tmp_path / "t1" / "README.md").read_text() == (tmp_path / "t2" / "README.md").read_text().replace("t2", "t1")

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from ..method import WEIGHT, Batch, Param, TensorContext, flag
+
 
 def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
     """Σ w_i δ_i, divided by Σ w_i when ``normalize`` (a sum near zero divides by 1, as mergekit does).
@@ -36,3 +38,20 @@ def task_arithmetic(base: torch.Tensor, models: Sequence[torch.Tensor], weights:
     """
     deltas = [m - base for m in models]
     return base + lam * combine(deltas, weights, normalize)
+
+
+LAMBDA = Param("lambda", 1.0, help="scale of the merged task vector")
+INT8_MASK = flag("int8_mask", False, "mergekit's memory option for masks; accepted, no effect on the result")
+
+
+def _merge(ctx: TensorContext) -> torch.Tensor:
+    base = ctx.base()
+    mixed = combine([ctx.tau(i) for i in range(ctx.n)], ctx.weights(), bool(ctx.params["normalize"]))
+    return mixed.mul_(float(ctx.params["lambda"])).add_(base)
+
+
+METHODS = (
+    Batch("task_arithmetic", "https://arxiv.org/abs/2212.04089", "θ0 + λ Σ w_i τ_i",
+          (WEIGHT, LAMBDA, flag("normalize", False, "divide by the sum of the weights"), INT8_MASK), _merge,
+          elementwise=True),
+)

@@ -7,7 +7,8 @@ from typing import Sequence
 
 import torch
 
-from ..core.errors import UsageError
+from ...core.errors import UsageError
+from ..method import WEIGHT, Batch, TensorContext, flag
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
@@ -31,6 +32,17 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     if normalize:
         total = float(sum(weights))
         if abs(total) < 1e-12:
-            raise UsageError("linear merge weights sum to zero; change the weights or pass --no-normalize.")
+            raise UsageError("linear merge weights sum to zero; change the weights (`weight`) or turn `normalize` off.")
         out.div_(total)
     return out
+
+
+def _merge(ctx: TensorContext) -> torch.Tensor:
+    return linear([ctx.model(i) for i in range(ctx.n)], ctx.weights(), bool(ctx.params["normalize"]))
+
+
+METHODS = (
+    Batch("linear", "https://arxiv.org/abs/2203.05482", "weighted average of the models (model soups)",
+          (WEIGHT, flag("normalize", True, "divide by the sum of the weights")), _merge, elementwise=True,
+          base="ignored"),
+)

@@ -7,7 +7,7 @@ tensor: chunk j of model i keeps entry e when the e-th float64 of
 ``torch.rand(len_j, generator=Generator().manual_seed(drop_seed(seed, tensor, i, j)))`` is
 below the density (drawn on the CPU). A merge is therefore reproducible bit for bit
 whatever the device, the order tensors are processed in, and the row blocks the work is
-split into — which lets DARE stream in row blocks like the other methods (:class:`DareRows`).
+split into — which lets DARE stream in row blocks like the elementwise methods.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..core.engine import rows_in_blocks
-from .ties import SUB_ELEMENTS, ties_combine_weighted
+from ..method import WEIGHT, Batch, TensorContext, flag
+from .task_arithmetic import INT8_MASK, LAMBDA
+from .ties import density_param, ties_combine_weighted
 
 DRAW_CHUNK = 1 << 16   # entries per seeded draw
 
@@ -87,71 +88,59 @@ def _combine(base: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[flo
     return mixed.mul_(lam).add_(base)
 
 
-def dare_streamed(base: torch.Tensor, load: Callable[[int], torch.Tensor], n: int, weights: Sequence[float],
-                  densities: Sequence[float], *, seed: int, tensor_name: str, lam: float = 1.0,
-                  normalize: bool = False, rescale: bool = True, consensus: bool = False) -> torch.Tensor:
-    """DARE of one whole tensor, reading model ``i`` with ``load(i)``; TIES' sign election when ``consensus``."""
-    taus = [dare_drop(load(i).sub_(base), float(densities[i]), seed=seed, tensor_name=tensor_name, model_index=i,
-                      rescale=rescale) for i in range(n)]
-    return _combine(base, taus, weights, lam, normalize, consensus)
-
-
 def dare_linear(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
                 densities: Sequence[float], *, seed: int, tensor_name: str, lam: float = 1.0,
                 normalize: bool = False, rescale: bool = True) -> torch.Tensor:
     """θ0 + λ Σ w_i DARE(τ_i) (divided by Σ w_i when ``normalize``)."""
-    return dare_streamed(base, lambda i: models[i].clone(), len(models), weights, densities, seed=seed,
-                         tensor_name=tensor_name, lam=lam, normalize=normalize, rescale=rescale)
+    return dare_block(base, lambda i: models[i].clone(), len(models), weights, densities, seed=seed,
+                      tensor_name=tensor_name, numel=base.numel(), start=0, lam=lam, normalize=normalize,
+                      rescale=rescale)
 
 
 def dare_ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
               densities: Sequence[float], *, seed: int, tensor_name: str, lam: float = 1.0,
               normalize: bool = False, rescale: bool = True) -> torch.Tensor:
     """θ0 + λ · TIES sign election and disjoint sum of the DARE-dropped task vectors."""
-    return dare_streamed(base, lambda i: models[i].clone(), len(models), weights, densities, seed=seed,
-                         tensor_name=tensor_name, lam=lam, normalize=normalize, rescale=rescale, consensus=True)
+    return dare_block(base, lambda i: models[i].clone(), len(models), weights, densities, seed=seed,
+                      tensor_name=tensor_name, numel=base.numel(), start=0, lam=lam, normalize=normalize,
+                      rescale=rescale, consensus=True)
 
 
-class DareRows:
-    """DARE of one tensor of shape ``shape`` in row blocks: ``rows(a, e)`` returns θ0 + λ · the
-    combined dropped task vectors for rows ``[a, e)``, a few rows at a time (the drop is
-    elementwise given the seeded draws, so nothing whole-tensor is ever held).
+def dare_block(base: torch.Tensor, model: Callable[[int], torch.Tensor], n: int, weights: Sequence[float],
+               densities: Sequence[float], *, seed: int, tensor_name: str, numel: int, start: int,
+               lam: float = 1.0, normalize: bool = False, rescale: bool = True,
+               consensus: bool = False) -> torch.Tensor:
+    """DARE of the flat entries ``start .. start + base.numel()`` of a tensor with ``numel``
+    entries: the drop is elementwise given the seeded draws, so any blocking gives the same
+    merge. ``model(i)`` returns a fresh float32 copy of model i's entries of the block."""
+    taus = []
+    for i in range(n):
+        tau = model(i).sub_(base)
+        dens = float(densities[i])
+        if dens < 1:
+            keep = keep_mask(seed, tensor_name, i, numel, start, start + tau.numel(), dens)
+            dare_drop_(tau, keep, dens, rescale)
+        taus.append(tau)
+    return _combine(base, taus, weights, lam, normalize, consensus)
 
-    Args:
-        shape: The tensor's shape (at least 1-D).
-        base_rows: ``base_rows(a, e)``: float32 rows of θ0.
-        model_rows: ``model_rows(i, a, e)``: a fresh float32 copy of rows of θ_i.
-        n, weights, densities, seed, tensor_name, lam, normalize, rescale: As in :func:`dare_streamed`.
-        consensus: TIES' sign election and disjoint sum (``dare_ties``) instead of the weighted sum.
-    """
 
-    def __init__(self, shape: Sequence[int], base_rows: Callable[[int, int], torch.Tensor],
-                 model_rows: Callable[[int, int, int], torch.Tensor], n: int, weights: Sequence[float],
-                 densities: Sequence[float], *, seed: int, tensor_name: str, lam: float = 1.0, normalize: bool = False,
-                 rescale: bool = True, consensus: bool = False):
-        self.shape = tuple(shape)
-        self.row_elems = 1
-        for s in self.shape[1:]:
-            self.row_elems *= s
-        self.numel = self.shape[0] * self.row_elems
-        self.base_rows, self.model_rows, self.n = base_rows, model_rows, n
-        self.weights, self.densities = [float(w) for w in weights], [float(d) for d in densities]
-        self.seed, self.name, self.lam = seed, tensor_name, float(lam)
-        self.normalize, self.rescale, self.consensus = bool(normalize), bool(rescale), bool(consensus)
+# ---- the methods --------------------------------------------------------------------------
 
-    def _block(self, s: int, t: int) -> torch.Tensor:
-        base = self.base_rows(s, t)
-        taus = []
-        for i in range(self.n):
-            tau = self.model_rows(i, s, t).sub_(base)
-            dens = self.densities[i]
-            if dens <= 0:
-                tau.zero_()
-            elif dens < 1:
-                keep = keep_mask(self.seed, self.name, i, self.numel, s * self.row_elems, t * self.row_elems, dens)
-                dare_drop_(tau, keep, dens, self.rescale)
-            taus.append(tau)
-        return _combine(base, taus, self.weights, self.lam, self.normalize, self.consensus)
+def _method(consensus: bool):
+    def merge(ctx: TensorContext) -> torch.Tensor:
+        p = ctx.params
+        return dare_block(ctx.base(), ctx.model, ctx.n, ctx.weights(), ctx.weights("density"), seed=ctx.seed,
+                          tensor_name=ctx.name, numel=ctx.numel, start=ctx.flat_offset, lam=float(p["lambda"]),
+                          normalize=bool(p["normalize"]), rescale=bool(p["rescale"]), consensus=consensus)
+    return merge
 
-    def __call__(self, a: int, e: int) -> torch.Tensor:
-        return rows_in_blocks(self.shape, a, min(e, self.shape[0]), SUB_ELEMENTS, self._block)
+
+_PARAMS = (WEIGHT, density_param(), LAMBDA, flag("normalize", False, "divide by the sum of the weights"),
+           flag("rescale", True, "divide the surviving entries by the density"), INT8_MASK)
+
+METHODS = (
+    Batch("dare_linear", "https://arxiv.org/abs/2311.03099", "random drop + rescale, then a weighted sum",
+          _PARAMS, _method(False), elementwise=True),
+    Batch("dare_ties", "https://arxiv.org/abs/2311.03099", "random drop + rescale, then TIES' sign election",
+          _PARAMS, _method(True), elementwise=True),
+)

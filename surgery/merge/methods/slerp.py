@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from ..method import Batch, TensorContext, unit
+
 DOT_THRESHOLD = 0.9995
 
 
@@ -41,3 +43,14 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
         s = math.sin(theta)
         c0, c1 = math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
     return (c0 * a + c1 * b).reshape(v0.shape)
+
+
+def _merge(ctx: TensorContext) -> torch.Tensor:
+    return slerp(float(ctx.params["t"]), ctx.base(), ctx.model(0))
+
+
+METHODS = (
+    Batch("slerp", "https://en.wikipedia.org/wiki/Slerp", "spherical interpolation from the base (t=0) to one model (t=1)",
+          (unit("t", 0.5, help="interpolation factor: 0 = the base, 1 = the model"),), _merge,
+          min_models=1, max_models=1),
+)

@@ -21,8 +21,12 @@ reference's full-matrix rule.
 
 from __future__ import annotations
 
+import math
 
 import torch
+
+from ...checkpoint.roles import EMBEDDING_TYPES, sublayer_of
+from ..method import Continual, StepContext, flag, unit
 
 DECOMPOSITIONS = ("gram", "svd")
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -128,3 +132,51 @@ def opcm_tensor(merged: torch.Tensor | None, tau: torch.Tensor, prev_lambda: flo
         projected, r = project_task_vector(merged, tau, alpha, keep_diagonal, decomposition)
         return prev_lambda * merged + projected, r
     return prev_lambda * merged + tau, None
+
+
+# ---- the method ---------------------------------------------------------------------------
+
+def projected(name: str, shape: tuple[int, ...], params: dict) -> bool:
+    """OPCM projects 2-D weight matrices and the output head; embeddings only when asked."""
+    if len(shape) != 2 or min(shape) == 0:
+        return False
+    sub = sublayer_of(name)
+    if not (sub in EMBEDDING_TYPES or "embed" in name) or sub == "lm_head":
+        return True
+    return bool(params["project_embeddings"])
+
+
+def _step(ctx: StepContext) -> torch.Tensor:
+    # S_{t−1} = λ_{t−1} M, so S_t = λ_{t−1} M + τ̃ = S_{t−1} + τ̃ (τ̃ projected against M's, i.e.
+    # S_{t−1}'s, singular directions).
+    if ctx.prev is None:
+        return ctx.tau
+    if ctx.whole and projected(ctx.name, ctx.shape, ctx.params):
+        out, r = opcm_tensor(ctx.prev, ctx.tau, 1.0, alpha=float(ctx.params["alpha"]), project=True,
+                             keep_diagonal=bool(ctx.params["keep_diagonal"]),
+                             decomposition=ctx.options.get("decomposition", "gram"))
+        ctx.info["split_rank"] = r
+        return out
+    return ctx.prev + ctx.tau
+
+
+def _end_step(scalars: dict[str, float], totals: dict[str, float], t: int) -> dict[str, float]:
+    """λ_t = ‖S_t‖ / mean_{i≤t} ‖τ_i‖ (1 when either is 0)."""
+    mean = totals["sum_norms"] / t
+    s_norm = math.sqrt(totals["state_sq"])
+    return {"lambda": s_norm / mean if mean > 0 and s_norm > 0 else 1.0}
+
+
+def _output(state: torch.Tensor, base: torch.Tensor, params: dict, scalars: dict[str, float]) -> torch.Tensor:
+    return base + state / scalars["lambda"]
+
+
+METHODS = (
+    Continual("opcm", "https://arxiv.org/abs/2501.09522",
+              "orthogonal projection of each new task vector, adaptive global rescale (continual)",
+              (unit("alpha", 0.5, help="split-rank threshold on cumsum(σ)/Σσ"),
+               flag("keep_diagonal", False, "keep τ's diagonal in the (U, V) basis"),
+               flag("project_embeddings", False, "project embeddings too (default: summed like biases)")),
+              _step, _output, whole=projected, uses_totals=True, end_step=_end_step, initial={"lambda": 1.0},
+              threaded=True),
+)

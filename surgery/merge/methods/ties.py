@@ -19,7 +19,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ..core.engine import row_ranges, rows_in_blocks
+from ...core.engine import row_ranges, rows_in_blocks
+from ..method import WEIGHT, Batch, Param, TensorContext, flag, unit
+from .task_arithmetic import INT8_MASK, LAMBDA
 
 CHUNK = 1 << 23   # elementwise steps run over flat chunks (32 MB in float32): no whole-tensor temporaries
 SUB_ELEMENTS = 1 << 20   # row blocks of a streamed tensor hold about this many entries per model
@@ -207,11 +209,6 @@ def ties_combine_weighted(weighted: Sequence[torch.Tensor], weights: Sequence[fl
     return out.view(shape)
 
 
-def ties_combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """Sign election plus disjoint mean of sparsified (unweighted) task vectors."""
-    return ties_combine_weighted([d * float(w) for d, w in zip(deltas, weights)], weights, normalize)
-
-
 def ties_streamed(base: torch.Tensor, load: Callable[[int], torch.Tensor], n: int, weights: Sequence[float],
                   densities: Sequence[float], lam: float = 1.0, normalize: bool = True,
                   sparsify: Callable[[torch.Tensor, float, int], torch.Tensor] | None = None) -> torch.Tensor:
@@ -338,3 +335,27 @@ class TiesRows:
         if e == self.rows_total:
             self.keepers = None   # nothing is held between tensors
         return out
+
+
+# ---- the method ---------------------------------------------------------------------------
+
+def density_param(default: float = 1.0) -> Param:
+    """The per-model fraction of each task vector kept, in (0, 1]."""
+    return unit("density", default, per_model=True, low_open=True, help="fraction of each task vector kept")
+
+
+def _merge(ctx: TensorContext):
+    weights, densities = ctx.weights(), ctx.weights("density")
+    lam, normalize = float(ctx.params["lambda"]), bool(ctx.params["normalize"])
+    if ctx.options.get("trim_ties") == "argsort":
+        base = ctx.base()
+        return ties_streamed(base, ctx.model, ctx.n, weights, densities, lam, normalize,
+                             sparsify=lambda d, dens, i: trim_argsort_(d, dens))
+    return TiesRows(ctx.shape, ctx.base_rows, ctx.model_rows, ctx.n, weights, densities, lam, normalize)
+
+
+METHODS = (
+    Batch("ties", "https://arxiv.org/abs/2306.01708", "trim each task vector, elect signs, disjoint mean",
+          (WEIGHT, density_param(), LAMBDA, flag("normalize", True, "divide by the agreeing models' weights"),
+           INT8_MASK), _merge),
+)
