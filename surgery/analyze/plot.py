@@ -1,47 +1,13 @@
-"""Figures for ``analyze spectrum`` and ``analyze gain`` (matplotlib, an optional extra).
-
-The figures are drawn with matplotlib's object API on an Agg canvas, so nothing global (the
-pyplot backend, open windows) changes in the caller's process.
-"""
+"""Figures for ``analyze spectrum`` and ``analyze gain`` (matplotlib, an optional extra; see
+:mod:`surgery.core.figures`). The command layer calls them after the analysis."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import UsageError
+from ..core.figures import check_plot_path, new_figure, require_matplotlib, save_figure
 from .common import TYPE_ORDER, type_rank
-
-SUFFIXES = {".png", ".pdf", ".svg", ".jpg", ".jpeg"}
-
-
-def _figure(rows: int, cols: int, size: tuple[float, float]):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise UsageError("--plot needs matplotlib, which is not installed: pip install 'surgery[plot]' "
-                         "(or pip install matplotlib), or drop --plot.") from exc
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    return fig, axes
-
-
-def require_matplotlib() -> None:
-    """Raise the --plot UsageError now when matplotlib is missing (before any long computation)."""
-    _figure(1, 1, (1, 1))
-
-
-def check_plot_path(path: str | Path) -> Path:
-    """Refuse a plot path whose format matplotlib would not write or whose folder is missing."""
-    p = Path(path)
-    if p.suffix.lower() not in SUFFIXES:
-        raise UsageError(f"--plot {p}: use a .png, .pdf or .svg file name.")
-    if not p.parent.exists():
-        raise UsageError(f"--plot {p}: folder {p.parent} does not exist.")
-    return p
-
 
 def _colors(kinds: list[str]) -> dict[str, Any]:
     from matplotlib import colormaps
@@ -87,7 +53,7 @@ def plot_spectrum(report: dict[str, Any], path: str | Path) -> Path:
     spectra = report.get("spectra", {})
     kinds = _kinds(rows)
     colors = _colors(kinds)
-    fig, axes = _figure(2, 2, (14, 9))
+    fig, axes = new_figure(2, 2, (14, 9))
     ax = axes[0][0]
     seen: set[str] = set()
     for r in rows:
@@ -116,8 +82,7 @@ def plot_spectrum(report: dict[str, Any], path: str | Path) -> Path:
     axes[1][1].legend(fontsize=8, ncol=2)
     what = "task vector vs " + str(report["base"]) if report.get("base") else "weights"
     fig.suptitle(f"spectrum of {report['checkpoint']} ({what})")
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_gain(report: dict[str, Any], path: str | Path) -> Path:
@@ -128,7 +93,7 @@ def plot_gain(report: dict[str, Any], path: str | Path) -> Path:
     kinds = _kinds(rows)
     colors = _colors(kinds)
     with_pairs = "pairs" in report
-    fig, axes = _figure(3 if with_pairs else 2, 1, (13, 11 if with_pairs else 8))
+    fig, axes = new_figure(3 if with_pairs else 2, 1, (13, 11 if with_pairs else 8))
     _grouped_bars(axes[0][0], rows, "sigma_max", kinds, colors, "σ_max", log=True)
     axes[0][0].set_title(f"top singular value of {report['checkpoint']}")
     axes[0][0].legend(fontsize=8, ncol=len(kinds))
@@ -147,8 +112,7 @@ def plot_gain(report: dict[str, Any], path: str | Path) -> Path:
         ax.axhline(expected, color="green", linewidth=1)
         ax.set_title(f"σ_max ratio vs proxy {report['proxy']} (d {w.get('target')} vs {w.get('proxy')})")
         ax.legend(fontsize=8, ncol=len(kinds) + 1, loc="lower right")
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["plot_spectrum", "plot_gain", "check_plot_path", "require_matplotlib", "TYPE_ORDER"]

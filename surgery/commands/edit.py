@@ -47,7 +47,7 @@ def apply(
     max_rel_norm: Annotated[float, typer.Option("--max-rel-norm", help="Pre-check: ‖ΔW‖_F/‖W‖_F above this forces a perplexity check.")] = 0.1,
     max_sigma_ratio: Annotated[float, typer.Option("--max-sigma-ratio", help="Pre-check: σ_max(ΔW)/σ_max(W) above this forces a perplexity check.")] = 0.5,
     force_base: Annotated[bool, typer.Option("--force-base", help="Apply edits whose recorded base sha256 does not match.")] = False,
-    plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.png", help="Draw perplexity against edit index.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.png", help="Draw perplexity against edit index (.png/.pdf/.svg; needs matplotlib).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer folder or Hub id when the base has none.")] = None,
     dtype: DtypeOpt = None,
     shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
@@ -64,11 +64,20 @@ def apply(
 
     if stride is not None and not corpus:
         raise UsageError("--stride applies to --corpus perplexity only.")
+    if plot is not None:  # refuse a bad --plot before the forward passes, not after
+        from surgery.core.figures import check_plot_path, require_matplotlib
+
+        check_plot_path(plot)
+        require_matplotlib()
     result = apply_edits(base, edits, output, text=text, corpus=corpus, ctx=ctx, stride=stride,
                          max_sentences=max_sentences, batch_size=batch_size, max_ppl_ratio=max_ppl_ratio,
                          max_ppl=max_ppl, check_every=check_every, on_collapse=on_collapse, max_rel_norm=max_rel_norm,
                          max_sigma_ratio=max_sigma_ratio, force_base=force_base, tokenizer=tokenizer, device=device,
-                         dtype=dtype, shard_size=shard_size, force=force, plot=plot, progress=_render.progress(quiet))
+                         dtype=dtype, shard_size=shard_size, force=force, progress=_render.progress(quiet))
+    if plot is not None:
+        from surgery.edit.plot import plot_perplexity
+
+        result.report["plot"] = str(plot_perplexity(result.report, plot))
 
     def human(console, report) -> None:
         from rich.table import Table

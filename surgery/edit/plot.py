@@ -1,4 +1,5 @@
-"""Perplexity against edit index, as a PNG (matplotlib, headless)."""
+"""Perplexity against edit index for ``edit apply --plot`` (matplotlib, an optional extra; see
+:mod:`surgery.core.figures`). The command layer calls it after the run."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import UsageError
+from ..core.figures import new_figure, save_figure
 
 
 def plot_perplexity(report: dict[str, Any], path: str | Path) -> Path:
@@ -16,19 +17,13 @@ def plot_perplexity(report: dict[str, Any], path: str | Path) -> Path:
     Raises:
         UsageError: matplotlib is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise UsageError("--plot needs matplotlib: pip install 'surgery[plot]'.") from exc
     checks = report["checks"]
     base = report["baseline_perplexity"]
     xs = [0 if c["after_edit"] is None else c["after_edit"] + 1 for c in checks]
     ys = [c["perplexity"] if c["perplexity"] is not None and math.isfinite(c["perplexity"]) else float("nan")
           for c in checks]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = new_figure(1, 1, (7, 4))
+    ax = axes[0][0]
     ax.plot(xs, ys, marker="o", color="tab:blue", label=report.get("metric", "perplexity"))
     bad = [(x, y) for x, y, c in zip(xs, ys, checks) if c["collapsed"]]
     if bad:
@@ -41,9 +36,4 @@ def plot_perplexity(report: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("perplexity")
     ax.set_title(f"edit apply on {report['base']}", fontsize="medium")
     ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=100)

@@ -68,6 +68,10 @@ def test_apply_stop_exits_1_with_report(cli, setup, tmp_path):
     assert rep["stopped"] and [e["verdict"] for e in rep["edits"]] == ["ok", "collapsed (rolled back)"]
     assert "collapse detected after edit 1; wrote the last good state (1 edit(s))" in r.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "p.png").is_file()
+    assert rep["plot"] == str(tmp_path / "p.png")
+    r = cli("edit", "apply", base, small, "-o", tmp_path / "out3", "--text", text, "--plot", tmp_path / "p.txt")
+    assert r.code == 2 and "--plot" in r.stderr and "use a .png, .pdf or .svg" in r.stderr
+    assert not (tmp_path / "out3").exists()
     r = cli("edit", "apply", base, small, big, "-o", tmp_path / "out2", "--text", text, "--on-collapse", "skip")
     assert r.code == 0, r.stderr
     assert "collapsed (skipped)" in r.stdout and "1 of 2 edits kept" in r.stdout

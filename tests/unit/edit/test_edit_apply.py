@@ -84,10 +84,11 @@ def test_skip_drops_only_the_offender(llama, tmp_path, three_edits, probe6):
 
 
 def test_ignore_keeps_everything(llama, tmp_path, three_edits, probe6):
-    res = apply_edits(llama, three_edits, tmp_path / "out", text=probe6, on_collapse="ignore",
-                      plot=tmp_path / "ppl.png")
+    res = apply_edits(llama, three_edits, tmp_path / "out", text=probe6, on_collapse="ignore")
     assert [e["verdict"] for e in res.report["edits"]] == ["ok", "collapsed (ignored)", "collapsed (ignored)"]
-    assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from surgery.edit.plot import plot_perplexity
+
+    assert plot_perplexity(res.report, tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _expect(tmp_path / "out", llama, {EMB: [_rank1(llama, EMB, 1e-3, 1), _rank1(llama, EMB, 100.0, 2)],
                                       DOWN: [_rank1(llama, DOWN, 1e-3, 3)]})
 
@@ -126,11 +127,10 @@ def test_base_verification(llama, fixtures_dir, tmp_path, make_rank1, probe6):
 
 def test_usage_and_input_errors(llama, fixtures_dir, tmp_path, make_rank1, probe6):
     e = make_rank1(llama, DOWN, 1e-3, tmp_path / "e.safetensors")
-    for kw, msg in [({"on_collapse": "panic"}, "--on-collapse must be one of stop, skip, ignore"),
-                    ({"max_ppl_ratio": 1.0}, "--max-ppl-ratio must be above 1"),
-                    ({"check_every": 0}, "--check-every must be at least 1"),
-                    ({"plot": tmp_path / "p.svg"}, "--plot must name a .png file"),
-                    ({"max_ppl": -1.0}, "--max-ppl must be positive")]:
+    for kw, msg in [({"on_collapse": "panic"}, "`on_collapse` must be one of stop, skip, ignore"),
+                    ({"max_ppl_ratio": 1.0}, "`max_ppl_ratio` must be above 1"),
+                    ({"check_every": 0}, "`check_every` must be at least 1"),
+                    ({"max_ppl": -1.0}, "`max_ppl` must be positive")]:
         with pytest.raises(UsageError, match=msg):
             apply_edits(llama, [e], tmp_path / "out", text=probe6, **kw)
     (tmp_path / "exists").mkdir()
@@ -140,7 +140,7 @@ def test_usage_and_input_errors(llama, fixtures_dir, tmp_path, make_rank1, probe
     foreign = make_rank1(gpt2, "transformer.h.0.mlp.c_proj.weight", 1.0, tmp_path / "g.safetensors")
     with pytest.raises(IncompatibleCheckpointsError, match="edits 'transformer.h.0.mlp.c_proj.weight', which .* does not have"):
         apply_edits(llama, [foreign, e], tmp_path / "out", text=probe6)
-    with pytest.raises(UsageError, match="already above --max-ppl 10"):
+    with pytest.raises(UsageError, match="already above `max_ppl` 10"):
         apply_edits(llama, [e], tmp_path / "out", text=probe6, max_ppl=10.0)
 
 
