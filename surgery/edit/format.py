@@ -17,7 +17,6 @@ stored bytes the edit was made against), ``description`` and optional ``subject`
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence

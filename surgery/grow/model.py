@@ -48,8 +48,6 @@ NORM_SLOT_FIELDS: dict[str, str] = {"qkv": "qkv_norm_slot_num", "proj": "proj_no
 KINDS = ("qkv", "proj", "ffn")
 
 EMBEDDING = "sequential.0.word_embeddings.weight"
-FIRST_LAYER_INDEX = 2          # sequential.0 embedding, sequential.1 a reshape lambda
-BLOCK_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 NORM_KINDS = ("layernorm_nonparam", "layernorm", "rmsnorm")
 
