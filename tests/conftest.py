@@ -1,6 +1,35 @@
-"""Shared test fixtures: the tiny fixture checkpoints, the real SmolLM2 / MiniLM
-checkpoints built from pip packages, and a CLI runner that returns exit code, stdout and
-stderr separately."""
+"""Shared test fixtures, and the test tiers every test file follows.
+
+Tiers
+-----
+``python -m pytest -q`` runs the fast tier (about a minute on a 2-core machine). Everything
+slower is behind a marker and left out unless asked for:
+
+=========  ==========================================================================
+marker     when
+=========  ==========================================================================
+slow       the test takes more than ~2 s: add ``@pytest.mark.slow`` yourself
+realmodel  SmolLM2-135M / all-MiniLM-L6-v2: automatic for any test that uses the
+           ``smollm2_dir`` or ``minilm_dir`` fixture (mark it yourself otherwise)
+anchor     compares against an installed anchor tool (mergekit, PEFT, WeightWatcher...)
+           the way a benchmark does: add ``@pytest.mark.anchor``
+gpu        needs CUDA: automatic for every test under ``tests/gpu/``
+=========  ==========================================================================
+
+``python -m pytest -q --all`` runs every tier (what ``.ci/run`` runs; tests whose model or
+GPU is missing skip themselves). An explicit ``-m EXPR`` (``-m realmodel``, ``-m "not gpu"``)
+or a test id (``tests/x.py::test_y``) replaces the default selection.
+
+Where tests go
+--------------
+``tests/unit/<area>/`` mirrors the package: ``tests/unit/core/`` for ``surgery/core/``,
+``tests/unit/merge/`` for ``surgery/merge/``, ``tests/unit/check/`` for ``surgery/check.py``
+and so on; ``tests/cli/`` drives the commands through the ``cli`` fixture; ``tests/gpu/``
+compares ``--device cuda`` with the CPU. Helpers shared across folders live in
+``tests/helpers/`` and checkpoint builders in ``fixtures/``; both are on ``sys.path``
+(``from adapter_helpers import make_adapter``, ``from make_tokenformer import
+build_tiny_tokenformer``). Nothing test-only goes into the ``surgery`` package.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +42,36 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
-sys.path.insert(0, str(ROOT / "benchmarks"))
+for _helpers in (ROOT / "benchmarks", FIXTURES, ROOT / "tests" / "helpers"):
+    sys.path.insert(0, str(_helpers))
+
+TIERS = ("slow", "realmodel", "anchor", "gpu")
+REAL_MODEL_FIXTURES = {"smollm2_dir", "minilm_dir"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true", dest="all_tiers",
+                     help="run every tier: slow, realmodel, anchor and gpu tests too (what .ci/run runs)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark real-model and GPU tests automatically, then leave every tier out of the default run."""
+    gpu_dir = ROOT / "tests" / "gpu"
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.realmodel)
+        if gpu_dir in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.gpu)
+    explicit = config.option.markexpr or any("::" in str(a) for a in config.args)
+    if config.getoption("all_tiers") or explicit:
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if any(item.get_closest_marker(t) for t in TIERS) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @dataclass

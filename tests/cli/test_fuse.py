@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "fuse"))
-from adapter_helpers import GPT2, make_adapter  # noqa: E402
+from adapter_helpers import GPT2, make_adapter
 
 peft = pytest.importorskip("peft")
 

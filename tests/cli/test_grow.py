@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.grow.fixture import build_tiny_tokenformer
+from make_tokenformer import build_tiny_tokenformer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "grow"))
-from tokenformer_reference import load, reference_logits  # noqa: E402
+from tokenformer_reference import load, reference_logits
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py

@@ -5,7 +5,6 @@ machine with ``python -m pytest tests/gpu``."""
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -110,8 +109,7 @@ def test_edit_extract_and_apply(cli, tmp_path):
 
 def test_fuse_lora(cli, tmp_path):
     peft = pytest.importorskip("peft")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "fuse"))
-    from adapter_helpers import make_adapter  # noqa: E402  (the adapter builder the fuse tests use)
+    from adapter_helpers import make_adapter  # the adapter builder the fuse tests use
 
     gpt2 = FX / "gpt2-tiny" / "base"
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,

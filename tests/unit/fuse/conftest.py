@@ -1,4 +1,4 @@
-"""Fixtures of the adapter tests (helpers live in adapter_helpers.py)."""
+"""Fixtures of the adapter tests (helpers live in tests/helpers/adapter_helpers.py)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from surgery.grow.fixture import build_tiny_tokenformer
+from make_tokenformer import build_tiny_tokenformer
 
 
 @pytest.fixture(autouse=True)

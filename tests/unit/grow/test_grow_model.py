@@ -7,7 +7,7 @@ import torch
 
 from surgery.checkpoint import open_checkpoint
 from surgery.core.errors import InputError
-from surgery.grow.fixture import build_tiny_tokenformer
+from make_tokenformer import build_tiny_tokenformer
 from surgery.grow.model import TokenFormerConfig, check_supported, find_pattention, lm_logits
 from tokenformer_reference import load, reference_logits
 

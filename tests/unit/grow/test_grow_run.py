@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from surgery.core.errors import CheckFailedError, InputError, UnsafeFormatError, UsageError
 from surgery.grow import grow
-from surgery.grow.fixture import build_tiny_tokenformer
+from make_tokenformer import build_tiny_tokenformer
 from tokenformer_reference import load, reference_logits
 
 IDS = torch.randint(0, 96, (3, 13), generator=torch.Generator().manual_seed(11))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-FIXTURES = Path(__file__).resolve().parents[3] / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 LLAMA = FIXTURES / "llama-tiny" / "base"
 GPT2 = FIXTURES / "gpt2-tiny" / "base"
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 257, 300, 411, 2, 7, 100, 200, 3, 4]])
