@@ -52,6 +52,7 @@ def test_spectrum_human_tables(cli, fx):
     assert "qkv" in r.stdout and "pos_embed" in r.stdout and "more tensors" in r.stdout
 
 
+@pytest.mark.slow
 def test_spectrum_plot(cli, fx, tmp_path):
     out = tmp_path / "spec.png"
     r = cli("analyze", "spectrum", fx("llama-tiny/base"), "--plot", out, "--json")
@@ -161,6 +162,7 @@ def test_gain_json_and_exact(cli, fx):
         assert rf["rms"] == pytest.approx(rms, rel=1e-6) and rf["gain"] == pytest.approx(s / rms, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_gain_vs_proxy_drift_exit_codes(cli, fx):
     wide, tiny = fx("llama-wide/base"), fx("llama-tiny/base")
     r = cli("analyze", "gain", wide, "--vs", tiny, "--json")
@@ -177,6 +179,7 @@ def test_gain_vs_proxy_drift_exit_codes(cli, fx):
     assert "no drift" in ok.stdout and "ignored" in ok.stdout
 
 
+@pytest.mark.slow
 def test_gain_plot_with_proxy(cli, fx, tmp_path):
     out = tmp_path / "gain.png"
     r = cli("analyze", "gain", fx("llama-wide/base"), "--vs", fx("llama-tiny/base"), "--plot", out)

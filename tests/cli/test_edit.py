@@ -34,6 +34,7 @@ def setup(fixtures_dir, tmp_path):
     return base, ck, text
 
 
+@pytest.mark.slow
 def test_extract_apply_json(cli, setup, fixtures_dir, tmp_path):
     base, ck, text = setup
     r = cli("edit", "extract", base, fixtures_dir / "llama-tiny" / "ft-c", "-o", tmp_path / "e.safetensors",
@@ -57,6 +58,7 @@ def test_extract_apply_json(cli, setup, fixtures_dir, tmp_path):
     assert r.code == 2 and "exists; pass --force" in r.stderr
 
 
+@pytest.mark.slow
 def test_apply_stop_exits_1_with_report(cli, setup, tmp_path):
     base, ck, text = setup
     small = _rank1(ck, EMB, 1e-3, tmp_path / "small.safetensors", 1)
@@ -77,6 +79,7 @@ def test_apply_stop_exits_1_with_report(cli, setup, tmp_path):
     assert "collapsed (skipped)" in r.stdout and "1 of 2 edits kept" in r.stdout
 
 
+@pytest.mark.slow
 def test_apply_refuses_mismatched_base(cli, setup, fixtures_dir, tmp_path):
     base, ck, text = setup
     other = open_checkpoint(fixtures_dir / "llama-tiny" / "ft-b")

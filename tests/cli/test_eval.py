@@ -16,6 +16,7 @@ def text(tmp_path_factory):
     return p
 
 
+@pytest.mark.slow
 def test_ppl_json_matches_library(cli, fixtures_dir, text):
     base = fixtures_dir / "llama-tiny" / "base"
     r = cli("eval", "ppl", base, "--text", text, "--ctx", 32, "--stride", 16, "--batch-size", 2, "--json")
@@ -33,6 +34,7 @@ def test_ppl_sentences_default_probe_human(cli, fixtures_dir):
     assert "sentences: 5" in r.stdout and "perplexity: mean" in r.stdout and "median" in r.stdout
 
 
+@pytest.mark.slow
 def test_ppl_errors(cli, fixtures_dir, tmp_path):
     base = fixtures_dir / "gpt2-tiny" / "base"
     r = cli("eval", "ppl", base, "--ctx", 4096)

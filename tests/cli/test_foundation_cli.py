@@ -205,6 +205,7 @@ def test_help_does_not_import_torch():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_console_script_help_runs():
     r = subprocess.run([sys.executable, "-m", "surgery.commands.app", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "inspect" in r.stdout

@@ -40,6 +40,7 @@ def test_json_is_one_document_with_the_facts(cli, tmp_path, gpt2_lora):
     torch.testing.assert_close(got[f"{k}.weight"], base[f"{k}.weight"] + 0.5 * delta, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_check_passes_and_reports(cli, tmp_path, gpt2_lora):
     r = cli("fuse", GPT2, gpt2_lora, "-o", tmp_path / "out", "--check", "--json")
     assert r.code == 0, r.stderr
@@ -49,6 +50,7 @@ def test_check_passes_and_reports(cli, tmp_path, gpt2_lora):
     assert not list(tmp_path.glob(".out.fuse-check"))
 
 
+@pytest.mark.slow
 def test_check_failure_exits_1_and_writes_nothing(cli, tmp_path, gpt2_lora, monkeypatch):
     import surgery.fuse.check as chk
 
@@ -90,6 +92,7 @@ def test_input_errors_exit_3(cli, tmp_path, gpt2_lora):
     assert r.code == 3 and "does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_usage_errors_exit_2(cli, tmp_path, gpt2_lora):
     r = cli("fuse", GPT2, f"{gpt2_lora}:inf", "-o", tmp_path / "out")
     assert r.code == 2 and "must be a finite number" in r.stderr

@@ -191,6 +191,7 @@ def _assert_no_token(r: subprocess.CompletedProcess) -> None:
     assert TOKEN[3:15] not in r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_push_uploads_every_file_in_one_commit(fake_hub, fixtures_dir, tmp_path):
     hub, endpoint = fake_hub
     folder = fixtures_dir / "llama-tiny" / "base"

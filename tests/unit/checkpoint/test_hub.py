@@ -73,6 +73,7 @@ def offline(hub_cache, monkeypatch):
     return snaps
 
 
+@pytest.mark.slow
 def test_inspect_repo_id_resolves_main_from_cache(hub_cache, cli, fixtures_dir):
     home, cache, snaps = hub_cache
     r = _surgery(home, cache, "inspect", "org/name", "--json")
@@ -84,6 +85,7 @@ def test_inspect_repo_id_resolves_main_from_cache(hub_cache, cli, fixtures_dir):
     assert rep["tensors"] == local["tensors"]
 
 
+@pytest.mark.slow
 def test_revision_by_commit_and_branch_selects_that_snapshot(offline, cli, fixtures_dir):
     for spec in (f"org/name@{V1_SHA}", "org/name@v1"):
         r = cli("inspect", spec, "--json")

@@ -28,6 +28,7 @@ def _out(model):
     ("llama-tiny/base", "base", "AutoModel"),
     ("bert-tiny/base", "auto", "AutoModel"),
 ])
+@pytest.mark.slow
 def test_same_outputs_as_from_pretrained(fixtures_dir, fixture, head, auto_cls):
     import transformers
 

@@ -48,6 +48,7 @@ def _expect(out_dir, ckpt, deltas: dict[str, list[torch.Tensor]]):
             assert torch.equal(out.get_raw(name), ckpt.get_raw(name)), name  # copied untouched
 
 
+@pytest.mark.slow
 def test_prechecks_closed_form(llama, tmp_path, make_rank1, probe6):
     scale = 0.37
     p = make_rank1(llama, DOWN, scale, tmp_path / "e.safetensors")
@@ -72,6 +73,7 @@ def test_stop_writes_last_good_state(llama, tmp_path, three_edits, probe6):
     _expect(tmp_path / "out", llama, {EMB: [_rank1(llama, EMB, 1e-3, 1)]})
 
 
+@pytest.mark.slow
 def test_skip_drops_only_the_offender(llama, tmp_path, three_edits, probe6):
     res = apply_edits(llama, three_edits, tmp_path / "out", text=probe6, on_collapse="skip")
     rep = res.report
@@ -83,6 +85,7 @@ def test_skip_drops_only_the_offender(llama, tmp_path, three_edits, probe6):
     _expect(tmp_path / "out", llama, {EMB: [_rank1(llama, EMB, 1e-3, 1)], DOWN: [_rank1(llama, DOWN, 1e-3, 3)]})
 
 
+@pytest.mark.slow
 def test_ignore_keeps_everything(llama, tmp_path, three_edits, probe6):
     res = apply_edits(llama, three_edits, tmp_path / "out", text=probe6, on_collapse="ignore")
     assert [e["verdict"] for e in res.report["edits"]] == ["ok", "collapsed (ignored)", "collapsed (ignored)"]
@@ -93,6 +96,7 @@ def test_ignore_keeps_everything(llama, tmp_path, three_edits, probe6):
                                       DOWN: [_rank1(llama, DOWN, 1e-3, 3)]})
 
 
+@pytest.mark.slow
 def test_check_every_isolates_offender_in_group(llama, tmp_path, three_edits, probe6):
     # thresholds off, so only the group check after the third edit runs; skip then re-checks one by one
     res = apply_edits(llama, three_edits, tmp_path / "out", text=probe6, on_collapse="skip", check_every=3,
@@ -106,6 +110,7 @@ def test_check_every_isolates_offender_in_group(llama, tmp_path, three_edits, pr
     assert (not res2.passed) and [e["verdict"] for e in res2.report["edits"]][:2] == ["collapsed (rolled back)"] * 2
 
 
+@pytest.mark.slow
 def test_base_verification(llama, fixtures_dir, tmp_path, make_rank1, probe6):
     other = open_checkpoint(fixtures_dir / "llama-tiny" / "ft-a")
     wrong = make_rank1(other, DOWN, 1e-3, tmp_path / "wrong.safetensors")

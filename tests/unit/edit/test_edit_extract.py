@@ -26,6 +26,7 @@ def test_choose_rank_closed_form():
     assert choose_rank(torch.zeros(3), energy=0.5) == 0
 
 
+@pytest.mark.slow
 def test_extract_matches_eckart_young(fixtures_dir, tmp_path):
     base, edited = fixtures_dir / "gpt2-tiny" / "base", fixtures_dir / "gpt2-tiny" / "ft-a"
     rep = extract_edit(base, edited, tmp_path / "e.safetensors", rank=3, description="ft-a as an edit").report
@@ -48,6 +49,7 @@ def test_extract_matches_eckart_young(fixtures_dir, tmp_path):
     assert e.base_sha256["transformer.wte.weight"] == open_checkpoint(base).tensor_sha256("transformer.wte.weight")
 
 
+@pytest.mark.slow
 def test_extract_then_apply_reproduces_edited(fixtures_dir, tmp_path, probe6):
     base, edited = fixtures_dir / "llama-tiny" / "base", fixtures_dir / "llama-tiny" / "ft-b"
     extract_edit(base, edited, tmp_path / "e.safetensors", energy=0.9)
@@ -71,6 +73,7 @@ def test_extract_then_apply_reproduces_edited(fixtures_dir, tmp_path, probe6):
     assert res.report["edits"][0]["verdict"] in ("ok", "collapsed (ignored)")
 
 
+@pytest.mark.slow
 def test_extract_full_energy_is_exact_for_float32(fixtures_dir, tmp_path, probe6):
     base, edited = fixtures_dir / "gpt2-tiny" / "base", fixtures_dir / "gpt2-tiny" / "ft-b"
     extract_edit(base, edited, tmp_path / "e.safetensors", energy=1.0)

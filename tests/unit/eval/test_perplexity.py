@@ -79,6 +79,7 @@ def test_window_parameters_are_checked():
 
 
 @pytest.mark.parametrize("which,ctx,stride,batch", [("llama", 64, 24, 3), ("llama", 48, 48, 4), ("gpt2", 40, 16, 8)])
+@pytest.mark.slow
 def test_corpus_equals_plain_forward_passes(llama, gpt2, which, ctx, stride, batch):
     model, tok = llama if which == "llama" else gpt2
     text = "\n".join(probe_text().splitlines()[:12])
@@ -92,6 +93,7 @@ def test_corpus_equals_plain_forward_passes(llama, gpt2, which, ctx, stride, bat
     assert got["num_windows"] == len(hf_docs_windows(len(ids), ctx, stride))
 
 
+@pytest.mark.slow
 def test_sentences_equal_plain_forward_passes(llama, gpt2):
     sentences = probe_text().splitlines()[:9]
     for model, tok in (llama, gpt2):

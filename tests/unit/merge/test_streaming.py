@@ -166,6 +166,7 @@ def test_batch_methods_against_float64_reference(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.slow
 def test_row_blocked_batch_merges_equal_whole_tensor_ones(tmp_path, monkeypatch, method):
     """Elementwise methods in sub-blocks and TIES' streamed thresholds (tiny blocks forced,
     several per tensor and several engine blocks per tensor) give the same bytes as one
