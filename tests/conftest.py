@@ -8,7 +8,8 @@ slower is behind a marker and left out unless asked for:
 =========  ==========================================================================
 marker     when
 =========  ==========================================================================
-slow       the test takes more than ~2 s: add ``@pytest.mark.slow`` yourself
+slow       the test takes more than ~2 s: add ``@pytest.mark.slow`` yourself (every run
+           ends by listing unmarked tests over 2 s of CPU)
 realmodel  SmolLM2-135M / all-MiniLM-L6-v2: automatic for any test that uses the
            ``smollm2_dir`` or ``minilm_dir`` fixture (mark it yourself otherwise)
 anchor     compares against an installed anchor tool (mergekit, PEFT, WeightWatcher...)
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,10 @@ for _helpers in (ROOT / "benchmarks", FIXTURES, ROOT / "tests" / "helpers"):
 
 TIERS = ("slow", "realmodel", "anchor", "gpu")
 REAL_MODEL_FIXTURES = {"smollm2_dir", "minilm_dir"}
+# CPU seconds (setup + call, all threads of this process) above which an unmarked test is
+# listed at the end of the run as a candidate for @pytest.mark.slow. CPU time, not wall time,
+# so a busy machine does not flag everything.
+SLOW_CPU_SECONDS = 2.0
 
 
 def pytest_addoption(parser):
@@ -72,6 +78,35 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def _cpu_timed(item):
+    start = time.process_time()
+    yield
+    item.stash[_CPU] = item.stash.get(_CPU, 0.0) + time.process_time() - start
+
+
+_CPU = pytest.StashKey[float]()
+pytest_runtest_setup = pytest.hookimpl(hookwrapper=True)(_cpu_timed)
+pytest_runtest_call = pytest.hookimpl(hookwrapper=True)(_cpu_timed)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """List fast-tier tests that took more than SLOW_CPU_SECONDS of CPU: they belong in `slow`."""
+    slow = []
+    for item in getattr(config, "_surgery_items", []):
+        cpu = item.stash.get(_CPU, 0.0)
+        if cpu > SLOW_CPU_SECONDS and not any(item.get_closest_marker(t) for t in TIERS):
+            slow.append((cpu, item.nodeid))
+    if slow:
+        terminalreporter.section(f"unmarked tests over {SLOW_CPU_SECONDS:g} s of CPU: add @pytest.mark.slow")
+        for cpu, nodeid in sorted(slow, reverse=True):
+            terminalreporter.write_line(f"{cpu:6.1f} s  {nodeid}")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    session.config._surgery_items = list(session.items)
 
 
 @dataclass
