@@ -30,6 +30,8 @@ compares ``--device cuda`` with the CPU. Helpers shared across folders live in
 ``tests/helpers/`` and checkpoint builders in ``fixtures/``; both are on ``sys.path``
 (``from adapter_helpers import make_adapter``, ``from make_tokenformer import
 build_tiny_tokenformer``). Nothing test-only goes into the ``surgery`` package.
+Test file names are unique across folders (pytest imports them by base name): prefix a name
+another folder already uses with its area (``tests/unit/edit/test_edit_apply.py``).
 """
 
 from __future__ import annotations
