@@ -56,11 +56,10 @@ def _available_memory() -> int:
 class _Pool:
     """Worker threads for heavy whole-tensor steps, one intra-op thread each.
 
-    One matrix per core instead of every core on each small LAPACK call: faster on a quiet
-    machine, far faster on a busy one (a 576×576 eigh measured 1.2–7 s on two contended
-    threads against 0.1 s on one), and the result does not depend on the thread count. At
-    most :attr:`budget` bytes of working sets are in flight. Off the CPU everything runs on
-    the calling thread.
+    One matrix per core instead of every core on each small LAPACK call: faster, far faster on
+    a busy machine (docs/merge.md, "Threads"), and the result does not depend on the thread
+    count. At most :attr:`budget` bytes of working sets are in flight. Off the CPU everything
+    runs on the calling thread.
     """
 
     def __init__(self, device: str, enabled: bool):

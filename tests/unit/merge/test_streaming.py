@@ -1,5 +1,5 @@
 """The streaming entry point on the fixture checkpoints: OPCM against a direct in-memory
-implementation of ALGORITHMS.md §1, the resume invariant, batch methods against float64
+implementation of OPCM as docs/merge.md states it, the resume invariant, batch methods against float64
 references, and the input checks."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _req(method, base, models, **params):
 
 
 def _opcm_reference(base, finetunes, alpha, projected):
-    """ALGORITHMS.md §1 literally, whole models in memory, float64, full SVD."""
+    """OPCM as docs/merge.md states it, literally: whole models in memory, float64, full SVD."""
     theta0 = base
     merged = dict(finetunes[0])
     norms = [math.sqrt(sum(float(((finetunes[0][n] - theta0[n]) ** 2).sum()) for n in theta0))]
