@@ -7,7 +7,6 @@ from typing import Any
 
 from .checkpoint.format import TensorInfo
 from .checkpoint.reader import Checkpoint
-from .core.engine import dtype_name
 from .core.result import Result
 
 # Output heads that share storage with the input embedding when embeddings are tied.
@@ -28,7 +27,7 @@ def tied_duplicates(ckpt: Checkpoint) -> list[str]:
 
 
 def _tensor_row(info: TensorInfo) -> dict[str, Any]:
-    return {"name": info.name, "shape": list(info.shape), "dtype": dtype_name(info.dtype),
+    return {"name": info.name, "shape": list(info.shape), "dtype": info.dtype_name,
             "bytes": info.nbytes, "file": info.file.name}
 
 
@@ -44,7 +43,7 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     params = sum(i.numel for n, i in ckpt.tensors.items() if n not in tied)
     dtypes: dict[str, int] = {}
     for i in ckpt.tensors.values():
-        dtypes[dtype_name(i.dtype)] = dtypes.get(dtype_name(i.dtype), 0) + i.nbytes
+        dtypes[i.dtype_name] = dtypes.get(i.dtype_name, 0) + i.nbytes
     metadata: dict[str, Any] = dict(ckpt.metadata)
     if "surgery" in metadata:
         try:
@@ -54,6 +53,7 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     cfg = ckpt.config or {}
     return {
         "checkpoint": ckpt.label,
+        "format": "safetensors",
         "root": str(ckpt.root),
         "num_tensors": len(ckpt.tensors),
         "num_parameters": params,
@@ -69,8 +69,27 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def inspect(location: str | Checkpoint) -> Result:
-    """``surgery inspect``: :func:`inspect_checkpoint` of a checkpoint given by location."""
+    """``surgery inspect``: what is in a checkpoint, from its headers alone.
+
+    A safetensors checkpoint (folder, file, index or Hub id) gives :func:`inspect_checkpoint`;
+    a GGUF file gives its metadata and tensor table (architecture, quantization types,
+    parameter count; :func:`surgery.checkpoint.gguf.summarize`).
+    """
+    from pathlib import Path
+
     from .checkpoint.reader import open_checkpoint
 
+    if not isinstance(location, Checkpoint):
+        path = Path(location).expanduser()
+        if path.is_file() and (path.suffix.lower() == ".gguf" or _is_gguf(path)):
+            from .checkpoint.gguf import read_gguf, summarize
+
+            return Result(summarize(read_gguf(path)))
     ckpt = location if isinstance(location, Checkpoint) else open_checkpoint(location)
     return Result(inspect_checkpoint(ckpt))
+
+
+def _is_gguf(path) -> bool:
+    from .checkpoint.gguf import is_gguf
+
+    return is_gguf(path)

@@ -14,29 +14,57 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ..core.errors import CorruptCheckpointError
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-}
-for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _name):
-        DTYPES[_code] = (getattr(torch, _name), torch.empty(0, dtype=getattr(torch, _name)).element_size())
+if TYPE_CHECKING:
+    import torch
 
-TORCH_TO_CODE: dict[torch.dtype, str] = {v[0]: k for k, v in DTYPES.items()}
+# safetensors dtype code -> (torch dtype name, bytes per element). Reading and validating a
+# header needs only the sizes, so commands that do no tensor math never import torch.
+DTYPE_TABLE: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
+}
+
+
+class _TorchDtypes(Mapping):
+    """code -> (torch dtype, bytes per element), the torch half built on first value access."""
+
+    _table: dict | None = None
+
+    def _load(self) -> dict:
+        if self._table is None:
+            import torch
+
+            type(self)._table = {code: (getattr(torch, name), size) for code, (name, size) in DTYPE_TABLE.items()
+                                 if hasattr(torch, name)}
+        return self._table
+
+    def __getitem__(self, code: str) -> tuple[torch.dtype, int]:
+        return self._load()[code]
+
+    def __contains__(self, code: object) -> bool:
+        return code in DTYPE_TABLE
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(DTYPE_TABLE)
+
+    def __len__(self) -> int:
+        return len(DTYPE_TABLE)
+
+
+DTYPES: Mapping[str, tuple[torch.dtype, int]] = _TorchDtypes()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TORCH_TO_CODE":  # torch dtype -> code; imports torch
+        return {v[0]: k for k, v in DTYPES._load().items()}  # type: ignore[attr-defined]
+    raise AttributeError(name)
+
 
 # A header larger than this is refused before it is read (the reference uses 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -49,8 +77,7 @@ class TensorInfo:
     Attributes:
         name: Tensor name as stored.
         shape: Shape.
-        dtype: Torch dtype.
-        st_dtype: safetensors dtype code ("BF16", ...).
+        st_dtype: safetensors dtype code ("BF16", ...); ``dtype`` is the torch dtype.
         nbytes: Byte length.
         file: The safetensors file holding it.
         offset: Absolute byte offset of its data in ``file``.
@@ -58,11 +85,29 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
     st_dtype: str
     nbytes: int
     file: Path
     offset: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (imports torch)."""
+        try:
+            return DTYPES[self.st_dtype][0]
+        except KeyError:
+            raise CorruptCheckpointError(
+                f"tensor {self.name!r} in {self.file} is {self.st_dtype}, which this torch build cannot hold; "
+                f"upgrade torch.", path=self.file, tensor=self.name) from None
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype's name (``bfloat16``), without importing torch."""
+        return DTYPE_TABLE[self.st_dtype][0]
+
+    @property
+    def is_floating_point(self) -> bool:
+        return self.st_dtype.startswith(("F", "BF"))
 
     @property
     def numel(self) -> int:
@@ -148,7 +193,7 @@ def parse_header(file: Path) -> Header:
         begin, end = offs
         if begin > end:
             raise CorruptCheckpointError(f"{where} has data_offsets {offs} that end before they begin.", path=file, tensor=name)
-        dtype, itemsize = DTYPES[code]
+        itemsize = DTYPE_TABLE[code][1]
         expected = math.prod(shape) * itemsize
         if end - begin != expected:
             raise CorruptCheckpointError(
@@ -157,7 +202,7 @@ def parse_header(file: Path) -> Header:
             raise CorruptCheckpointError(
                 f"{where} ends at byte {end} of the data area, past its end at {data_len}: the file is truncated.",
                 path=file, tensor=name)
-        tensors[name] = TensorInfo(name, tuple(shape), dtype, code, expected, file, data_start + begin)
+        tensors[name] = TensorInfo(name, tuple(shape), code, expected, file, data_start + begin)
         spans.append((begin, end, name))
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):

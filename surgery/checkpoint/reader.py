@@ -12,14 +12,21 @@ import math
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..core.errors import CheckpointNotFoundError, CorruptCheckpointError, HubError, UnsafeFormatError
+from ..core.errors import (CheckpointNotFoundError, ConvertFirstError, CorruptCheckpointError, HubError,
+                           UnsafeFormatError)
 from .format import Header, TensorInfo, parse_header
+
+if TYPE_CHECKING:  # torch is imported when a tensor is first read, not to open a checkpoint
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+GGUF_SUFFIX = ".gguf"
+# A spec ending in one of these names a local file, never a Hub repository.
+LOCAL_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".json", GGUF_SUFFIX, ".h5", ".msgpack", ".onnx")
+HUB_PREFIX = "hf://"
 # Files copied from a donor checkpoint into an output folder.
 DONOR_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -29,21 +36,28 @@ DONOR_FILES = (
 )
 
 
+def _gguf(path: Path) -> ConvertFirstError:
+    return ConvertFirstError(
+        f"{path} is a GGUF file, which only `surgery convert` and `surgery inspect` read; convert it first with "
+        f"`surgery convert {path} -o DIR` (dequantizes it to a safetensors checkpoint).", path=path)
+
+
 def _unsafe(path: Path) -> UnsafeFormatError:
     return UnsafeFormatError(
         f"{path} is a pickle-based checkpoint, which surgery never unpickles implicitly; "
         f"convert it first with `surgery convert {path} OUT` (weights-only loading).", path=path)
 
 
-def read_into(info: TensorInfo, start: int, out: torch.Tensor) -> None:
-    """Fill the uint8 CPU tensor ``out`` with the tensor's stored bytes from byte ``start`` on.
+def read_into(info: TensorInfo, start: int, out) -> None:
+    """Fill ``out`` (a uint8 CPU tensor, a numpy array or a bytearray) with the tensor's
+    stored bytes from byte ``start`` on.
 
     Lets callers reuse one buffer across many reads (no page faults on fresh memory).
     """
-    nbytes = out.numel()
+    view = memoryview(out.numpy() if hasattr(out, "numpy") else out).cast("B")
+    nbytes = len(view)
     if nbytes == 0:
         return
-    view = memoryview(out.numpy())
     offset = info.offset + start
     fd = os.open(info.file, os.O_RDONLY)
     try:
@@ -61,6 +75,13 @@ def read_into(info: TensorInfo, start: int, out: torch.Tensor) -> None:
             path=info.file, tensor=info.name) from exc
     finally:
         os.close(fd)
+
+
+def read_bytes(info: TensorInfo, start: int, nbytes: int) -> bytearray:
+    """``nbytes`` of the tensor's stored bytes from byte ``start`` on (no torch needed)."""
+    buf = bytearray(nbytes)
+    read_into(info, start, buf)
+    return buf
 
 
 class Checkpoint:
@@ -142,6 +163,8 @@ class Checkpoint:
     # ---- reading -------------------------------------------------------------------------
 
     def _read_into(self, info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
+        import torch
+
         buf = torch.empty(nbytes, dtype=torch.uint8)
         read_into(info, offset - info.offset, buf)
         return buf
@@ -152,9 +175,14 @@ class Checkpoint:
         buf = self._read_into(info, info.offset, info.nbytes)
         return buf.view(info.dtype).reshape(info.shape)
 
-    def get(self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None | str = "float32",
+            device: str | torch.device = "cpu") -> torch.Tensor:
         """The tensor upcast to ``dtype`` (float32 by default; None keeps the stored dtype) on ``device``."""
         t = self.get_raw(name)
+        if isinstance(dtype, str):
+            import torch
+
+            dtype = getattr(torch, dtype)
         if dtype is not None and (t.is_floating_point() or dtype.is_floating_point is False):
             t = t.to(dtype)
         return t.to(device) if str(device) != "cpu" else t
@@ -211,7 +239,8 @@ class Checkpoint:
 
     def tensor_sha256(self, name: str) -> str:
         """sha256 of one tensor's stored bytes."""
-        return hashlib.sha256(self.get_raw(name).reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        info = self.info(name)
+        return hashlib.sha256(read_bytes(info, 0, info.nbytes)).hexdigest()
 
 
 _SHA_LOCK = threading.Lock()
@@ -327,6 +356,8 @@ def open_local(path: Path, label: str | None = None) -> Checkpoint:
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise _unsafe(path)
+        if path.suffix.lower() == GGUF_SUFFIX or _is_gguf(path):
+            raise _gguf(path)
         if path.name.endswith(".index.json"):
             return _open_index(path.parent, path, label)
         return Checkpoint(path.parent, [path], [parse_header(path)], label)
@@ -347,8 +378,39 @@ def open_local(path: Path, label: str | None = None) -> Checkpoint:
         pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise _unsafe(pickles[0])
+        ggufs = sorted(p for p in path.iterdir() if p.suffix.lower() == GGUF_SUFFIX and p.is_file())
+        if ggufs:
+            raise _gguf(ggufs[0])
         raise CheckpointNotFoundError(f"{path} holds no safetensors checkpoint (no model.safetensors or {INDEX_NAME}).", path=path)
-    raise CheckpointNotFoundError(f"{path} does not exist.", path=path)
+    raise CheckpointNotFoundError(f"{path} does not exist (no such file or folder).", path=path)
+
+
+def _is_gguf(path: Path) -> bool:
+    from .gguf import is_gguf
+
+    return is_gguf(path)
+
+
+def hub_spec(text: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``text`` names a Hub repository rather than a local path.
+
+    A spec is local when it exists, when it ends in a file suffix (``.bin``, ``.gguf``,
+    ``.safetensors``...), or when its first component is an existing folder here
+    (``llama-tiny/base`` with ``llama-tiny/`` present): such a spec that does not exist is
+    "no such file", never a Hub lookup. ``hf://org/name`` always means the Hub.
+    """
+    from .hub import looks_like_repo_id
+
+    forced = text.startswith(HUB_PREFIX)
+    spec = text[len(HUB_PREFIX):] if forced else text
+    if not looks_like_repo_id(spec):
+        return None
+    if not forced:
+        name = spec.partition("@")[0]
+        if Path(name).suffix.lower() in LOCAL_SUFFIXES or Path(name.split("/", 1)[0]).expanduser().is_dir():
+            return None
+    repo_id, _, rev = spec.partition("@")
+    return repo_id, rev or None
 
 
 def open_checkpoint(spec: str | os.PathLike, *, revision: str | None = None) -> Checkpoint:
@@ -366,19 +428,22 @@ def open_checkpoint(spec: str | os.PathLike, *, revision: str | None = None) -> 
     """
     text = os.fspath(spec)
     path = Path(text).expanduser()
-    if path.exists():
+    if path.exists() and not text.startswith(HUB_PREFIX):
         return open_local(path, label=text)
-    from .hub import looks_like_repo_id, pull
+    hub = hub_spec(text)
+    if hub is None:
+        if "/" in text.rstrip("/") or path.suffix:
+            raise CheckpointNotFoundError(f"{text} does not exist (no such file or folder).", path=text)
+        raise CheckpointNotFoundError(
+            f"{text} does not exist (no such file or folder; a Hub repository id has the form org/name[@revision]).", path=text)
+    from .hub import pull
 
-    if looks_like_repo_id(text):
-        repo_id, _, rev = text.partition("@")
-        try:
-            local = pull(repo_id, revision=revision or rev or None)
-        except HubError as exc:
-            raise HubError(f"{text} is not a local path, and as a Hub repository id: {exc}", path=text) from exc
-        return open_local(local, label=text)
-    raise CheckpointNotFoundError(
-        f"{text} does not exist, and is not a Hub repository id of the form org/name[@revision].", path=text)
+    repo_id, rev = hub
+    try:
+        local = pull(repo_id, revision=revision or rev)
+    except HubError as exc:
+        raise HubError(f"{text} is not a local path, and as a Hub repository id: {exc}", path=text) from exc
+    return open_local(local, label=text)
 
 
 def matrix_like(info: TensorInfo) -> bool:

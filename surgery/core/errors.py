@@ -60,6 +60,10 @@ class UnsafeFormatError(InputError):
     """A pickle-based file (.bin/.pt) given where safetensors is required."""
 
 
+class ConvertFirstError(InputError):
+    """A checkpoint in a format only ``surgery convert`` reads (GGUF) given to another command."""
+
+
 class IncompatibleCheckpointsError(InputError):
     """Checkpoints whose tensor names, shapes or dtypes disagree."""
 

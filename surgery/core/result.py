@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .engine import WriteResult
+if TYPE_CHECKING:  # the engine imports torch; a read-only command's Result must not
+    from .engine import WriteResult
 
 
 @dataclass
