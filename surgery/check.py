@@ -8,12 +8,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .checkpoint.reader import Checkpoint, hash_file
+from .checkpoint.format import TensorInfo
+from .checkpoint.reader import Checkpoint, hash_file, read_into
 from .core.errors import InputError, UsageError
 from .core.progress import Progress, track
 from .core.result import Result
+
+# Tensors are read in blocks of at most this many bytes (integrity) or elements (--against),
+# so peak memory is a few blocks whatever the model or tensor size.
+READ_BLOCK_BYTES = 32 * 1024 * 1024
+COMPARE_BLOCK_ELEMENTS = 1024 * 1024
+
+# Non-finite values by bit pattern, so the integrity check needs numpy only (no torch):
+# code -> (unsigned view, exponent mask, mantissa mask). All-ones exponent: Inf when the
+# mantissa is zero, NaN otherwise. float8_e4m3fn has no Inf; its NaN is S.1111.111.
+_FLOAT_BITS = {
+    "F64": ("<u8", 0x7FF0000000000000, 0x000FFFFFFFFFFFFF),
+    "F32": ("<u4", 0x7F800000, 0x007FFFFF),
+    "F16": ("<u2", 0x7C00, 0x03FF),
+    "BF16": ("<u2", 0x7F80, 0x007F),
+    "F8_E5M2": ("u1", 0x7C, 0x03),
+    "F8_E4M3": ("u1", 0x7F, 0x7F),
+}
 
 
 # Buffers (not parameters) that some checkpoints carry and transformers ignores on load.
@@ -31,19 +47,55 @@ class CheckResult:
     failures: list[dict[str, Any]] = field(default_factory=list)
 
 
+def nonfinite_counts(info: TensorInfo, buf: Any = None) -> tuple[int, int]:
+    """(NaN count, Inf count) of one stored floating tensor, read in blocks and tested by
+    bit pattern (numpy only). ``buf``: an optional reusable uint8 numpy buffer."""
+    import numpy as np
+
+    view, exp, man = _FLOAT_BITS[info.st_dtype]
+    width = np.dtype(view).itemsize
+    step = max(width, READ_BLOCK_BYTES - READ_BLOCK_BYTES % width)
+    if buf is None or len(buf) < min(step, info.nbytes):
+        buf = np.empty(min(step, info.nbytes), dtype=np.uint8)
+    nan = inf = 0
+    exp_t, man_t = np.array(exp, dtype=view), np.array(man, dtype=view)
+    for start in range(0, info.nbytes, step):
+        n = min(step, info.nbytes - start)
+        block = buf[:n]
+        read_into(info, start, block)
+        x = block.view(view)
+        special = (x & exp_t) == exp_t
+        if not special.any():
+            continue
+        if info.st_dtype == "F8_E4M3":
+            nan += int(special.sum())
+            continue
+        frac = (x & man_t) != 0
+        nan += int((special & frac).sum())
+        inf += int((special & ~frac).sum())
+    return nan, inf
+
+
 def check_integrity(ckpt: Checkpoint, progress: Progress | None = None) -> CheckResult:
-    """Every tensor readable; no NaN or Inf in any floating tensor."""
+    """Every tensor readable; no NaN or Inf in any floating tensor (read in blocks, no torch)."""
+    import numpy as np
+
     failures = []
+    buf = np.empty(0, dtype=np.uint8)
     for name in track(ckpt.names, "integrity", progress):
         info = ckpt.info(name)
-        t = ckpt.get_raw(name)
-        if info.dtype.is_floating_point and t.numel():
-            finite = torch.isfinite(t)
-            if not bool(finite.all()):
-                nan = int(torch.isnan(t).sum())
-                inf = int(torch.isinf(t).sum())
+        if info.st_dtype in _FLOAT_BITS and info.nbytes:
+            if len(buf) < min(READ_BLOCK_BYTES, info.nbytes):
+                buf = np.empty(min(READ_BLOCK_BYTES, info.nbytes), dtype=np.uint8)
+            nan, inf = nonfinite_counts(info, buf)
+            if nan or inf:
                 failures.append({"tensor": name, "file": info.file.name, "nan": nan, "inf": inf})
-        del t
+        elif info.nbytes:  # integer tensors: readable is all there is to check
+            for start in range(0, info.nbytes, READ_BLOCK_BYTES):
+                n = min(READ_BLOCK_BYTES, info.nbytes - start)
+                if len(buf) < n:
+                    buf = np.empty(n, dtype=np.uint8)
+                read_into(info, start, buf[:n])
     detail = ("all tensors readable and finite" if not failures else
               f"{len(failures)} tensor(s) hold NaN or Inf, first {failures[0]['tensor']!r} "
               f"({failures[0]['nan']} NaN, {failures[0]['inf']} Inf)")
@@ -58,6 +110,7 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     Raises:
         UsageError: The config names no architecture transformers knows.
     """
+    import torch
     import transformers
 
     arch = (config.get("architectures") or [None])[0]
@@ -121,9 +174,39 @@ def check_config(ckpt: Checkpoint) -> CheckResult:
                        {"matched": matched, "expected": len(expected), "ignored_buffers": ignored}, failures)
 
 
+def compare_blocks(ckpt: Checkpoint, ref: Checkpoint, name: str, atol: float, rtol: float,
+                   max_elements: int = COMPARE_BLOCK_ELEMENTS) -> tuple[float, int]:
+    """(max |a − b|, entries outside ``atol + rtol·|b|``) of one tensor, in float64 row blocks
+    (NaN anywhere: max is NaN and those entries count as outside)."""
+    import torch
+
+    from .core.engine import row_ranges
+
+    info = ckpt.info(name)
+    if len(info.shape) < 1 or info.shape[0] == 0:
+        blocks = [(ckpt.get(name, dtype=torch.float64), ref.get(name, dtype=torch.float64))]
+    else:
+        blocks = ((ckpt.get_rows(name, s, t, dtype=torch.float64), ref.get_rows(name, s, t, dtype=torch.float64))
+                  for s, t in row_ranges(0, info.shape[0], info.numel // info.shape[0], max_elements))
+    worst, violations = 0.0, 0
+    for ta, tb in blocks:
+        diff = (ta - tb).abs_()
+        if not diff.numel():
+            continue
+        nan = torch.isnan(diff)
+        if bool(nan.any()):
+            worst = float("nan")
+        elif worst == worst:
+            worst = max(worst, float(diff.max()))
+        violations += int(((diff > atol + rtol * tb.abs_()) | nan).sum())
+        del ta, tb, diff, nan
+    return worst, violations
+
+
 def check_against(ckpt: Checkpoint, ref: Checkpoint, atol: float, rtol: float = 0.0,
                   progress: Progress | None = None) -> CheckResult:
-    """Every tensor within ``atol + rtol·|ref|`` of the reference; names and shapes equal."""
+    """Every tensor within ``atol + rtol·|ref|`` of the reference; names and shapes equal.
+    Streams in row blocks: peak memory is a few blocks, whatever the tensor sizes."""
     failures, worst, worst_name = [], 0.0, None
     for n in sorted(set(ckpt.names) ^ set(ref.names)):
         failures.append({"tensor": n, "problem": "only in " + ("checkpoint" if n in ckpt else "reference")})
@@ -133,18 +216,11 @@ def check_against(ckpt: Checkpoint, ref: Checkpoint, atol: float, rtol: float = 
         if a.shape != b.shape:
             failures.append({"tensor": name, "problem": "shape", "shape": list(a.shape), "expected": list(b.shape)})
             continue
-        ta, tb = ckpt.get(name, dtype=torch.float64), ref.get(name, dtype=torch.float64)
-        diff = (ta - tb).abs()
-        m = float(diff.max()) if diff.numel() else 0.0
-        bad = diff > atol + rtol * tb.abs()
-        if diff.numel() and bool(torch.isnan(diff).any()):
-            bad = bad | torch.isnan(diff)
-            m = float("nan")
+        m, bad = compare_blocks(ckpt, ref, name, atol, rtol)
         if m > worst or m != m:
             worst, worst_name = m, name
-        if bool(bad.any()):
-            failures.append({"tensor": name, "problem": "tolerance", "max_abs_diff": m, "violations": int(bad.sum())})
-        del ta, tb, diff
+        if bad:
+            failures.append({"tensor": name, "problem": "tolerance", "max_abs_diff": m, "violations": bad})
     detail = (f"all {len(common)} tensors within atol={atol} (max |diff| {worst:.3g} in {worst_name!r})" if not failures
               else f"{len(failures)} tensor(s) outside tolerance or missing; first {failures[0]['tensor']!r} ({failures[0]['problem']})")
     return CheckResult("against", not failures, detail,

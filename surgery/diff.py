@@ -13,6 +13,40 @@ from .core.progress import Progress, track
 from .core.result import Result
 
 
+# Tensors are compared in row blocks of at most this many elements (float64: 8 MB each).
+BLOCK_ELEMENTS = 1024 * 1024
+
+
+class DiffAccumulator:
+    """‖a‖², ‖b‖², ‖b−a‖², a·b and max |b−a| accumulated in float64 over blocks."""
+
+    def __init__(self) -> None:
+        self.aa = self.bb = self.dd = self.ab = 0.0
+        self.max_abs = 0.0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+        d = b64 - a64
+        self.aa += float(a64 @ a64)
+        self.bb += float(b64 @ b64)
+        self.ab += float(a64 @ b64)
+        self.dd += float(d @ d)
+        if d.numel():
+            m = float(d.abs_().max())
+            nan = m != m or self.max_abs != self.max_abs
+            self.max_abs = float("nan") if nan else max(self.max_abs, m)
+
+    def result(self) -> dict[str, float]:
+        na, nb, nd = math.sqrt(self.aa), math.sqrt(self.bb), math.sqrt(self.dd)
+        cos = self.ab / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+        return {
+            "norm_a": na, "norm_b": nb, "norm_diff": nd,
+            "rel_change": nd / na if na > 0 else (0.0 if nd == 0 else math.inf),
+            "cosine": cos,
+            "max_abs_diff": self.max_abs,
+        }
+
+
 def tensor_diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """Relative change ‖b−a‖/‖a‖, cosine, max |b−a| and norms, in float64.
 
@@ -20,16 +54,25 @@ def tensor_diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
         a: Reference tensor.
         b: Changed tensor (same shape).
     """
-    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
-    d = b64 - a64
-    na, nb, nd = a64.norm().item(), b64.norm().item(), d.norm().item()
-    cos = (a64 @ b64).item() / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
-    return {
-        "norm_a": na, "norm_b": nb, "norm_diff": nd,
-        "rel_change": nd / na if na > 0 else (0.0 if nd == 0 else math.inf),
-        "cosine": cos,
-        "max_abs_diff": d.abs().max().item() if d.numel() else 0.0,
-    }
+    acc = DiffAccumulator()
+    acc.add(a, b)
+    return acc.result()
+
+
+def stream_diff(a: Checkpoint, b: Checkpoint, name: str, *, device: str = "cpu",
+                max_elements: int = BLOCK_ELEMENTS) -> dict[str, float]:
+    """:func:`tensor_diff` of one tensor read in row blocks, so memory stays a few blocks."""
+    from .core.engine import row_ranges
+
+    info = a.info(name)
+    acc = DiffAccumulator()
+    if len(info.shape) < 1 or info.shape[0] == 0:
+        acc.add(a.get(name, dtype=torch.float64, device=device), b.get(name, dtype=torch.float64, device=device))
+    else:
+        for s, t in row_ranges(0, info.shape[0], info.numel // info.shape[0], max_elements):
+            acc.add(a.get_rows(name, s, t, dtype=torch.float64, device=device),
+                    b.get_rows(name, s, t, dtype=torch.float64, device=device))
+    return acc.result()
 
 
 def diff_checkpoints(a: Checkpoint, b: Checkpoint, *, device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
@@ -48,12 +91,9 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint, *, device: str = "cpu", progr
                                "dtype_a": dtype_name(ia.dtype), "dtype_b": dtype_name(ib.dtype)})
         if ia.shape != ib.shape:
             continue
-        ta = a.get(name, dtype=torch.float64, device=device)
-        tb = b.get(name, dtype=torch.float64, device=device)
-        row = {"name": name, "shape": list(ia.shape), **tensor_diff(ta, tb)}
+        row = {"name": name, "shape": list(ia.shape), **stream_diff(a, b, name, device=device)}
         row["changed"] = row["max_abs_diff"] != 0.0
         rows.append(row)
-        del ta, tb
     changed = [r for r in rows if r["changed"]]
     return {
         "a": a.label, "b": b.label,
