@@ -1,9 +1,11 @@
-"""`surgery convert`: .bin/.pt to safetensors (weights-only), and cast / re-shard safetensors."""
+"""`surgery convert`: .bin/.pt to safetensors (weights-only), cast / re-shard safetensors,
+GGUF to a Hugging Face folder, and a Llama checkpoint to GGUF."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -11,14 +13,31 @@ from . import _common, _render
 from ._params import DEFAULT_SHARD_SIZE, DtypeOpt, ForceOpt, JsonOpt, PrivateOpt, PushOpt, QuietOpt, ShardSizeOpt
 
 EXAMPLES = [
-    "surgery convert old-model/pytorch_model.bin out/model          # pickle -> safetensors, weights only",
-    "surgery convert fixtures/llama-tiny/base out/bf16 --dtype bfloat16 --shard-size 1MB",
+    "surgery convert old-model/pytorch_model.bin -o out/model        # pickle -> safetensors, weights only",
+    "surgery convert fixtures/llama-tiny/base -o out/bf16 --dtype bfloat16 --shard-size 1MB",
+    "surgery convert SmolLM2-135M-Instruct.Q4_1.gguf -o out/smol      # GGUF -> Hugging Face folder (dequantized)",
+    "surgery convert out/smol --to gguf --quant q8_0 -o out/smol.q8_0.gguf   # for llama.cpp / Ollama",
 ]
 
 
+class Format(str, Enum):
+    safetensors = "safetensors"
+    gguf = "gguf"
+
+
+class Quant(str, Enum):
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+    f32 = "f32"
+
+
 def convert(
-    source: Annotated[str, typer.Argument(help="A .bin/.pt file or folder (loaded weights-only), or a safetensors checkpoint.")],
-    output: Annotated[Path, typer.Argument(help="Output checkpoint folder.")],
+    source: Annotated[str, typer.Argument(help="A .bin/.pt file or folder (loaded weights-only), a .gguf file, or a safetensors checkpoint.")],
+    output_arg: Annotated[Optional[Path], typer.Argument(metavar="[OUTPUT]", help="Output (same as -o; kept for older scripts).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder, or the .gguf file with --to gguf (refused if it exists, unless --force).", show_default=False)] = None,
+    to: Annotated[Format, typer.Option("--to", help="Output format.")] = Format.safetensors,
+    quant: Annotated[Optional[Quant], typer.Option("--quant", help="With --to gguf: matrix type (vectors stay f32). [default: f16]", show_default=False)] = None,
     dtype: DtypeOpt = None,
     shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
     force: ForceOpt = False,
@@ -27,11 +46,31 @@ def convert(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Convert to safetensors: the one place a pickle is opened (weights-only), plus dtype casts and re-sharding."""
+    """Convert checkpoints: pickles to safetensors (weights-only), dtype casts and re-sharding, GGUF in and out."""
     from surgery.convert import convert as run
+    from surgery.core.errors import UsageError
 
-    result = run(source, output, dtype=dtype, shard_size=shard_size, force=force, progress=_render.progress(quiet))
-    _common.finish(result, as_json=as_json, push_to_hub=push_to_hub, private=private)
+    if output is not None and output_arg is not None and output != output_arg:
+        raise UsageError("give the output once: as -o/--output or as the second argument.")
+    out = output or output_arg
+    if out is None:
+        raise UsageError("name the output with -o/--output.")
+    if push_to_hub and to == Format.gguf:
+        raise UsageError("--push-to-hub uploads a checkpoint folder; push a GGUF file with `hf upload` instead.")
+    result = run(source, out, dtype=dtype, shard_size=shard_size, force=force, progress=_render.progress(quiet),
+                 to=to.value, quant=quant.value if quant else None)
+
+    def human(console, doc) -> None:
+        if doc.get("source_format") == "gguf":
+            types = ", ".join(f"{k} ×{v}" for k, v in doc["gguf_types"].items())
+            console.print(f"dequantized {sum(doc['gguf_types'].values())} GGUF tensors ({types}) of a "
+                          f"{doc['architecture']} model; tokenizer: {doc['tokenizer']}")
+            if doc["dropped"]:
+                console.print(f"not part of the model (dropped, as transformers drops them): {', '.join(doc['dropped'])}")
+        elif doc.get("format") == "gguf":
+            console.print("GGUF types: " + ", ".join(f"{k} ×{v}" for k, v in doc["gguf_types"].items()))
+
+    _common.finish(result, as_json=as_json, human=human, push_to_hub=push_to_hub, private=private)
 
 
 convert.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
