@@ -73,20 +73,54 @@ def inspect(location: str | Checkpoint) -> Result:
 
     A safetensors checkpoint (folder, file, index or Hub id) gives :func:`inspect_checkpoint`;
     a GGUF file gives its metadata and tensor table (architecture, quantization types,
-    parameter count; :func:`surgery.checkpoint.gguf.summarize`).
+    parameter count; :func:`surgery.checkpoint.gguf.summarize`); a Hub id is read over
+    HTTP range requests, headers only, no weights downloaded (from the cache when
+    ``HF_HUB_OFFLINE`` is set).
     """
     from pathlib import Path
 
-    from .checkpoint.reader import open_checkpoint
+    from .checkpoint.hub import offline
+    from .checkpoint.reader import HUB_PREFIX, hub_spec, open_checkpoint
 
     if not isinstance(location, Checkpoint):
-        path = Path(location).expanduser()
+        text = str(location)
+        path = Path(text).expanduser()
         if path.is_file() and (path.suffix.lower() == ".gguf" or _is_gguf(path)):
             from .checkpoint.gguf import read_gguf, summarize
 
             return Result(summarize(read_gguf(path)))
+        hub = None if path.exists() and not text.startswith(HUB_PREFIX) else hub_spec(text)
+        if hub is not None and not offline():
+            return Result(inspect_hub(text, *hub))
     ckpt = location if isinstance(location, Checkpoint) else open_checkpoint(location)
     return Result(inspect_checkpoint(ckpt))
+
+
+def inspect_hub(label: str, repo_id: str, revision: str | None) -> dict[str, Any]:
+    """:func:`inspect_checkpoint` of a Hub checkpoint from its safetensors headers, fetched
+    with HTTP range requests (see :func:`surgery.checkpoint.hub.fetch_headers`): no tensor
+    data is downloaded, and the headers go through the same validation as local files."""
+    import tempfile
+    from pathlib import Path
+
+    from .checkpoint.hub import fetch_headers
+    from .checkpoint.reader import open_local
+    from .core.errors import SurgeryError
+    from .core.output import scratch_dir
+
+    with scratch_dir(Path(tempfile.gettempdir()) / "surgery-hub-headers") as folder:
+        try:
+            facts = fetch_headers(repo_id, revision, folder)
+            report = inspect_checkpoint(open_local(folder, label=label))
+        except SurgeryError as exc:  # name the remote file, not the local mirror
+            exc.message = str(exc).replace(f"{folder}/", f"{repo_id}/").replace(str(folder), repo_id)
+            exc.args = (exc.message,)
+            if exc.path is not None:
+                exc.path = exc.path.replace(str(folder), repo_id)
+            raise
+    report.update(root=f"hf://{repo_id}@{facts['revision']}", source="hub", revision=facts["revision"],
+                  header_bytes=facts["header_bytes"])
+    return report
 
 
 def _is_gguf(path) -> bool:

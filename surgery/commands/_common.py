@@ -13,9 +13,15 @@ def push_if_asked(output: Any, repo_id: str | None, private: bool = False) -> st
     if not repo_id:
         return None
     from surgery.checkpoint.hub import push
+    from surgery.core.errors import HubError
 
     _render.log(f"pushing {output} to {repo_id} ...")
-    return push(output, repo_id, private=private)
+    try:
+        return push(output, repo_id, private=private)
+    except HubError as exc:  # the local write succeeded: say so, and how to retry the upload alone
+        raise HubError(f"wrote {output}, but {exc.message.rstrip('.')}; the output is on disk: push it again with "
+                       f"`surgery push {output} {repo_id}{' --private' if private else ''}`.",
+                       path=output) from exc
 
 
 def written_summary(written: Any, pushed: str | None = None) -> dict[str, Any]:

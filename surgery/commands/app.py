@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from surgery.core.errors import SurgeryError
 
-from . import analyze, check, convert, diff, edit, eval, fuse, grow, inspect, merge, push
+from . import analyze, check, convert, diff, edit, eval, fuse, grow, inspect, merge, pull, push
 
 app = typer.Typer(
     name="surgery",
@@ -44,7 +44,7 @@ app = typer.Typer(
 )
 
 # One line per command group: the registry of commands.
-for _module in (inspect, check, diff, convert, push, merge, analyze, eval, edit, grow, fuse):
+for _module in (inspect, check, diff, convert, pull, push, merge, analyze, eval, edit, grow, fuse):
     _module.register(app)
 
 

@@ -10,15 +10,22 @@ import typer
 from . import _common, _render
 from ._params import JsonOpt
 
-EXAMPLES = ["surgery push out/merged my-org/merged-model --private"]
+EXAMPLES = [
+    "surgery push out/merged my-org/merged-model --private",
+    "surgery push out/merged my-org/merged-model --revision experiment-1 -m 'try 1'",
+    "surgery push out/merged my-org/merged-model --create-pr --exclude README.md",
+]
 
 
 def push(
     folder: Annotated[Path, typer.Argument(help="Checkpoint folder to upload.")],
     repo_id: Annotated[str, typer.Argument(help="Hub repository id, org/name.")],
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to commit to (created if needed).")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to commit to (created if needed); with --create-pr, the branch the pull request targets.")] = None,
     message: Annotated[Optional[str], typer.Option("--message", "-m", help="Commit message.")] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="Upload only files matching (repeatable).", show_default=False)] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="GLOB", help="Leave out files matching (repeatable).", show_default=False)] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing to the branch.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Upload a checkpoint folder to a Hub model repository in one commit (creates the repository if needed)."""
@@ -26,11 +33,13 @@ def push(
     from surgery.checkpoint.hub import push as run
 
     open_checkpoint(str(folder))  # refuse to upload something that is not a valid checkpoint
-    url = run(folder, repo_id, private=private, revision=revision, commit_message=message)
+    url = run(folder, repo_id, private=private, revision=revision, commit_message=message, include=include,
+              exclude=exclude, create_pr=create_pr)
     from surgery.core.result import Result
 
-    _common.finish(Result({"repo_id": repo_id, "revision": revision, "commit_url": url}), as_json=as_json,
-                   human=lambda c, doc: c.print(f"pushed {folder} to {repo_id}: {url}"))
+    what = "opened a pull request on" if create_pr else "pushed to"
+    _common.finish(Result({"repo_id": repo_id, "revision": revision, "create_pr": create_pr, "commit_url": url}),
+                   as_json=as_json, human=lambda c, doc: c.print(f"{what} {repo_id} from {folder}: {url}"))
 
 
 push.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]

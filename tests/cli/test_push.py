@@ -142,11 +142,13 @@ def _handler(hub: FakeHub):
                         else:
                             hub.errors.append(f"unexpected commit op {line['key']}")
                     oid = hashlib.sha1(body).hexdigest()
+                    pr = "create_pr=1" in self.path.split("?", 1)[-1]
                     hub.commits.append({"repo": repo_id, "revision": rev, "header": lines[0]["value"],
-                                        "files": files, "oid": oid})
-                    repo["files"].update(files)
+                                        "files": files, "oid": oid, "pr": pr})
+                    if not pr:  # a pull request leaves the branch as it was
+                        repo["files"].update(files)
                     return self._send(200, {"commitUrl": f"{host}/{repo_id}/commit/{oid}", "commitOid": oid,
-                                            "pullRequestUrl": None})
+                                            "pullRequestUrl": f"{host}/{repo_id}/discussions/1" if pr else None})
             hub.errors.append(f"unexpected POST {self.path}")
             self._send(404, {"error": "not served"})
 
@@ -312,3 +314,38 @@ def test_push_server_error_is_hub_error(inproc_hub, cli, capfd, fixtures_dir):
     _assert_no_token_inproc(r, capfd)
     assert "to org/denied failed (HfHubHTTPError" in r.stderr
     assert hub.commits == []
+
+
+def test_push_include_exclude_and_create_pr(inproc_hub, cli, capfd, fixtures_dir):
+    hub, endpoint = inproc_hub
+    folder = fixtures_dir / "llama-tiny" / "base"
+    r = cli("push", folder, "org/pr", "--create-pr", "--exclude", "tokenizer*", "--json")
+    assert r.code == 0, r.stderr
+    _assert_no_token_inproc(r, capfd)
+    assert hub.errors == []
+    doc = r.json()
+    assert doc["create_pr"] is True and doc["commit_url"] == f"{endpoint}/org/pr/discussions/1"
+    (commit,) = hub.commits
+    assert commit["pr"] is True and commit["revision"] == "main"
+    want = {k: v for k, v in _folder_bytes(folder).items() if not k.startswith("tokenizer")}
+    assert commit["files"] == want and want
+    assert hub.repos["org/pr"]["files"] == {}  # the branch itself is untouched
+    assert not any(p.endswith("/branch/main") for _, p in hub.requests)
+    r = cli("push", folder, "org/pr", "--include", "*.json", "--revision", "dev", "--json")
+    assert r.code == 0, r.stderr
+    assert set(hub.commits[-1]["files"]) == {k for k in _folder_bytes(folder) if k.endswith(".json")}
+    assert hub.commits[-1]["revision"] == "dev" and hub.commits[-1]["pr"] is False
+
+
+def test_failed_push_after_write_says_output_is_on_disk(inproc_hub, cli, capfd, fixtures_dir, tmp_path):
+    hub, _ = inproc_hub
+    hub.fail_commit = True
+    out = tmp_path / "out"
+    r = cli("convert", fixtures_dir / "gpt2-tiny" / "base", "-o", out, "--push-to-hub", "org/denied", "--private",
+            "--quiet")
+    assert r.code == 3
+    _assert_no_token_inproc(r, capfd)
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: wrote {out}, but pushing {out} to org/denied failed (")
+    assert line.endswith(f"the output is on disk: push it again with `surgery push {out} org/denied --private`.")
+    assert (out / "model.safetensors").is_file()  # the local result stays

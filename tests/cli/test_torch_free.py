@@ -71,3 +71,9 @@ def test_push_imports_no_torch(fixtures_dir):
     code, mods, r = _run("push", fixtures_dir / "llama-tiny" / "base", "org/x", env_extra={"HF_TOKEN": "hf_x"})
     assert code == 3  # nothing listens on the endpoint
     assert "torch" not in mods, mods
+
+
+def test_pull_imports_no_torch(tmp_path):
+    code, mods, r = _run("pull", "org/not-cached", env_extra={"HF_HOME": str(tmp_path)})
+    assert code == 3 and "HF_HUB_OFFLINE is set" in r.stderr
+    assert "torch" not in mods, mods
