@@ -121,6 +121,7 @@ def extract(
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Edit prompt, recorded in the metadata.")] = None,
     target: Annotated[Optional[str], typer.Option("--target", help="Edit target, recorded in the metadata.")] = None,
     factor_dtype: Annotated[str, typer.Option("--factor-dtype", help="dtype of the stored factors.")] = "float32",
+    exact: Annotated[bool, typer.Option("--exact", help="Full SVDs with --rank (default: randomized SVD; its exact error is reported per tensor).")] = False,
     force: ForceOpt = False,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
@@ -131,7 +132,7 @@ def extract(
 
     result = extract_edit(base, edited, output, rank=rank, energy=energy, description=description, subject=subject,
                           prompt=prompt, target=target, factor_dtype=factor_dtype, device=device, force=force,
-                          progress=_render.progress(quiet))
+                          exact=exact, progress=_render.progress(quiet))
 
     def human(console, report) -> None:
         from rich.table import Table

@@ -1,11 +1,21 @@
 """An edit file from two checkpoints: ΔW = edited − base per changed tensor, compressed by
 truncated SVD (Eckart–Young: the rank-r truncation is the best rank-r approximation in
-Frobenius norm, and its error is the energy of the dropped singular values)."""
+Frobenius norm, and its error is the energy of the dropped singular values).
+
+With a fixed ``rank`` the factors come from a randomized SVD (Halko, Martinsson & Tropp
+2011, https://arxiv.org/abs/0909.4061: a Gaussian sketch of rank + 10 columns, two power
+iterations with re-orthonormalisation), which skips the full decomposition of large
+matrices such as embeddings. Its factors are U_r S_r V_rᵀ = P ΔW with P = U_r U_rᵀ an
+orthogonal projector, so the error of what is stored is known exactly without the full
+SVD: ‖ΔW − U_r S_r V_rᵀ‖²_F = ‖ΔW‖²_F − ‖S_r‖². That error is reported per tensor; it is
+never below the optimal (Eckart–Young) error, and ``exact=True`` computes the full SVD."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +29,9 @@ from ..core.result import Result
 from .format import Edit, TensorEdit, save_edit
 
 DEFAULT_ENERGY = 0.99
+OVERSAMPLE = 10
+POWER_ITERS = 2
+SEED = 0
 
 
 def choose_rank(sigma: torch.Tensor, *, rank: int | None = None, energy: float | None = None) -> int:
@@ -37,22 +50,52 @@ def choose_rank(sigma: torch.Tensor, *, rank: int | None = None, energy: float |
     return min(r, full)
 
 
+def randomized_svd(a: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS,
+                   seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors (U, S, Vᴴ) of ``a`` from a seeded Gaussian sketch of
+    ``rank + oversample`` columns with ``power_iters`` power iterations (Halko et al. 2011,
+    Algorithms 4.4 and 5.1). U_r S_r V_rᵀ equals U_r U_rᵀ a exactly (an orthogonal
+    projection of ``a``)."""
+    m, n = a.shape
+    k = min(rank + oversample, m, n)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, k, generator=g, dtype=a.dtype).to(a.device)
+    q, _ = torch.linalg.qr(a @ omega)
+    for _ in range(power_iters):
+        z, _ = torch.linalg.qr(a.T @ q)
+        q, _ = torch.linalg.qr(a @ z)
+    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    return (q @ ub[:, :rank]), s[:rank], vh[:rank]
+
+
 def compress(name: str, delta: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-             factor_dtype: torch.dtype = torch.float32) -> tuple[TensorEdit, dict[str, Any]]:
+             factor_dtype: torch.dtype = torch.float32, exact: bool = False) -> tuple[TensorEdit, dict[str, Any]]:
     """Truncated SVD of one 2-D delta; dense when the factors would not be smaller.
 
+    With ``rank`` (and not ``exact``) the factors come from :func:`randomized_svd` when the
+    sketch is smaller than the matrix; otherwise from the full SVD.
+
     Returns:
-        The TensorEdit and facts: kind, rank, energy (captured share of ‖ΔW‖²_F),
-        rel_error (‖ΔW − ΔW_r‖_F / ‖ΔW‖_F).
+        The TensorEdit and facts: kind, rank, method (``exact`` / ``randomized``), energy
+        (captured share of ‖ΔW‖²_F) and rel_error (‖ΔW − stored‖_F / ‖ΔW‖_F; exact for
+        either method, from ‖ΔW‖_F and the kept singular values).
     """
     rows, cols = delta.shape
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    r = choose_rank(s, rank=rank, energy=energy)
-    sq = s.double() ** 2
-    total = float(sq.sum())
-    kept = float(sq[:r].sum())
-    captured = kept / total if total > 0 else 1.0
-    facts = {"rank": r, "full_rank": int(s.numel()), "energy": captured,
+    d = delta.float()
+    total = float(d.double().pow(2).sum())
+    sketch = rank is not None and not exact and rank + OVERSAMPLE < min(rows, cols) // 2
+    if sketch:
+        seed = SEED + zlib.crc32(name.encode())  # deterministic per tensor, whatever the order
+        u, s, vh = randomized_svd(d, rank, seed=seed)
+        r = min(rank, int(s.numel()))
+        method = "randomized"
+    else:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        r = choose_rank(s, rank=rank, energy=energy)
+        method = "exact"
+    kept = float(s[:r].double().pow(2).sum())
+    captured = min(1.0, kept / total) if total > 0 else 1.0
+    facts = {"rank": r, "full_rank": min(rows, cols), "method": method, "energy": captured,
              "rel_error": math.sqrt(max(0.0, 1.0 - captured))}
     if r * (rows + cols + 1) >= rows * cols:
         # Factors would be no smaller than the matrix: store it exactly.
@@ -67,7 +110,7 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
                  rank: int | None = None, energy: float | None = None, description: str = "",
                  subject: str | None = None, prompt: str | None = None, target: str | None = None,
                  factor_dtype: str = "float32", device: str = "cpu", force: bool = False,
-                 progress: Progress | None = None) -> Result:
+                 exact: bool = False, progress: Progress | None = None) -> Result:
     """Write the edit that turns ``base`` into ``edited``.
 
     Args:
@@ -80,6 +123,8 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
         factor_dtype: dtype of the stored factors.
         device: Where the SVDs run.
         force: Replace an existing output file.
+        exact: Full SVDs even with ``rank`` (default: a randomized SVD, whose exact error
+            is reported per tensor).
 
     Returns:
         A Result: the written edit file and a report (per changed tensor its kind, rank,
@@ -120,21 +165,23 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
     rows: list[dict[str, Any]] = []
     for name in track(b.names, "extracting", progress):
         ib, ie = b.info(name), e.info(name)
-        raw_b = b.get_raw(name)
-        if ib.dtype == ie.dtype and torch.equal(raw_b, e.get_raw(name)):
+        raw_b, raw_e = b.get_raw(name), e.get_raw(name)  # each tensor read once
+        if ib.dtype == ie.dtype and torch.equal(raw_b, raw_e):
             continue
         wb = raw_b.to(torch.float32).to(device)
-        delta = e.get(name, device=device) - wb
+        delta = raw_e.to(torch.float32).to(device) - wb
+        del raw_e
         if not bool(delta.any()):
             continue
         if delta.dim() == 2 and min(delta.shape) > 1:
-            te, facts = compress(name, delta, rank=rank, energy=energy, factor_dtype=fdtype)
+            te, facts = compress(name, delta, rank=rank, energy=energy, factor_dtype=fdtype, exact=exact)
         else:
-            te, facts = TensorEdit(name, dense=delta.to(fdtype)), {"kind": "dense", "rank": None, "energy": 1.0,
-                                                                   "rel_error": 0.0}
+            te, facts = TensorEdit(name, dense=delta.to(fdtype)), {"kind": "dense", "rank": None, "method": "exact",
+                                                                   "energy": 1.0, "rel_error": 0.0}
         # Factors go to CPU at once: only the (small) edit stays resident, never two models.
         tensors[name] = TensorEdit(name, *(None if t is None else t.cpu() for t in (te.u, te.v, te.s, te.dense)))
-        shas[name] = b.tensor_sha256(name)
+        # the sha256 of the base tensor's stored bytes, from the bytes already in memory
+        shas[name] = hashlib.sha256(raw_b.reshape(-1).view(torch.uint8).numpy()).hexdigest()
         dn = float(delta.double().norm())
         wn = float(wb.double().norm())
         rows.append({"name": name, "shape": list(ib.shape), **facts, "delta_norm": dn,
@@ -144,11 +191,13 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
     info = {"description": description, "subject": subject or "", "prompt": prompt or "", "target": target or "",
             "base": b.label, "model_type": str((b.config or {}).get("model_type", "")),
             "created_by": f"surgery edit extract {e.label}"}
-    extra = {"extract": json.dumps({"rank": rank, "energy": None if rank is not None else (energy or DEFAULT_ENERGY)})}
+    extra = {"extract": json.dumps({"rank": rank, "energy": None if rank is not None else (energy or DEFAULT_ENERGY),
+                                    "svd": "exact" if exact or rank is None else "randomized"})}
     edit = Edit(tensors, base_sha256=shas, info={k: v for k, v in info.items() if v}, extra=extra)
     written = save_edit(edit, out, force=force, inputs=read_paths)
     stored = sum(t.numel() * t.element_size() for te in tensors.values() for t in te.tensors().values())
     dense = sum(math.prod(b.info(n).shape) * torch.empty((), dtype=fdtype).element_size() for n in tensors)
     return Result({"output": str(written.output), "base": b.label, "edited": e.label, "changed": len(tensors),
             "unchanged": len(b.names) - len(tensors), "stored_bytes": stored, "dense_bytes": dense,
-            "min_energy": min(r["energy"] for r in rows), "tensors": rows}, written)
+            "min_energy": min(r["energy"] for r in rows), "max_rel_error": max(r["rel_error"] for r in rows),
+            "tensors": rows}, written)

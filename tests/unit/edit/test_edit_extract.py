@@ -29,7 +29,8 @@ def test_choose_rank_closed_form():
 @pytest.mark.slow
 def test_extract_matches_eckart_young(fixtures_dir, tmp_path):
     base, edited = fixtures_dir / "gpt2-tiny" / "base", fixtures_dir / "gpt2-tiny" / "ft-a"
-    rep = extract_edit(base, edited, tmp_path / "e.safetensors", rank=3, description="ft-a as an edit").report
+    rep = extract_edit(base, edited, tmp_path / "e.safetensors", rank=3, description="ft-a as an edit",
+                       exact=True).report
     e = load_edit(tmp_path / "e.safetensors")
     a, b = load_file(str(base / "model.safetensors")), load_file(str(edited / "model.safetensors"))
     rows = {r["name"]: r for r in rep["tensors"]}
@@ -98,3 +99,50 @@ def test_extract_errors(fixtures_dir, tmp_path):
         extract_edit(base, fixtures_dir / "gpt2-tiny" / "base", tmp_path / "e.safetensors")
     with pytest.raises(IncompatibleCheckpointsError, match="tensor .model.embed_tokens.weight. is \\(512, 64\\) in .* but \\(512, 128\\)"):
         extract_edit(base, fixtures_dir / "llama-wide" / "base", tmp_path / "e.safetensors")
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_randomized_error_is_exact_and_near_optimal(tmp_path, rank):
+    """The randomized SVD's reported error is the true error of what is stored (checked
+    against the stored factors in float64), never below the Eckart–Young optimum from the
+    exact SVD, and close to it; --exact gives the optimum itself."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    base = {"a.weight": torch.randn(300, 120, generator=g), "b.weight": torch.randn(64, 500, generator=g)}
+    # a fine-tune-like delta: a decaying spectrum plus noise
+    delta = {}
+    for k, w in base.items():
+        m, n = w.shape
+        u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))
+        v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))
+        sv = 0.05 * torch.exp(-torch.arange(min(m, n), dtype=torch.float32) / 6) + 1e-4
+        delta[k] = (u * sv) @ v.T
+    for name, sd in (("base", base), ("ft", {k: base[k] + delta[k] for k in base})):
+        (tmp_path / name).mkdir()
+        save_file(sd, str(tmp_path / name / "model.safetensors"))
+    reps = {}
+    for exact in (False, True):
+        out = tmp_path / f"e{int(exact)}.safetensors"
+        reps[exact] = {r["name"]: r for r in extract_edit(tmp_path / "base", tmp_path / "ft", out, rank=rank,
+                                                          exact=exact).report["tensors"]}
+        e = load_edit(out)
+        for k in base:
+            d = (load_file(str(tmp_path / "ft" / "model.safetensors"))[k].double()
+                 - load_file(str(tmp_path / "base" / "model.safetensors"))[k].double())
+            sv = torch.linalg.svdvals(d)
+            optimal = math.sqrt(float((sv[rank:] ** 2).sum() / (sv ** 2).sum()))
+            actual = float(torch.linalg.matrix_norm(e.tensors[k].delta(torch.float64) - d) / d.norm())
+            row = reps[exact][k]
+            assert row["method"] == ("exact" if exact else "randomized")
+            assert row["rel_error"] == pytest.approx(actual, rel=1e-4, abs=1e-7)
+            assert row["rel_error"] >= optimal * (1 - 1e-5)
+            assert row["rel_error"] <= optimal * (1 + 1e-5 if exact else 1.02)
+
+
+def test_randomized_extract_is_deterministic(fixtures_dir, tmp_path):
+    base, edited = fixtures_dir / "llama-tiny" / "base", fixtures_dir / "llama-tiny" / "ft-a"
+    a = extract_edit(base, edited, tmp_path / "a.safetensors", rank=2)
+    b = extract_edit(base, edited, tmp_path / "b.safetensors", rank=2)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert a.report["max_rel_error"] == max(r["rel_error"] for r in a.report["tensors"])
