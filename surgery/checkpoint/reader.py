@@ -251,12 +251,35 @@ def _sha_cache_path() -> Path:
     return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery")) / "sha256.json"
 
 
+HASH_CHUNK = 1 << 24
+
+
 def hash_file(path: Path) -> str:
-    """sha256 of a file's bytes, always read (no cache): for integrity checks."""
+    """sha256 of a file's bytes, always read (no cache): for integrity checks.
+
+    The file is hashed straight from its page-cache pages (a read-only map, sequential
+    read-ahead), so it is not copied into a buffer first; each hashed chunk is dropped from
+    this process's mapping at once, so peak memory stays one chunk whatever the file size.
+    """
+    import mmap
+
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return h.hexdigest()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(mm)
+            try:
+                for off in range(0, size, HASH_CHUNK):
+                    n = min(HASH_CHUNK, size - off)
+                    h.update(view[off:off + n])  # releases the GIL: runs beside the copy
+                    if hasattr(mm, "madvise"):
+                        mm.madvise(mmap.MADV_DONTNEED, off, n)
+            finally:
+                view.release()
     return h.hexdigest()
 
 

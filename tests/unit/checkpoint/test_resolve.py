@@ -72,3 +72,16 @@ def test_offline_hint_only_when_offline(monkeypatch):
     with pytest.raises(HubError) as exc:
         hub.pull("org/name")
     assert "HF_HUB_OFFLINE" in str(exc.value)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, (1 << 24) + 3])
+def test_hash_file_equals_hashlib(tmp_path, size):
+    import hashlib
+    import os
+
+    from surgery.checkpoint.reader import hash_file
+
+    data = os.urandom(size)
+    f = tmp_path / "x.bin"
+    f.write_bytes(data)
+    assert hash_file(f) == hashlib.sha256(data).hexdigest()
