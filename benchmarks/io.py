@@ -7,8 +7,9 @@ For each case, two whole processes run on the same input in the same run, altern
 * **load/save**: ``python -c`` doing ``safetensors.torch.load_file`` on every shard, casting
   floating tensors to bf16, and ``save_file`` (one output file), the usual script.
 
-Peak RSS is the child's ``ru_maxrss`` from ``os.wait4`` (exact, no polling); wall time is
-measured around the process. The input is read once beforehand so both sides start from a
+Peak RSS is the process's maximum resident set size as GNU ``/usr/bin/time`` reports it for
+its own child (exact, no polling; not ``os.wait4`` on our child, which would include this
+process's memory at fork); wall time is measured around the process. The input is read once beforehand so both sides start from a
 warm page cache. Cases:
 
 1. ``smollm2-bf16``: SmolLM2-135M (bf16, 269 MB; ``benchmarks/smollm2.py``);
@@ -139,16 +140,19 @@ def synthetic_checkpoint(dtype: str = "bfloat16") -> Path:
 # ----------------------------------------------------------------------------- measuring
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd`` to completion; wall seconds and peak RSS (MiB) from ``wait4``'s rusage."""
+    """Run ``cmd`` to completion under ``/usr/bin/time``: wall seconds, peak RSS (MiB), CPU.
+
+    Peak RSS comes from GNU time's own child: Linux carries a forked child's RSS high-water
+    mark across exec, so ``wait4`` on a child of this process (which imports torch to build
+    its inputs) would report this process's ~220 MiB as part of the child's peak."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "TIME %M %U %S", *cmd], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, env=env)
     wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {err[-2000:]}")
-    return {"wall_s": wall, "rss_mib": usage.ru_maxrss / 1024, "user_s": usage.ru_utime, "sys_s": usage.ru_stime}
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    rss, user, sys_ = [ln.split()[1:] for ln in proc.stderr.splitlines() if ln.startswith("TIME ")][-1]
+    return {"wall_s": wall, "rss_mib": int(rss) / 1024, "user_s": float(user), "sys_s": float(sys_)}
 
 
 def warm(path: Path) -> None:
@@ -161,7 +165,7 @@ def warm(path: Path) -> None:
 
 
 def bench_case(name: str, src: Path, reps: int, work: Path, fsync_baseline: bool = False,
-               no_hash_probe: bool = False) -> dict:
+               no_hash_probe: bool = False, first_touch: bool = False) -> dict:
     args = ["convert", str(src), str(work / "surgery-out"), "--dtype", "bfloat16", "--quiet", "--force"]
     surgery = [sys.executable, "-m", "surgery.commands.app", *args]
     baseline = [sys.executable, "-c", BASELINE, str(src), str(work / "baseline-out")]
@@ -178,7 +182,8 @@ def bench_case(name: str, src: Path, reps: int, work: Path, fsync_baseline: bool
         for side, cmd in order:
             out = work / ("surgery-out" if side.startswith("surgery") else "baseline-out")
             shutil.rmtree(out, ignore_errors=True)
-            r = run_measured(cmd)
+            env = dict(os.environ, SURGERY_NO_HASH_CACHE="1") if first_touch and side == "surgery" else None
+            r = run_measured(cmd, env=env)
             runs[side].append(r)
             print(f"  {name:<15} rep {rep + 1} {side:<14} wall {r['wall_s']:7.2f} s  peak RSS {r['rss_mib']:8.0f} MiB",
                   flush=True)
@@ -230,6 +235,9 @@ def main() -> int:
                     help="Also time load/save followed by fsync of the output (surgery fsyncs before renaming).")
     ap.add_argument("--no-hash-probe", action="store_true",
                     help="Also time surgery with the input sha256 skipped (a what-if, not a supported mode).")
+    ap.add_argument("--first-touch", action="store_true",
+                    help="Run surgery with SURGERY_NO_HASH_CACHE=1: every run hashes its input, as the first "
+                         "convert of a never-seen checkpoint does (issue #14 goal: <= 1.2x load/save).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the raw results here.")
     args = ap.parse_args()
     cases = args.cases.split(",")
@@ -243,7 +251,8 @@ def main() -> int:
         t0 = time.perf_counter()
         src = sources[case]()
         print(f"{case}: input {src} ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        results.append(bench_case(case, src, args.reps, args.work, args.fsync_baseline, args.no_hash_probe))
+        results.append(bench_case(case, src, args.reps, args.work, args.fsync_baseline, args.no_hash_probe,
+                                  args.first_touch))
     print()
     print(table(results, idle))
     print()

@@ -80,39 +80,51 @@ PROBE = ("import sys, json; from surgery.commands.app import main; code = main(s
 
 
 def run_measured(cmd: list[str]) -> dict:
-    """Run ``cmd``; wall seconds, peak RSS (MB) from wait4, and the modules line if printed."""
+    """Run ``cmd`` under ``/usr/bin/time``: wall seconds, peak RSS (MB) and the modules line.
+
+    The peak RSS comes from GNU time's own child, not from this process's ``wait4``: Linux
+    carries a forked child's RSS high-water mark across exec, so a child forked from a
+    benchmark process that has imported torch would report torch's ~220 MB as its own."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    code = os.waitstatus_to_exitcode(status)
-    if code not in (0, 1):
-        raise RuntimeError(f"{' '.join(cmd[:5])} ... failed ({code}): {err[-2000:]}")
+    err = proc.stderr
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"{' '.join(cmd[:5])} ... failed ({proc.returncode}): {err[-2000:]}")
+    rss = [int(ln.split()[1]) for ln in err.splitlines() if ln.startswith("MAXRSS_KB ")]
     mods = [ln.split(" ", 1)[1] for ln in err.splitlines() if ln.startswith("MODULES ")]
-    return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024, "modules": json.loads(mods[-1]) if mods else None}
+    return {"wall_s": wall, "rss_mb": rss[-1] / 1024 if rss else float("nan"),
+            "modules": json.loads(mods[-1]) if mods else None}
 
 
 def surgery(*args: str) -> list[str]:
     return [sys.executable, "-c", PROBE, *args]
 
 
-def quick_finetune(base: Path) -> Path:
-    """A perturbed copy of the base (every tensor + 1e-3·N(0,1)), cached."""
-    import torch
-    from safetensors.torch import load_file, save_file
+QUICK_FT = r"""
+import sys, torch
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+base, out = Path(sys.argv[1]), Path(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+g = torch.Generator().manual_seed(0)
+sd = {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(v.dtype)
+      for k, v in load_file(str(base / "model.safetensors")).items()}
+save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+for f in base.iterdir():
+    if f.suffix != ".safetensors":
+        (out / f.name).write_bytes(f.read_bytes())
+"""
 
+
+def quick_finetune(base: Path) -> Path:
+    """A perturbed copy of the base (every tensor + 1e-3·N(0,1)), cached. Made in a child
+    process: the benchmark's own process stays small, so children do not start from its
+    memory (ru_maxrss counts a forked child from its parent's size)."""
     out = CACHE / "bench" / "smollm2-perturbed"
-    if (out / "model.safetensors").is_file():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    sd = {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in
-          load_file(str(base / "model.safetensors")).items()}
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for f in base.iterdir():
-        if f.suffix != ".safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
+    if not (out / "model.safetensors").is_file():
+        subprocess.run([sys.executable, "-c", QUICK_FT, str(base), str(out)], check=True)
     return out
 
 

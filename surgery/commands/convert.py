@@ -15,8 +15,8 @@ from ._params import DEFAULT_SHARD_SIZE, DtypeOpt, ForceOpt, JsonOpt, PrivateOpt
 EXAMPLES = [
     "surgery convert old-model/pytorch_model.bin -o out/model        # pickle -> safetensors, weights only",
     "surgery convert fixtures/llama-tiny/base -o out/bf16 --dtype bfloat16 --shard-size 1MB",
-    "surgery convert SmolLM2-135M-Instruct.Q4_1.gguf -o out/smol      # GGUF -> Hugging Face folder (dequantized)",
-    "surgery convert out/smol --to gguf --quant q8_0 -o out/smol.q8_0.gguf   # for llama.cpp / Ollama",
+    "surgery convert fixtures/llama-tiny/base.q8_0.gguf -o out/from-gguf   # GGUF -> Hugging Face folder",
+    "surgery convert out/from-gguf --to gguf --quant q8_0 -o out/tiny.q8_0.gguf   # for llama.cpp / Ollama",
 ]
 
 

@@ -11,12 +11,13 @@ from ._params import JsonOpt
 
 EXAMPLES = [
     "surgery inspect fixtures/llama-tiny/base",
-    "surgery inspect HuggingFaceTB/SmolLM2-135M-Instruct --json | jq .num_parameters",
+    "surgery inspect fixtures/llama-tiny/base.q8_0.gguf --no-tensors      # a GGUF file: types, metadata",
+    "surgery inspect HuggingFaceTB/SmolLM2-135M-Instruct --json | jq .num_parameters  # needs the Hub",
 ]
 
 
 def inspect(
-    checkpoint: Annotated[str, typer.Argument(help="Folder, .safetensors file, index JSON, or Hub id org/name[@rev].")],
+    checkpoint: Annotated[str, typer.Argument(help="Folder, .safetensors file, index JSON, .gguf file, or Hub id org/name[@rev] (headers only, no weights downloaded).")],
     as_json: JsonOpt = False,
     tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="List every tensor (human output).")] = True,
 ) -> None:
@@ -41,6 +42,18 @@ def inspect(
         console.print(f"tensors: {report['num_tensors']}   size: {_render.fmt_bytes(report['total_bytes'])}   "
                       f"dtypes: " + ", ".join(f"{k} {_render.fmt_bytes(v)}" for k, v in report["dtypes"].items()))
         console.print("shards: " + ", ".join(f"{s['file']} ({_render.fmt_bytes(s['bytes'])})" for s in report["shards"]))
+        if report.get("format") == "gguf":
+            console.print(f"GGUF v{report['gguf_version']}: {report['architecture']} \"{report['name']}\", "
+                          f"{report['file_type']}, {report['bits_per_weight']} bits per weight")
+            tok = report["tokenizer"]
+            if tok["model"]:
+                console.print(f"tokenizer: {tok['model']} ({tok['pre']}), {tok['tokens']} tokens")
+            if report["config"]:
+                console.print("config: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
+            console.print(f"metadata: {len(report['metadata'])} keys (--json lists them)")
+            return
+        if report.get("source") == "hub":
+            console.print(f"hub: {report['root']} (headers only: {_render.fmt_bytes(report['header_bytes'])} read)")
         if report["config"]:
             console.print("config: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
         meta = report["metadata"]

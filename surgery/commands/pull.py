@@ -11,9 +11,9 @@ from . import _common, _render
 from ._params import ForceOpt, JsonOpt, QuietOpt
 
 EXAMPLES = [
-    "surgery pull HuggingFaceTB/SmolLM2-135M-Instruct                 # into the Hugging Face cache",
-    "surgery pull HuggingFaceTB/SmolLM2-135M-Instruct@main -o smol     # and a plain folder",
-    "surgery pull org/model --include '*.json'                         # only the configs",
+    "surgery pull HuggingFaceTB/SmolLM2-135M-Instruct              # into the HF cache  # needs the Hub",
+    "surgery pull HuggingFaceTB/SmolLM2-135M-Instruct@main -o smol  # and a folder  # needs the Hub",
+    "surgery pull my-org/model --include '*.json'                   # only the configs  # needs the Hub",
 ]
 
 

@@ -11,9 +11,9 @@ from . import _common, _render
 from ._params import JsonOpt
 
 EXAMPLES = [
-    "surgery push out/merged my-org/merged-model --private",
-    "surgery push out/merged my-org/merged-model --revision experiment-1 -m 'try 1'",
-    "surgery push out/merged my-org/merged-model --create-pr --exclude README.md",
+    "surgery push out/merged my-org/merged-model --private  # needs the Hub",
+    "surgery push out/merged my-org/merged-model --revision experiment-1 -m 'try 1'  # needs the Hub",
+    "surgery push out/merged my-org/merged-model --create-pr --exclude README.md  # needs the Hub",
 ]
 
 

@@ -217,3 +217,14 @@ def test_smollm2_q4_1_roundtrip(tmp_path, cli):
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.pre"):
         assert new.fields[key].contents() == orig.fields[key].contents(), key
     assert np.isfinite(_logits(again, ids).numpy()).all()
+
+
+def test_gguf_fixture_is_reproducible(fixtures_dir, tmp_path, monkeypatch):
+    """The committed fixture equals a fresh conversion byte for byte (the writer is deterministic;
+    the record holds the input as typed, so convert from the repository root as the README does)."""
+    from surgery.convert import convert
+
+    monkeypatch.chdir(fixtures_dir.parent)
+    out = tmp_path / "again.gguf"
+    convert("fixtures/llama-tiny/base", out, to="gguf", quant="q8_0")
+    assert out.read_bytes() == (fixtures_dir / "llama-tiny" / "base.q8_0.gguf").read_bytes()
