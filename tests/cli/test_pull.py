@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # loopback Hub round trips / fresh interpreters
+
 COMMIT = "c" * 8 + "0123456789abcdef0123456789abcdef"
 DEADLINE_S = 120
 

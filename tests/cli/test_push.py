@@ -316,6 +316,7 @@ def test_push_server_error_is_hub_error(inproc_hub, cli, capfd, fixtures_dir):
     assert hub.commits == []
 
 
+@pytest.mark.slow
 def test_push_include_exclude_and_create_pr(inproc_hub, cli, capfd, fixtures_dir):
     hub, endpoint = inproc_hub
     folder = fixtures_dir / "llama-tiny" / "base"
@@ -337,6 +338,7 @@ def test_push_include_exclude_and_create_pr(inproc_hub, cli, capfd, fixtures_dir
     assert hub.commits[-1]["revision"] == "dev" and hub.commits[-1]["pr"] is False
 
 
+@pytest.mark.slow
 def test_failed_push_after_write_says_output_is_on_disk(inproc_hub, cli, capfd, fixtures_dir, tmp_path):
     hub, _ = inproc_hub
     hub.fail_commit = True

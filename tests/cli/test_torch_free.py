@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # loopback Hub round trips / fresh interpreters
+
 PROBE = ("import sys, json; from surgery.commands.app import main; code = main(sys.argv[1:]); "
          "sys.stderr.write('\\nMODULES ' + json.dumps(sorted(m for m in ('torch', 'transformers', 'numpy') "
          "if m in sys.modules)) + '\\n'); sys.exit(code)")

@@ -54,3 +54,35 @@ def test_one_sided_mismatched_and_changed_only(fixtures_dir, tmp_path):
     assert rep["only_in_a"] == [names[0]] and rep["only_in_b"] == ["extra.weight"]
     assert [m["name"] for m in rep["mismatched"]] == [names[1], names[2]]
     assert rep["tensors"] == [] and rep["summary"]["compared"] == len(names) - 2
+
+
+# ---- streaming: row blocks give the whole-tensor numbers
+
+def _stream_pair(tmp_path, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    a = {"w": torch.randn(37, 29, generator=g), "v": torch.randn(11, generator=g), "s": torch.tensor(2.5),
+         "e": torch.randn(3, 5, 7, generator=g), "z": torch.zeros(0, 4)}
+    b = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in a.items()}
+    for name, sd in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        save_file({k: v.to(dtype) for k, v in sd.items()}, str(tmp_path / name / "model.safetensors"))
+    return open_checkpoint(tmp_path / "a"), open_checkpoint(tmp_path / "b")
+
+
+@pytest.mark.parametrize("block", [1, 29, 100, 10**9])
+def test_stream_diff_equals_whole_tensor(tmp_path, block):
+    from surgery.diff import stream_diff
+
+    a, b = _stream_pair(tmp_path)
+    for name in a.names:
+        ta, tb = a.get(name, dtype=torch.float64), b.get(name, dtype=torch.float64)
+        got = stream_diff(a, b, name, max_elements=block)
+        d = (tb - ta).reshape(-1)
+        assert got["norm_diff"] == pytest.approx(float(d.norm()), rel=1e-12, abs=1e-300)
+        assert got["norm_a"] == pytest.approx(float(ta.norm()), rel=1e-12, abs=1e-300)
+        assert got["max_abs_diff"] == (float(d.abs().max()) if d.numel() else 0.0)
+        if ta.numel():
+            cos = float(ta.reshape(-1) @ tb.reshape(-1) / (ta.norm() * tb.norm()))
+            assert got["cosine"] == pytest.approx(cos, rel=1e-12)
+
+

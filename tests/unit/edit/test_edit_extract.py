@@ -101,6 +101,7 @@ def test_extract_errors(fixtures_dir, tmp_path):
         extract_edit(base, fixtures_dir / "llama-wide" / "base", tmp_path / "e.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [1, 3, 8])
 def test_randomized_error_is_exact_and_near_optimal(tmp_path, rank):
     """The randomized SVD's reported error is the true error of what is stored (checked
@@ -140,6 +141,7 @@ def test_randomized_error_is_exact_and_near_optimal(tmp_path, rank):
             assert row["rel_error"] <= optimal * (1 + 1e-5 if exact else 1.02)
 
 
+@pytest.mark.slow
 def test_randomized_extract_is_deterministic(fixtures_dir, tmp_path):
     base, edited = fixtures_dir / "llama-tiny" / "base", fixtures_dir / "llama-tiny" / "ft-a"
     a = extract_edit(base, edited, tmp_path / "a.safetensors", rank=2)
