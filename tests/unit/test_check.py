@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from surgery.checkpoint import open_checkpoint
