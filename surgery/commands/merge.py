@@ -12,8 +12,13 @@ import typer
 from typer.core import TyperCommand
 
 from . import _common, _render
-from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, OutputOpt, PrivateOpt, PushOpt,
-                      QuietOpt, ShardSizeOpt)
+from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, PrivateOpt, PushOpt, QuietOpt,
+                      ShardSizeOpt)
+
+MergeOutputOpt = Annotated[Optional[Path], typer.Option(
+    "-o", "--output", help="Output checkpoint folder (refused if it exists, unless --force); with a recipe it may "
+                           "also follow the recipe as mergekit-yaml takes it: surgery merge recipe.yml OUT.")]
+RECIPE_SUFFIXES = (".yml", ".yaml")
 
 EXAMPLES = [
     "surgery merge -m ties --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
@@ -24,6 +29,8 @@ EXAMPLES = [
     "surgery merge -m opcm --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
     "--state out/opcm-state -o out/opcm-ab",
     "surgery merge --resume out/opcm-state fixtures/llama-tiny/ft-c --state out/opcm-state -o out/opcm-abc",
+    "surgery merge recipe.yml out/merged      # a mergekit recipe, as mergekit-yaml takes it (same as --config)",
+    "surgery merge recipe.yml --dry-run --json   # validate from headers and print the plan; writes nothing",
 ]
 
 
@@ -108,11 +115,12 @@ def _per_model(values: list[float] | None, n: int, flag: str) -> list[float] | N
 
 
 def merge(
-    output: OutputOpt,
-    models: Annotated[Optional[List[str]], typer.Argument(help="Models to merge, in order (local folders, files or Hub ids).")] = None,
+    models: Annotated[Optional[List[str]], typer.Argument(help="Models to merge, in order (local folders, files, Hub ids org/name[@revision], MODEL+LORA_ADAPTER); or a recipe.yml and the output folder.")] = None,
+    output: MergeOutputOpt = None,
     method: Annotated[Optional[str], typer.Option("-m", "--method", help="Merge method (listed below).")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base (pretrained) model θ0; the t=0 end for slerp.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="mergekit-style YAML recipe (instead of -m/--base/MODELS).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="mergekit YAML recipe (instead of -m/--base/MODELS); also accepted as the first argument.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate everything from config files and safetensors headers, print the plan (which output tensor comes from which inputs by which method, output size, estimated memory) and exit 0; nothing is read or written.")] = False,
     param: Annotated[Optional[List[str]], typer.Option("-p", "--param", metavar="[MODEL:]KEY=VALUE", help="A method parameter by mergekit's name, e.g. -p density=0.5 or -p 2:weight=0.3 (model 2 only); repeatable.")] = None,
     weight: Annotated[Optional[List[float]], typer.Option("--weight", "-w", help="Per-model weight; once for all models or once per model (alias of -p weight).")] = None,
     density: Annotated[Optional[List[float]], typer.Option("--density", help="Fraction of each task vector kept; once or per model (alias of -p density).")] = None,
@@ -146,6 +154,12 @@ def merge(
     from surgery.merge import merge as run
 
     models = list(models or [])
+    if config is None and models and models[0].lower().endswith(RECIPE_SUFFIXES) and Path(models[0]).is_file():
+        config, models = Path(models[0]), models[1:]          # mergekit-yaml's form: recipe.yml OUT
+    if config is not None and output is None and len(models) == 1:
+        output, models = Path(models[0]), []
+    if output is None and not dry_run:
+        raise UsageError("name the output folder with -o OUT (or after the recipe: surgery merge recipe.yml OUT).")
     aliases: dict[str, Any] = {}
     for key, value in (("lambda", lam), ("t", t), ("alpha", alpha), ("scaling", scaling), ("normalize", normalize),
                        ("rescale", rescale)):
@@ -160,7 +174,7 @@ def merge(
                                 ("--density", density), ("--resume", resume), ("-p", param)) if v] + \
             [f"--{k}" for k in aliases]
         if given:
-            raise UsageError(f"--config takes the method, models and parameters from the recipe; drop {', '.join(given)} "
+            raise UsageError(f"a recipe gives the method, models and parameters; drop {', '.join(given)} "
                              f"(or put them in {config}).")
         request = load_recipe(config)
     else:
@@ -182,9 +196,12 @@ def merge(
     options = MergeOptions(seed=seed, allow_missing=allow_missing, decomposition=decomposition.value, shuffle=shuffle,
                            trim_ties=trim_ties.value, device=device, state_dir=state, resume_dir=resume)
     result = run(request, output, options=options, dtype=dtype, shard_size=shard_size, force=force,
-                 progress=_render.progress(quiet))
+                 progress=_render.progress(quiet), dry_run=dry_run)
     for warning in result.report.get("warnings", []):
         _render.log(f"warning: {warning}")
+    if dry_run:
+        _common.finish(result, as_json=as_json, human=_plan_table)
+        return
 
     def human(console, doc) -> None:
         console.print(f"method: {doc['method']}   models, in order: {', '.join(doc['order'])}")
@@ -200,6 +217,37 @@ def merge(
             console.print(f"continual state saved in {doc['state']}")
 
     _common.finish(result, as_json=as_json, human=human, push_to_hub=push_to_hub, private=private)
+
+
+def _plan_table(console: Any, doc: dict[str, Any]) -> None:
+    """The dry-run plan: the inputs, slices and every output tensor's sources."""
+    from rich.table import Table
+
+    console.print(f"method: {doc['method']}   config and tokenizer from: {doc.get('donor') or doc.get('base')}")
+    for s in doc.get("slices") or []:
+        srcs = ", ".join(f"{x['model']}[{x['layer_range'][0]}:{x['layer_range'][1]}]" for x in s["sources"])
+        console.print(f"slice {s['slice']}: {s['layers']} layer(s) from {srcs}"
+                      + (f" (base {s['base']})" if s.get("base") else ""))
+    if doc.get("vocabulary"):
+        v = doc["vocabulary"]
+        console.print(f"vocabulary: {v['source']}, {v['tokens']} tokens, {v['rows']} rows")
+    if doc.get("config_update"):
+        console.print("config.json: " + ", ".join(f"{k} = {v}" for k, v in doc["config_update"].items()))
+    if doc.get("tensors"):
+        table = Table("output tensor", "shape", "how", "inputs", "t")
+        for t in doc["tensors"]:
+            if t["how"] == "copy":
+                inputs = f"{t['source']['model']}: {t['source']['tensor']}"
+            else:
+                srcs = ([t["base"]] if t.get("base") else []) + t["models"]
+                inputs = "; ".join(f"{x['model']}: {x['tensor']}" + (" (base)" if k == 0 and t.get("base") else "")
+                                   for k, x in enumerate(srcs))
+            table.add_row(t["name"], "×".join(map(str, t["shape"])) or "scalar", t["how"], inputs,
+                          _render.fmt_num(t.get("t")) if t["how"] != "copy" else "")
+        console.print(table)
+    console.print(f"{doc['num_tensors']} tensors, output {_render.fmt_bytes(doc['output_bytes'])}"
+                  + (f", estimated working memory {_render.fmt_bytes(doc['estimated_memory_bytes'])}"
+                     if doc.get("estimated_memory_bytes") else "") + "; nothing written (--dry-run).")
 
 
 merge.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]

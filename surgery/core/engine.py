@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ from ..checkpoint.writer import ShardedWriter, TensorSpec, parse_size, write_tex
 from .output import atomic_output
 from .errors import UsageError
 from .progress import Progress, ensure
+
+# Donor files that are not the tokenizer's (kept when an operation writes its own tokenizer).
+NON_TOKENIZER_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
 
 # Row blocks of at most this many bytes (in float32) when a tensor is processed in pieces.
 BLOCK_BYTES = 64 * 1024 * 1024
@@ -242,6 +246,7 @@ def write_checkpoint(
     extra_record: Callable[[], dict[str, Any]] | None = None,
     extra_files: dict[str, str] | None = None,
     verify: Callable[[Path], Any] | None = None,
+    tokenizer_files: dict[str, bytes] | None = None,
 ) -> WriteResult:
     """Stream ``plan`` into a new checkpoint folder, atomically.
 
@@ -267,6 +272,9 @@ def write_checkpoint(
         verify: Called with the finished temporary folder before it is renamed into place;
             raising (e.g. CheckFailedError) leaves no output. Its return value is kept in
             ``WriteResult.verified``.
+        tokenizer_files: Tokenizer files (name -> bytes) written instead of the donor's (a
+            merge that builds its own vocabulary); config and generation files still come
+            from the donor.
 
     Returns:
         A WriteResult.
@@ -302,7 +310,7 @@ def write_checkpoint(
             progress.close()
         if donor is not None:
             for f in donor.donor_files():
-                if f.name == "config.json":
+                if f.name == "config.json" or (tokenizer_files is not None and f.name not in NON_TOKENIZER_FILES):
                     continue
                 shutil.copyfile(f, tmp / f.name)
             cfg = config_with_dtype(donor.config, target) if donor.config is not None else None
@@ -310,6 +318,11 @@ def write_checkpoint(
                 cfg = dict(cfg or {})
                 cfg.update(config_update or {})
                 write_text(tmp / "config.json", json.dumps(cfg, indent=2, sort_keys=False) + "\n")
+        for name, data in (tokenizer_files or {}).items():
+            with open(tmp / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
         for name, text in (extra_files or {}).items():
             write_text(tmp / name, text)
         base_label = inputs[0].label if inputs and not Path(inputs[0].label).exists() else None

@@ -186,9 +186,64 @@ def _threads(n: int | None):
         torch.set_num_threads(previous)
 
 
-def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, progress, auto_threads):
-    target = parse_dtype(dtype)
-    ckpt = open_checkpoint(str(base))
+@dataclass
+class FusionPlan:
+    """What fusing adapters into one base changes, from the headers alone.
+
+    Attributes:
+        ckpt: The base.
+        steps: Output tensor name -> the updates applied to it, in order.
+        new_from: Tensors the base lacks -> the base tensor each starts from ("" for none).
+        untied: ``{"output", "input"}`` names when an update unties tied embeddings, else None.
+        adapters: The opened adapters, in order.
+        report: Per adapter: path, kind, weight, key mapping and the tensors it changes.
+    """
+
+    ckpt: Checkpoint
+    steps: dict[str, list[_Step]]
+    new_from: dict[str, str]
+    untied: dict[str, str] | None
+    adapters: list[Adapter]
+    report: list[dict[str, Any]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of output tensor ``name``."""
+        start = name if name in self.ckpt else self.new_from.get(name) or None
+        shape = tuple(self.ckpt.info(start).shape) if start else None
+        for st in self.steps.get(name, []):
+            if st.update.shape is not None:
+                shape = tuple(st.update.shape)
+        if shape is None:
+            raise IncompatibleCheckpointsError(f"cannot plan tensor {name!r}.", tensor=name)
+        return shape
+
+    def start(self, name: str) -> str | None:
+        """The base tensor output tensor ``name`` starts from (None: made by the adapter alone)."""
+        return name if name in self.ckpt else self.new_from.get(name) or None
+
+    def compute(self, name: str, device: str = "cpu") -> torch.Tensor:
+        """Output tensor ``name`` in float32: its base tensor with every update applied in order."""
+        start = self.start(name)
+        original = self.ckpt.get(start, dtype=torch.float32, device=device) if start else None
+        current = original
+        for st in self.steps.get(name, []):
+            new = st.update.fn(current, original)
+            if current is None or tuple(new.shape) != tuple(current.shape) or st.adapter.weight == 1.0:
+                current = new
+            else:
+                current = current + st.adapter.weight * (new - current)
+            if st.update.shape is not None:
+                original = current      # a replaced base is the base later updates see
+        return current
+
+
+def plan_fusion(ckpt: Checkpoint, adapters: list[AdapterSpec | str], device: str = "cpu") -> FusionPlan:
+    """Open ``adapters``, match their modules to ``ckpt``'s tensors and check every update's
+    shape from the headers (nothing is read).
+
+    Raises:
+        InputError: An adapter is unknown, refused, malformed, or does not fit the base.
+    """
     names = set(ckpt.names)
     tied = _tied_pair(ckpt)
     specs = [parse_adapter_spec(a) if isinstance(a, str) else a for a in adapters]
@@ -242,47 +297,40 @@ def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, pr
             new_from[tied[0]] = tied[1]
 
     _validate(ckpt, steps, new_from)
+    return FusionPlan(ckpt, steps, new_from, untied, opened, report_adapters)
+
+
+def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, progress, auto_threads):
+    target = parse_dtype(dtype)
+    ckpt = open_checkpoint(str(base))
+    fusion = plan_fusion(ckpt, adapters, device)
+    steps, new_from, untied, opened = fusion.steps, fusion.new_from, fusion.untied, fusion.adapters
+    report_adapters = fusion.report
 
     def out_dtype(src_dtype: torch.dtype) -> torch.dtype:
         return target if (target is not None and src_dtype.is_floating_point) else src_dtype
 
-    def computed(name: str, start: str | None, chain: list[_Step]) -> OutputTensor:
+    def computed(name: str, start: str | None) -> OutputTensor:
         base_dtype = ckpt.info(start).dtype if start else (target or _dominant_dtype(ckpt))
-        shape = tuple(ckpt.info(start).shape) if start else None
-        for st in chain:
-            if st.update.shape is not None:
-                shape = st.update.shape
-        if shape is None:
-            raise IncompatibleCheckpointsError(f"cannot plan tensor {name!r}.", tensor=name)
-
+        shape = fusion.shape(name)
         final_dtype = out_dtype(base_dtype)
         small = auto_threads and math.prod(shape) < PARALLEL_MIN_ELEMENTS
 
         def run() -> torch.Tensor:
             with _threads(1 if small else None):
-                original = ckpt.get(start, dtype=torch.float32, device=device) if start else None
-                current = original
-                for st in chain:
-                    new = st.update.fn(current, original)
-                    if current is None or tuple(new.shape) != tuple(current.shape) or st.adapter.weight == 1.0:
-                        current = new
-                    else:
-                        current = current + st.adapter.weight * (new - current)
-                    if st.update.shape is not None:
-                        original = current      # a replaced base is the base later updates see
-                return current.to(final_dtype)  # cast here, under the same thread setting
+                return fusion.compute(name, device).to(final_dtype)  # cast here, under the same thread setting
 
         return OutputTensor(name, shape, final_dtype, compute=run)
 
     plan: list[OutputTensor] = []
     for name in ckpt.names:
         if name in steps:
-            plan.append(computed(name, name, steps[name]))
+            plan.append(computed(name, name))
         else:
             plan.append(cast_tensor(ckpt, name, target))
     for name, start in new_from.items():
         if name in steps:
-            plan.append(computed(name, start or None, steps[name]))
+            plan.append(computed(name, start or None))
         else:
             plan.append(cast_tensor(ckpt, start, target, new_name=name) if target else copy_tensor(ckpt, start, new_name=name))
 

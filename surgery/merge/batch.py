@@ -1,10 +1,12 @@
-"""The batch-merge plan: one OutputTensor per tensor of the reference model, each produced by
-the method's per-tensor function over a :class:`~surgery.merge.method.TensorContext`.
+"""The streaming side of a batch merge: each planned tensor (:mod:`surgery.merge.plan`) becomes
+an engine :class:`~surgery.core.engine.OutputTensor` whose rows the method's per-tensor
+function produces over a :class:`~surgery.merge.method.TensorContext`.
 
-Elementwise methods are called once per row block of about :data:`SUB_BLOCK_ELEMENTS`
-entries per model; the others once per tensor, returning a tensor or a ``rows(start, stop)``
-function the engine streams. Scalars are presented as one-row tensors. Nothing here names a
-method.
+Each input of a tensor is a (model, tensor name) source read in row blocks; an embedding or LM
+head is read through its vocabulary alignment (:class:`~surgery.merge.vocab.AlignedRows`).
+Elementwise methods are called once per row block of about :data:`SUB_BLOCK_ELEMENTS` entries
+per model; the others once per tensor, returning a tensor or a ``rows(start, stop)`` function
+the engine streams. Scalars are presented as one-row tensors. Nothing here names a method.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint.reader import Checkpoint
-from ..checkpoint.roles import depth_of
 from ..core.engine import OutputTensor, copy_tensor, rows_in_blocks
+from .inputs import FusedCheckpoint
 from .method import Batch, TensorContext
-from .params import Params
+from .plan import SUB_BLOCK_ELEMENTS, MergePlan, PlannedTensor
+from .vocab import AlignedRows
 
-SUB_BLOCK_ELEMENTS = 1 << 20   # elementwise methods see about this many entries per model at a time
+Rows = Callable[[int, int], torch.Tensor]
 
 
 def mergeable(ref: Checkpoint, name: str) -> bool:
@@ -46,53 +49,72 @@ class _Lazy:
         return block.reshape(()) if self.scalar else block
 
 
-def plan_batch(method: Batch, params: Params, base: Checkpoint | None, models: list[Checkpoint], ref: Checkpoint,
-               copy_from_base: set[str], *, seed: int, device: str, options: dict[str, Any]) -> list[OutputTensor]:
-    """The output plan of a batch merge.
+def _readers(plan: MergePlan, t: PlannedTensor, device: str) -> list[Rows]:
+    """Row readers of the tensor's inputs in (base, models...) order, float32 on ``device``."""
+    f32 = torch.float32
+    scalar = not t.shape
+
+    def reader(i: int, name: str) -> Rows:
+        ck = plan.models[i]
+        if scalar:
+            return lambda a, e: ck.get(name, device=device).reshape(1)[a:e].clone()
+        return lambda a, e: ck.get_rows(name, a, e, dtype=f32, device=device)
+
+    plain = [reader(s.model, s.name) for s in t.inputs]
+    if t.rows is None:
+        return plain
+    # alignment happens on the CPU (row gathers), then moves to the device
+    cpu = [(lambda a, e, s=s: plan.models[s.model].get_rows(s.name, a, e, dtype=f32)) for s in t.inputs]
+    aligned = AlignedRows(t.rows, cpu, tuple(t.shape[1:]))
+    return [(lambda a, e, m=m: aligned.rows(m, a, e).to(device)) for m in range(len(t.inputs))]
+
+
+def _copied(plan: MergePlan, t: PlannedTensor) -> OutputTensor:
+    """A tensor copied unmerged from one input: its stored bytes when it has them."""
+    src = t.copy
+    model = plan.models[src.model]
+    if isinstance(model, FusedCheckpoint) and not model.changed(src.name):
+        model = model.base
+    if isinstance(model, FusedCheckpoint):
+        return OutputTensor(t.name, t.shape, t.dtype, compute=lambda: plan.models[src.model].get(src.name, dtype=None))
+    return copy_tensor(model, src.name, new_name=t.name)
+
+
+def output_tensors(plan: MergePlan, *, seed: int, device: str, options: dict[str, Any]) -> list[OutputTensor]:
+    """The engine's plan of a batch merge.
 
     Args:
-        method: The method's declaration.
-        params: Resolved parameters.
-        base: θ0 (None when the method runs without one).
-        models: The models, in order.
-        ref: The checkpoint whose tensors, shapes and dtypes the output has.
-        copy_from_base: Tensors copied from ``ref`` unmerged (missing from some model).
+        plan: The validated merge plan.
         seed: The run's seed.
         device: Where the math runs.
         options: Execution options passed to the method (``trim_ties``...).
     """
-    f32 = torch.float32
-    plan: list[OutputTensor] = []
-    for name in ref.names:
-        info = ref.info(name)
-        if not mergeable(ref, name) or name in copy_from_base:
-            plan.append(copy_tensor(ref, name))
+    method = plan.method
+    out: list[OutputTensor] = []
+    for t in plan.tensors:
+        if t.copy is not None:
+            out.append(_copied(plan, t))
             continue
-        scalar = not info.shape
-        shape = info.shape if not scalar else (1,)
+        scalar = not t.shape
+        shape = t.shape if not scalar else (1,)
+        readers = _readers(plan, t, device)
+        has_base = t.base is not None
+        base_rows = readers[0] if has_base else None
+        model_readers = readers[1:] if has_base else readers
 
-        def reader(ck: Checkpoint, n: str = name, scalar: bool = scalar):
-            if scalar:
-                return lambda a, e: ck.get(n, device=device).reshape(1)[a:e].clone()
-            return lambda a, e: ck.get_rows(n, a, e, dtype=f32, device=device)
-
-        base_rows = reader(base) if base is not None else None
-        model_readers = [reader(m) for m in models]
-
-        def make_ctx(rows: tuple[int, int] | None = None, n: str = name, shape: tuple = shape,
+        def make_ctx(rows: tuple[int, int] | None = None, t: PlannedTensor = t, shape: tuple = shape,
                      base_rows=base_rows, model_readers=model_readers) -> TensorContext:
-            return TensorContext(name=n, shape=shape, n=len(models), layer=depth_of(n), depth=params.layer_t(n),
-                                 seed=seed, params=params.shared(n), model_params=params.per_model(n), rows=rows,
-                                 device=device, options=options, _base_rows=base_rows,
+            return TensorContext(name=t.name, shape=shape, n=len(t.models), layer=t.layer, depth=t.t, seed=seed,
+                                 params=t.shared, model_params=t.per_model, rows=rows, device=device,
+                                 options=options, _base_rows=base_rows,
                                  _model_rows=lambda i, a, e: model_readers[i](a, e))
 
         if method.elementwise:
-            def rows(a: int, e: int, n: str = name, shape: tuple = shape, make_ctx=make_ctx,
-                     scalar: bool = scalar) -> torch.Tensor:
-                block = rows_in_blocks(shape, a, e, SUB_BLOCK_ELEMENTS, lambda s, t: method.merge(make_ctx((s, t))))
+            def rows(a: int, e: int, shape: tuple = shape, make_ctx=make_ctx, scalar: bool = scalar) -> torch.Tensor:
+                block = rows_in_blocks(shape, a, e, SUB_BLOCK_ELEMENTS, lambda s, u: method.merge(make_ctx((s, u))))
                 return block.reshape(()) if scalar else block
 
-            plan.append(OutputTensor(name, info.shape, info.dtype, rows=rows))
+            out.append(OutputTensor(t.name, t.shape, t.dtype, rows=rows))
         else:
-            plan.append(OutputTensor(name, info.shape, info.dtype, rows=_Lazy(method, make_ctx, shape, scalar)))
-    return plan
+            out.append(OutputTensor(t.name, t.shape, t.dtype, rows=_Lazy(method, make_ctx, shape, scalar)))
+    return out

@@ -18,9 +18,11 @@ from ..core.errors import IncompatibleCheckpointsError, InputError, UsageError
 from ..core.output import check_output
 from ..core.progress import Progress
 from ..core.result import Result
-from .batch import plan_batch
+from .batch import output_tensors
+from .layout import layout_of
 from .params import Params
-from .recipe import MergeRequest
+from .plan import plan_merge
+from .recipe import MergeRequest, ModelRef
 from .registry import continual_methods, get_method
 from .state import ContinualState, check_state_target, load_state, state_writer
 from .stepwise import StepRunner
@@ -57,12 +59,7 @@ class MergeOptions:
 
 
 def _num_layers(ref: Checkpoint) -> int:
-    cfg = ref.config or {}
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(cfg.get(key), int) and cfg[key] > 0:
-            return cfg[key]
-    depths = [d for d in (depth_of(n) for n in ref.names) if d is not None]
-    return max(depths) + 1 if depths else 1
+    return max(1, layout_of(ref.names, ref.config, ref.label).num_layers)
 
 
 
@@ -141,38 +138,116 @@ def _same_place(a: str, b: str) -> bool:
     return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
 
 
-def merge(request: MergeRequest, output: str | Path, *, options: MergeOptions | None = None,
+def merge(request: MergeRequest, output: str | Path | None, *, options: MergeOptions | None = None,
           dtype: str | None = None, shard_size: str | int = "5GB", force: bool = False,
-          progress: Progress | None = None) -> Result:
+          progress: Progress | None = None, dry_run: bool = False) -> Result:
     """Merge the models of ``request`` into a new checkpoint at ``output``.
 
+    The whole request is validated first, from config files, tokenizer files and safetensors
+    headers only (methods, parameters and their ranges, slices and layer ranges, tensor names
+    and shapes across models, vocabularies): every problem is reported before any tensor is read.
+
     Args:
-        request: Method, base, models and parameter settings (from the CLI or a recipe).
-        output: Output folder.
+        request: Method, base, models or slices and parameter settings (from the CLI or a recipe).
+        output: Output folder (may be None with ``dry_run``).
         options: Seed, device, continual state and resume folders, ...
         dtype: Output dtype (default: the recipe's, else each tensor's input dtype).
         shard_size: Maximum shard size.
         force: Replace an existing output.
         progress: Progress sink.
+        dry_run: Plan and validate only: the report is the plan (which output tensor comes from
+            which inputs by which method, output size, estimated memory); nothing is written.
 
     Returns:
-        A Result: the written checkpoint, and a report with the method, the model order,
-        ``warnings`` (recipe settings mergekit accepts that the method does not use) and
+        A Result: the written checkpoint (None for a dry run), and a report with the method, the
+        model order, ``warnings`` (recipe settings mergekit accepts that have no effect) and
         (continual methods) the per-step norms and scalars (OPCM's λ_t).
 
     Raises:
         UsageError: Unknown method or parameters, values out of range, wrong number of models,
-            bad option combinations.
+            bad slices or layer ranges, bad option combinations (named by their recipe entry).
         InputError: Unreadable inputs; IncompatibleCheckpointsError when they disagree or the
             resumed state's base does not match.
     """
     options = options or MergeOptions()
     _check_options(options)
+    if options.resume_dir is None:
+        method = get_method(request.method)
+        if method.kind == "batch":
+            return _batch(method, request, output, options=options, dtype=dtype, shard_size=shard_size, force=force,
+                          progress=progress, dry_run=dry_run)
+    return _continual(request, output, options=options, dtype=dtype, shard_size=shard_size, force=force,
+                      progress=progress, dry_run=dry_run)
+
+
+def _batch(method, request: MergeRequest, output, *, options: MergeOptions, dtype, shard_size, force, progress,
+           dry_run: bool) -> Result:
+    if options.state_dir:
+        raise UsageError(f"`state`/`resume` need a continual method ({', '.join(continual_methods())}), not "
+                         f"{method.name!r}.")
+    if options.shuffle:
+        raise UsageError(f"`shuffle` only applies to continual methods ({', '.join(continual_methods())}).")
+    if not request.models and not request.slices:
+        raise UsageError(f"merge method {method.name!r} needs at least {method.min_models} model(s) to merge.")
+    plan = plan_merge(method, request, allow_missing=options.allow_missing, dtype=dtype, device=options.device)
+    if dry_run:
+        return Result({**plan.describe(), "dry_run": True})
+    recorded = [ck for m in plan.models for ck in plan.inputs.recorded(m)]
+    guarded = [Path(p) for p in (request.origin,) if p]
+    check_output(output, force=force, inputs=plan.inputs.input_paths() + guarded)
+    target = plan.dtype
+    record: dict[str, Any] = {
+        "method": method.name, "paper": method.paper, "base": request.base,
+        "models": [m.location for m in request.models], "parameters": request.parameters,
+        "model_parameters": [m.parameters for m in request.models], "dtype": dtype_name(target) if target else None,
+        "seed": options.seed, "allow_missing": options.allow_missing, "trim_ties": options.trim_ties}
+    if request.slices is not None:
+        record["slices"] = plan.slices
+    if request.tokenizer is not None:
+        record["tokenizer"] = {"source": request.tokenizer.source, "tokens": len(plan.vocabulary.vocab),
+                               "rows": plan.vocabulary.size}
+    if request.origin:
+        record["recipe"] = request.origin
+    tensors = output_tensors(plan, seed=options.seed, device=options.device, options={"trim_ties": options.trim_ties})
+    base_key = plan.inputs.key(request.base) if request.base else None
+    roles = [("base" if plan.inputs.key(label) == base_key else "model") if j == 0 else "adapter"
+             for m, label in zip(plan.models, plan.labels) for j, _ in enumerate(plan.inputs.recorded(m))]
+    tokenizer_files = _tokenizer_files(plan.vocabulary.tokenizer, output) if plan.vocabulary is not None else None
+    written = write_checkpoint(tensors, output, donor=plan.models[plan.donor], operation="merge", parameters=record,
+                               inputs=recorded, input_roles=roles, input_paths=guarded, dtype=target,
+                               shard_size=shard_size, force=force, progress=progress,
+                               config_update=plan.config_update or None, tokenizer_files=tokenizer_files)
+    order = [plan.labels[s.model] for s in (plan.tensors[0].models if plan.tensors else [])]
+    return Result({"method": method.name, "order": order, "lambda": None, "steps": [], "state": None,
+                   "slices": plan.slices if request.slices is not None else None,
+                   "config_update": plan.config_update, "warnings": plan.warnings}, written)
+
+
+def _tokenizer_files(tokenizer: Any, near: str | Path) -> dict[str, bytes]:
+    """The output tokenizer's files, as transformers saves them."""
+    from ..checkpoint.model import quiet_transformers
+    from ..core.output import scratch_dir
+
+    with scratch_dir(Path(near).expanduser().resolve().parent) as d, quiet_transformers():
+        tokenizer.save_pretrained(str(d))
+        return {f.name: f.read_bytes() for f in sorted(Path(d).iterdir()) if f.is_file()}
+
+
+def _continual(request: MergeRequest, output, *, options: MergeOptions, dtype, shard_size, force, progress,
+               dry_run: bool) -> Result:
     state = state_tensors = None
     if options.resume_dir is not None:
         state, state_tensors, base, request = _resume(request, options)
-        models = [open_checkpoint(m.location) for m in request.models]
     method = get_method(request.method)
+    if request.slices is not None or request.tokenizer is not None:
+        what = "slices" if request.slices is not None else "a tokenizer setting"
+        raise UsageError(f"{request.where()}: the continual method {method.name!r} merges whole models; "
+                         f"{what} is not supported with it.")
+    if any(ModelRef.parse(m.location).lora for m in request.models) or (request.base and ModelRef.parse(request.base).lora):
+        raise UsageError(f"the continual method {method.name!r} does not take model+lora inputs; fuse the adapter "
+                         f"first with surgery fuse.")
+    if options.resume_dir is not None:
+        models = [open_checkpoint(m.location) for m in request.models]
     if not request.models:
         raise UsageError(f"merge method {method.name!r} needs at least {method.min_models} model(s) to merge.")
     if options.resume_dir is None:
@@ -189,11 +264,6 @@ def merge(request: MergeRequest, output: str | Path, *, options: MergeOptions | 
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         want = f"exactly {method.min_models}" if method.max_models == method.min_models else f"at least {method.min_models}"
         raise UsageError(f"merge method {method.name!r} takes {want} model(s) besides the base; got {n}.")
-    if method.kind == "batch" and (options.state_dir or options.resume_dir):
-        raise UsageError(f"`state`/`resume` need a continual method ({', '.join(continual_methods())}), not "
-                         f"{method.name!r}.")
-    if options.shuffle and method.kind != "continual":
-        raise UsageError(f"`shuffle` only applies to continual methods ({', '.join(continual_methods())}).")
     target = parse_dtype(dtype or request.dtype)
     if options.shuffle:
         order = list(range(n))
@@ -201,35 +271,24 @@ def merge(request: MergeRequest, output: str | Path, *, options: MergeOptions | 
         request = MergeRequest(request.method, request.base, [request.models[i] for i in order], request.parameters,
                                request.dtype, origin=request.origin)
         models = [models[i] for i in order]
-    with_base = base is not None and method.base != "ignored"
-    ref = base if with_base else models[0]
-    params = Params(method, request, _num_layers(ref))
+    params = Params(method, request, _num_layers(base))
+    copy_from_base = _check_compatible(base, models, options.allow_missing, True)
+    if copy_from_base:
+        raise UsageError(f"`allow_missing` is not supported by the continual method {method.name!r}: "
+                         f"{sorted(copy_from_base)[0]!r} is missing from a model.")
+    if dry_run:
+        return Result({"method": method.name, "models": [m.label for m in models], "base": base.label,
+                       "num_tensors": len(base.names), "output_bytes": base.total_bytes(), "dry_run": True,
+                       "warnings": params.warnings + list(request.warnings)})
     guarded = [Path(p) for p in (options.resume_dir, options.state_dir, request.origin) if p]
-    check_output(output, force=force, inputs=[p for ck in ([base] if base else []) + models for p in ck.input_paths()]
-                 + guarded)
+    check_output(output, force=force, inputs=[p for ck in [base] + models for p in ck.input_paths()] + guarded)
     record: dict[str, Any] = {
-        "method": method.name, "paper": method.paper, "base": base.label if base is not None else None,
+        "method": method.name, "paper": method.paper, "base": base.label,
         "models": [m.location for m in request.models], "parameters": request.parameters,
         "model_parameters": [m.parameters for m in request.models], "dtype": dtype_name(target) if target else None,
         "seed": options.seed, "allow_missing": options.allow_missing}
     if request.origin:
         record["recipe"] = request.origin
-    if method.kind == "batch":
-        record["trim_ties"] = options.trim_ties
-        copy_from_base = _check_compatible(ref, models, options.allow_missing, with_base)
-        plan = plan_batch(method, params, base if with_base else None, models, ref, copy_from_base, seed=options.seed,
-                          device=options.device, options={"trim_ties": options.trim_ties})
-        inputs = ([base] if with_base else []) + models
-        roles = (["base"] if with_base else []) + ["model"] * len(models)
-        written = write_checkpoint(plan, output, donor=base if base is not None else ref, operation="merge",
-                                   parameters=record, inputs=inputs, input_roles=roles, input_paths=guarded,
-                                   dtype=target, shard_size=shard_size, force=force, progress=progress)
-        return Result({"method": method.name, "order": [m.label for m in models], "lambda": None, "steps": [],
-                       "state": None, "warnings": params.warnings}, written)
-    copy_from_base = _check_compatible(base, models, options.allow_missing, True)
-    if copy_from_base:
-        raise UsageError(f"`allow_missing` is not supported by the continual method {method.name!r}: "
-                         f"{sorted(copy_from_base)[0]!r} is missing from a model.")
     record.update({"decomposition": options.decomposition, "shuffle": options.shuffle,
                    "resume": str(options.resume_dir) if options.resume_dir else None,
                    "state": str(options.state_dir) if options.state_dir else None})
@@ -248,5 +307,5 @@ def merge(request: MergeRequest, output: str | Path, *, options: MergeOptions | 
 
     result = runner.run(output, record=record, shard_size=shard_size, force=force, dtype=target,
                         state_dir=options.state_dir, guarded=guarded, sink_factory=sink_factory)
-    result.report["warnings"] = params.warnings
+    result.report["warnings"] = params.warnings + list(request.warnings)
     return result

@@ -141,9 +141,9 @@ def test_errors_exit_codes(cli, tmp_path, args, code, message):
 
 def test_recipe_errors(cli, tmp_path):
     recipe = tmp_path / "r.yml"
-    recipe.write_text("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nslices: []\n")
+    recipe.write_text("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nmodules: {text: {}}\n")
     r = cli("merge", "--config", recipe, "-o", tmp_path / "o")
-    assert r.code == 2 and "unsupported key(s) slices" in r.stderr
+    assert r.code == 2 and "'modules' is not supported" in r.stderr
     r = cli("merge", "--config", recipe, "-m", "ties", "-o", tmp_path / "o")
     assert r.code == 2 and "drop -m" in r.stderr
     recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {LLAMA / 'base'}\nmodels:\n"

@@ -4,6 +4,8 @@ references, and the input checks."""
 
 from __future__ import annotations
 
+import os
+
 import json
 import math
 from pathlib import Path
@@ -235,12 +237,15 @@ def test_incompatible_inputs_name_the_tensor(tmp_path):
     bad_dtype = _write(tmp_path / "dtype", {"a.weight": w.half(), "embed_tokens.weight": torch.ones(10, 3)})
     missing = _write(tmp_path / "missing", {"embed_tokens.weight": torch.ones(10, 3) * 2})
     for m, pattern in [(bad_shape, "tensor 'a.weight': shapes differ"),
-                       (bad_vocab, "tensor 'embed_tokens.weight': vocabulary sizes differ"),
-                       (bad_dtype, "tensor 'a.weight': dtypes differ"),
-                       (missing, "lacks 1 tensor.*'a.weight'.*`allow_missing`")]:
+                       (bad_vocab, "tensor 'embed_tokens.weight': vocabulary sizes differ.*tokenizer_source"),
+                       (missing, "lacks tensor 'a.weight'.*`allow_missing`")]:
         with pytest.raises(IncompatibleCheckpointsError, match=pattern) as e:
             merge(_req("task_arithmetic", base, [m]), tmp_path / "out")
         assert e.value.exit_code == 3
+    # float dtypes may differ, as in mergekit: every input is read in float32
+    res = merge(_req("task_arithmetic", base, [bad_dtype], weight=0.5), tmp_path / "mixed")
+    out = open_checkpoint(res.written.output)
+    assert out.info("a.weight").dtype == torch.float32 and torch.equal(out.get("a.weight"), w)
     res = merge(_req("task_arithmetic", base, [missing]), tmp_path / "ok", options=MergeOptions(allow_missing=True))
     out = open_checkpoint(res.written.output)
     assert torch.equal(out.get("a.weight"), w) and torch.equal(out.get("embed_tokens.weight"), torch.ones(10, 3) * 2)
@@ -282,24 +287,49 @@ def test_parameter_evaluation_rules():
     assert evaluate(filt, "layers.1.self_attn.q_proj.weight", 1.0) == 1.0
 
 
-def test_recipe_unknown_keys_are_named(tmp_path):
+def test_recipe_keys_as_mergekit_reads_them(tmp_path):
     p = tmp_path / "r.yml"
-    p.write_text("merge_method: ties\nbase_model: b\nslices: []\ntokenizer_source: base\nmodels: [{model: a}]\n")
-    with pytest.raises(UsageError, match="unsupported key\\(s\\) slices, tokenizer_source"):
+    p.write_text("merge_method: ties\nbase_model: b\nmodules: {x: {}}\nmodels: [{model: a}]\n")
+    with pytest.raises(UsageError, match="'modules' is not supported"):
         load_recipe(p)
-    p.write_text("merge_method: ties\nmodels: [{model: a, layer_range: [0, 2]}]\n")
-    with pytest.raises(UsageError, match="models\\[0\\] has unsupported key\\(s\\) layer_range"):
+    p.write_text("merge_method: ties\nbase_model: b\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]\n"
+                 "models: [{model: a}]\n")
+    with pytest.raises(UsageError, match="exactly one of 'models'.*or 'slices'"):
         load_recipe(p)
+    p.write_text("merge_method: ties\nmodels: [{model: a, layer_range: [0, 2]}]\nparamters: {x: 1}\n")
+    req = load_recipe(p)       # keys mergekit ignores are ignored, with a warning naming them
+    assert any("unknown key 'paramters'" in w for w in req.warnings)
+    assert any("models[0]: unknown key 'layer_range'" in w for w in req.warnings)
     p.write_text("merge_method: ties\nmodels: [{model: a, parameters: {weight: {value: 1, when: 2}}}]\n")
     with pytest.raises(UsageError, match="weight"):
+        load_recipe(p)
+    p.write_text("merge_method: ties\nslices: [{sources: [{model: a, layer_range: [3, 1]}]}]\n")
+    with pytest.raises(UsageError, match=r"slices\[0\].sources\[0\]: 'layer_range' \[3, 1\] is empty"):
+        load_recipe(p)
+    p.write_text("merge_method: ties\nmodels: [{model: a}]\ntokenizer_source: base\ntokenizer: {source: union}\n")
+    with pytest.raises(UsageError, match="either 'tokenizer_source' or 'tokenizer'"):
         load_recipe(p)
     p.write_text("merge_method: [unclosed\n")
     with pytest.raises(InputError, match="not valid YAML"):
         load_recipe(p)
-    p.write_text("merge_method: della\nbase_model: b\nmodels: [{model: a}]\n")
+    p.write_text("merge_method: nope\nbase_model: b\nmodels: [{model: a}]\n")
     req = load_recipe(p)
-    with pytest.raises(UsageError, match="unknown merge method 'della'"):
+    with pytest.raises(UsageError, match="unknown merge method 'nope'"):
         merge(req, tmp_path / "o")
+
+
+def test_model_references():
+    from surgery.merge import ModelRef
+
+    r = ModelRef.parse("org/name@v1+adapters/lora@main")
+    assert (r.path, r.revision, r.lora, r.lora_revision) == ("org/name", "v1", "adapters/lora", "main")
+    assert str(r) == "org/name@v1+adapters/lora@main" and r.location == "org/name@v1"
+    rel = os.path.relpath(LLAMA / "base")
+    assert ModelRef.parse(rel).key == ModelRef.parse(str(LLAMA / "base")).key        # one model, however written
+    assert ModelRef.parse(rel).key != ModelRef.parse(str(LLAMA / "ft-a")).key
+    for bad in ["a+b+c", "a@b@c", "+x", ""]:
+        with pytest.raises(UsageError):
+            ModelRef.parse(bad)
 
 
 def test_opcm_is_deterministic_with_worker_threads(tmp_path):
