@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from ..core.engine import BLOCK_BYTES, dtype_name, parse_dtype
-from ..core.errors import IncompatibleCheckpointsError, UsageError
+from ..core.errors import IncompatibleCheckpointsError, InputError, UsageError
 from .inputs import FusedCheckpoint, Inputs, Model
 from .layout import PER_LAYER_KEYS, Layout, layout_of
 from .method import Batch, TensorContext
 from .params import Params, Scope
 from .recipe import MergeRequest, ModelRef
-from .vocab import RowMap, Vocabulary, build_vocabulary, config_vocab_size, is_vocab_tensor
+from .vocab import (RowMap, Vocabulary, auto_chat_template, build_vocabulary, config_vocab_size, is_vocab_tensor,
+                    load_tokenizer)
 
 # (output embedding, input embedding) names of models that may tie them: a model without the
 # first reads the second (mergekit's ``tied_names``).
@@ -102,6 +103,8 @@ class MergePlan:
         donor: Index of the model whose config.json and tokenizer files the output gets.
         config_update: Keys changed in the donor's config.json (layer count, vocabulary size).
         vocabulary: The output vocabulary (``tokenizer_source`` / ``tokenizer:``), or None.
+        tokenizer: The tokenizer written into the output (the vocabulary's, or the donor's with
+            the recipe's chat template); None copies the donor's tokenizer files as they are.
         slices: Each slice's output layers and sources (for the report).
         dtype: The output dtype (None: each tensor's own).
         warnings: Settings mergekit accepts that have no effect here, tokens no model has...
@@ -119,6 +122,7 @@ class MergePlan:
     slices: list[dict[str, Any]]
     dtype: torch.dtype | None
     warnings: list[str]
+    tokenizer: Any = None
 
     @property
     def output_bytes(self) -> int:
@@ -386,7 +390,27 @@ class Planner:
                        "sources": [{"model": self.labels[i], "layer_range": list(sl.ranges[i])}
                                    for i in sl.ranges]} for sl in slices]
         return MergePlan(method, params, self.inputs, self.models, self.labels, tensors, donor, config_update,
-                         self.vocabulary, slice_docs, self.dtype, warnings)
+                         self.vocabulary, slice_docs, self.dtype, warnings, self._tokenizer(donor))
+
+    def _tokenizer(self, donor: int) -> Any:
+        """The output tokenizer: the built vocabulary's, with the recipe's chat template set."""
+        tok = self.vocabulary.tokenizer if self.vocabulary is not None else None
+        template = self.request.chat_template
+        if template is None:
+            return tok
+        if tok is None:
+            tok = load_tokenizer(self.models[donor].root, self.labels[donor])
+        if template == "auto":
+            found = []
+            for i, m in enumerate(self.models):
+                try:
+                    found.append(load_tokenizer(m.root, self.labels[i]))
+                except InputError:
+                    continue
+            template = auto_chat_template(found)
+        if template is not None:
+            tok.chat_template = template
+        return tok
 
     def _check_values(self, tensors: list[PlannedTensor]) -> None:
         """The method's own cross-parameter checks (``Batch.check``) on every tensor's resolved
@@ -427,12 +451,11 @@ class Planner:
         if self.request.slices is None:
             sl = first
             names = set(self.models[donor].names)
-            tied = {out_name: in_name for out_name, in_name in TIED_EMBEDDINGS}
             for i in sl.ranges:
                 for n in self.models[i].names:
                     if n in names:
                         continue
-                    if tied.get(n) in names:
+                    if any(n == o and inp in names for o, inp in TIED_EMBEDDINGS):
                         names.add(n)          # an untied head beside tied models: merged with their embeddings
                     else:
                         self.problems.append(f"{self.labels[i]} has tensor {n!r}, which {self.labels[donor]} lacks")

@@ -12,7 +12,9 @@ A recipe is mergekit 0.1.5's ``MergeConfiguration``:
 - ``tokenizer_source: base | union | MODEL`` or the newer ``tokenizer:`` block (``source``,
   ``tokens``, ``pad_to_multiple_of``);
 - model references ``path``, ``org/name@revision`` and ``model+lora`` (a PEFT adapter folder
-  or Hub id after ``+``, fused on the fly).
+  or Hub id after ``+``, fused on the fly);
+- ``chat_template``: ``auto`` (the template most of the models' tokenizers carry) or the
+  template text itself, written into the output's tokenizer.
 
 A parameter value (``weight``, ``density``, ``t``...) is, as in mergekit:
 
@@ -25,7 +27,7 @@ A parameter value (``weight``, ``density``, ``t``...) is, as in mergekit:
 
 What mergekit itself would refuse is refused here (exit 2, naming the recipe entry); keys
 mergekit would ignore are ignored with a warning; mergekit keys surgery does not implement
-(``modules``, ``chat_template``) are refused by name.
+(``modules``; mergekit's bundled ``chat_template`` names) are refused by name.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ RECIPE_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "
                "tokenizer_source", "tokenizer", "chat_template", "modules")
 UNSUPPORTED_KEYS = {
     "modules": "multi-module recipes are not supported; use 'models' or 'slices'",
-    "chat_template": "chat templates are not written by surgery; set it on the output's tokenizer afterwards",
 }
+# mergekit's bundled chat templates, which surgery does not ship (their text is mergekit's).
+BUNDLED_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -194,6 +197,7 @@ class MergeRequest:
         slices: Output slices (mergekit's ``slices:``), or None.
         compute_dtype: The recipe's ``dtype`` (mergekit's compute dtype; recorded only).
         tokenizer: The output vocabulary, or None (the donor's tokenizer files are copied).
+        chat_template: ``auto`` or a Jinja template for the output's tokenizer, or None.
         warnings: Recipe keys mergekit ignores (the merge reports them).
     """
 
@@ -206,6 +210,7 @@ class MergeRequest:
     slices: list[SliceSpec] | None = None
     compute_dtype: str | None = None
     tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
     warnings: list[str] = field(default_factory=list)
 
     def where(self) -> str:
@@ -411,6 +416,18 @@ class _Reader:
             raise self.fail(where + ".source", f"kind must be 'model_token' or 'zero', got {kind!r}.")
         return TokenSpec("model", self.model(src, where + ".source"), force=force)
 
+    def chat_template(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail("chat_template", f"must be 'auto' or a Jinja template (text), not {value!r}.")
+        if value in BUNDLED_TEMPLATES:
+            raise self.fail("chat_template", f"{value!r} names one of mergekit's bundled templates, which surgery does "
+                                             f"not ship; paste the template text itself, or use 'auto'.")
+        if value != "auto" and (len(value) < 20 or "{" not in value):
+            raise self.fail("chat_template", f"{value!r} is not a chat template: give 'auto' or a Jinja template.")
+        return value
+
     def dtype(self, value: Any, key: str) -> str | None:
         if value is None:
             return None
@@ -458,4 +475,5 @@ def load_recipe(path: str | Path) -> MergeRequest:
     out = r.dtype(doc.get("out_dtype"), "out_dtype")
     return MergeRequest(doc["merge_method"], r.model(base, "base_model") if base is not None else None, models,
                         params, out or compute, origin=str(p), slices=slices, compute_dtype=compute,
-                        tokenizer=r.tokenizer(doc), warnings=r.warnings)
+                        tokenizer=r.tokenizer(doc), chat_template=r.chat_template(doc.get("chat_template")),
+                        warnings=r.warnings)

@@ -206,18 +206,23 @@ def _batch(method, request: MergeRequest, output, *, options: MergeOptions, dtyp
     if request.tokenizer is not None:
         record["tokenizer"] = {"source": request.tokenizer.source, "tokens": len(plan.vocabulary.vocab),
                                "rows": plan.vocabulary.size}
+    if request.chat_template is not None:
+        record["chat_template"] = request.chat_template
     if request.origin:
         record["recipe"] = request.origin
     tensors = output_tensors(plan, seed=options.seed, device=options.device, options={"trim_ties": options.trim_ties})
     base_key = plan.inputs.key(request.base) if request.base else None
     roles = [("base" if plan.inputs.key(label) == base_key else "model") if j == 0 else "adapter"
              for m, label in zip(plan.models, plan.labels) for j, _ in enumerate(plan.inputs.recorded(m))]
-    tokenizer_files = _tokenizer_files(plan.vocabulary.tokenizer, output) if plan.vocabulary is not None else None
+    tokenizer_files = _tokenizer_files(plan.tokenizer, output) if plan.tokenizer is not None else None
     written = write_checkpoint(tensors, output, donor=plan.models[plan.donor], operation="merge", parameters=record,
                                inputs=recorded, input_roles=roles, input_paths=guarded, dtype=target,
                                shard_size=shard_size, force=force, progress=progress,
                                config_update=plan.config_update or None, tokenizer_files=tokenizer_files)
-    order = [plan.labels[s.model] for s in (plan.tensors[0].models if plan.tensors else [])]
+    if request.slices is None:
+        order = [plan.labels[s.model] for s in (plan.tensors[0].models if plan.tensors else [])]
+    else:
+        order = list(dict.fromkeys(src["model"] for sl in plan.slices for src in sl["sources"]))
     return Result({"method": method.name, "order": order, "lambda": None, "steps": [], "state": None,
                    "slices": plan.slices if request.slices is not None else None,
                    "config_update": plan.config_update, "warnings": plan.warnings}, written)

@@ -323,6 +323,20 @@ def build_vocabulary(spec: TokenizerSpec, models: Sequence[tuple[tuple, str, Pat
     return Vocabulary(out, vocab, size, perms, original, base_key, spec, key_of, warnings)
 
 
+def auto_chat_template(tokenizers: Sequence[Any]) -> str | None:
+    """The chat template most of ``tokenizers`` carry (ties: the first seen), None when none has one."""
+    from collections import Counter
+
+    found = []
+    for tok in tokenizers:
+        template = getattr(tok, "chat_template", None)
+        if isinstance(template, dict):
+            template = template.get("default")
+        if template:
+            found.append(template.strip())
+    return Counter(found).most_common(1)[0][0] if found else None
+
+
 # ---- reading aligned rows --------------------------------------------------------------------
 
 def gather_rows(read: Callable[[int, int], torch.Tensor], idx: Sequence[int]) -> torch.Tensor:
