@@ -228,3 +228,78 @@ def test_gguf_fixture_is_reproducible(fixtures_dir, tmp_path, monkeypatch):
     out = tmp_path / "again.gguf"
     convert("fixtures/llama-tiny/base", out, to="gguf", quant="q8_0")
     assert out.read_bytes() == (fixtures_dir / "llama-tiny" / "base.q8_0.gguf").read_bytes()
+
+
+def _gpt2_gguf(fixtures_dir: Path, path: Path, quant: str) -> Path:
+    """fixtures/gpt2-tiny/base as a GGUF the way llama.cpp's converter lays GPT-2 out (its
+    name table, the four Conv1D matrices transposed to [out, in], matrices in ``quant``)."""
+    from gguf import GGMLQuantizationType, get_tensor_name_map
+    from gguf.constants import MODEL_ARCH
+    from safetensors.torch import load_file
+
+    from surgery.checkpoint.gguf_hf import tokenizer_metadata
+
+    src = fixtures_dir / "gpt2-tiny" / "base"
+    cfg = json.loads((src / "config.json").read_text())
+    sd = load_file(str(src / "model.safetensors"))
+    names = get_tensor_name_map(MODEL_ARCH.GPT2, cfg["n_layer"])
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_uint32("gpt2.block_count", cfg["n_layer"])
+    w.add_uint32("gpt2.context_length", cfg["n_positions"])
+    w.add_uint32("gpt2.embedding_length", cfg["n_embd"])
+    w.add_uint32("gpt2.feed_forward_length", 4 * cfg["n_embd"])
+    w.add_uint32("gpt2.attention.head_count", cfg["n_head"])
+    w.add_float32("gpt2.attention.layer_norm_epsilon", cfg["layer_norm_epsilon"])
+    for key, value, vtype in tokenizer_metadata(src, 512):
+        if vtype.startswith("array["):
+            w.add_array(key, value)
+        elif vtype == "string":
+            w.add_string(key, value)
+        elif vtype == "bool":
+            w.add_bool(key, value)
+        else:
+            w.add_uint32(key, value)
+    for name, t in sorted(sd.items()):
+        base, suffix = name.rsplit(".", 1)
+        g = names.get_name(base)
+        assert g is not None, name
+        a = t.float().numpy()
+        if name == "transformer.wpe.weight":  # transformers' GGUF config for GPT-2 has no n_positions: 1024 rows
+            a = np.concatenate([a, np.zeros((1024 - a.shape[0], a.shape[1]), np.float32)])
+        if name.endswith((".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")):
+            a = np.ascontiguousarray(a.T)
+        if a.ndim == 2 and quant == "q8_0":
+            w.add_tensor(f"{g}.{suffix}", gguf.quants.quantize(a, GGMLQuantizationType.Q8_0),
+                         raw_dtype=GGMLQuantizationType.Q8_0)
+        elif a.ndim == 2 and quant == "f16":
+            w.add_tensor(f"{g}.{suffix}", a.astype(np.float16))
+        else:
+            w.add_tensor(f"{g}.{suffix}", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_gpt2_gguf_equals_transformers_loader(fixtures_dir, tmp_path, cli, quant):
+    """Another architecture's transforms (GPT-2's transposed Conv1D matrices, its biases, a
+    fused QKV): the converted folder equals transformers' load of the same GGUF."""
+    path = _gpt2_gguf(fixtures_dir, tmp_path / f"g.{quant}.gguf", quant)
+    out = tmp_path / "hf"
+    r = cli("convert", path, "-o", out, "--json", "-q")
+    assert r.code == 0, r.stderr
+    ref = _load_gguf(path)
+    got = _load_dir(out)
+    rsd, gsd = ref.state_dict(), got.state_dict()
+    assert set(rsd) == set(gsd)
+    for k in rsd:
+        assert torch.equal(rsd[k], gsd[k]), k
+    ids = transformers.AutoTokenizer.from_pretrained(out)(TEXT)["input_ids"]
+    assert torch.equal(_logits(got, ids), _logits(ref, ids))
+    # and the weights are GPT-2's own, within the file's rounding
+    orig = _load_dir(fixtures_dir / "gpt2-tiny" / "base").state_dict()
+    for k, v in orig.items():
+        if k in gsd and v.dim() == 2 and k != "transformer.wpe.weight":
+            assert float((gsd[k] - v).abs().max()) <= (1e-2 if quant == "q8_0" else 1e-3) * float(v.abs().max()) + 1e-6, k
