@@ -32,8 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from readonly import quick_finetune, run_measured  # noqa: E402
-from smollm2 import smollm2_checkpoint  # noqa: E402
+from readonly import base_and_finetune, run_measured  # noqa: E402
 
 GOAL = 3.0
 
@@ -50,15 +49,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    base = smollm2_checkpoint()
-    if args.ft:
-        ft = args.ft
-    elif args.quick:
-        ft = quick_finetune(base)
-    else:
-        from workload import build_workload
-
-        ft = build_workload()["finetunes"][0]
+    base, ft = base_and_finetune(args.ft, args.quick)
     work = Path(tempfile.mkdtemp(prefix="surgery-bench-extract-"))
     sides = {
         "extract": cmd("edit", "extract", str(base), str(ft), "-o", str(work / "r.safetensors"), "--rank",

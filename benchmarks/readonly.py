@@ -128,6 +128,19 @@ def quick_finetune(base: Path) -> Path:
     return out
 
 
+def base_and_finetune(ft: Path | None, quick: bool) -> tuple[Path, Path]:
+    """SmolLM2's base and the fine-tune to compare with it: ``ft`` if given, else a perturbed
+    copy (``quick``), else the workload's ``code`` fine-tune (built when missing)."""
+    base = smollm2_checkpoint()
+    if ft is not None:
+        return base, ft
+    if quick:
+        return base, quick_finetune(base)
+    from workload import build_workload
+
+    return base, build_workload()["finetunes"][0]
+
+
 def compare(name: str, sides: dict[str, list[str]], reps: int) -> dict:
     runs: dict[str, list[dict]] = {k: [] for k in sides}
     order = list(sides)
@@ -151,15 +164,7 @@ def main() -> int:
     ap.add_argument("--cases", default="diff,check,inspect")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    base = smollm2_checkpoint()
-    if args.ft:
-        ft = args.ft
-    elif args.quick:
-        ft = quick_finetune(base)
-    else:
-        from workload import build_workload
-
-        ft = build_workload()["finetunes"][0]
+    base, ft = base_and_finetune(args.ft, args.quick)
     cases = args.cases.split(",")
     results = []
     if "diff" in cases:

@@ -36,6 +36,16 @@ def _load_dir(path: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
+def _assert_same_as_loader(gguf_file: Path, folder: Path):
+    """The folder loads to exactly the model transformers loads from the GGUF file."""
+    ref, got = _load_gguf(gguf_file), _load_dir(folder)
+    rsd, gsd = ref.state_dict(), got.state_dict()
+    assert set(rsd) == set(gsd)
+    for k in rsd:
+        assert torch.equal(rsd[k], gsd[k]), k
+    return ref, got
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
@@ -118,12 +128,7 @@ def test_from_gguf_equals_transformers_loader(tiny_ggufs, tmp_path, cli, quant):
     assert r.code == 0, r.stderr
     doc = r.json()
     assert doc["source_format"] == "gguf" and doc["dropped"] == []
-    ref = _load_gguf(path)
-    got = _load_dir(out)
-    rsd, gsd = ref.state_dict(), got.state_dict()
-    assert set(rsd) == set(gsd)
-    for k in rsd:
-        assert torch.equal(rsd[k], gsd[k]), k
+    ref, got = _assert_same_as_loader(path, out)
     ref_cfg = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
     got_cfg = transformers.AutoConfig.from_pretrained(out).to_dict()
     for k, v in ref_cfg.items():
@@ -198,11 +203,8 @@ def test_smollm2_q4_1_roundtrip(tmp_path, cli):
     assert r.code == 0, r.stderr
     doc = r.json()
     assert doc["gguf_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
-    ref = _load_gguf(src)
-    got = _load_dir(out)
-    rsd, gsd = ref.state_dict(), got.state_dict()
-    for k in rsd:
-        assert torch.equal(rsd[k], gsd[k]), k
+    ref, got = _assert_same_as_loader(src, out)
+    gsd = got.state_dict()
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ids = tok(TEXT)["input_ids"]
     assert torch.equal(_logits(got, ids), _logits(ref, ids))
@@ -290,12 +292,8 @@ def test_gpt2_gguf_equals_transformers_loader(fixtures_dir, tmp_path, cli, quant
     out = tmp_path / "hf"
     r = cli("convert", path, "-o", out, "--json", "-q")
     assert r.code == 0, r.stderr
-    ref = _load_gguf(path)
-    got = _load_dir(out)
-    rsd, gsd = ref.state_dict(), got.state_dict()
-    assert set(rsd) == set(gsd)
-    for k in rsd:
-        assert torch.equal(rsd[k], gsd[k]), k
+    ref, got = _assert_same_as_loader(path, out)
+    gsd = got.state_dict()
     ids = transformers.AutoTokenizer.from_pretrained(out)(TEXT)["input_ids"]
     assert torch.equal(_logits(got, ids), _logits(ref, ids))
     # and the weights are GPT-2's own, within the file's rounding
