@@ -98,7 +98,7 @@ class MergePlan:
         method: The method's declaration.
         params: The checked parameter settings.
         inputs: The opened models; ``models[i]`` is the model of ``Source.model == i``.
-        labels: Each model's reference as written.
+        labels: Each model's reference as written; ``keys`` its identity.
         tensors: The output tensors, in output order.
         donor: Index of the model whose config.json and tokenizer files the output gets.
         config_update: Keys changed in the donor's config.json (layer count, vocabulary size).
@@ -115,6 +115,7 @@ class MergePlan:
     inputs: Inputs
     models: list[Model]
     labels: list[str]
+    keys: list[tuple]
     tensors: list[PlannedTensor]
     donor: int
     config_update: dict[str, Any]
@@ -123,6 +124,11 @@ class MergePlan:
     dtype: torch.dtype | None
     warnings: list[str]
     tokenizer: Any = None
+
+    def materialize(self) -> None:
+        """Download the weights of Hub models planned from their headers (after validation)."""
+        for key, model in self.inputs.materialize().items():
+            self.models[self.keys.index(key)] = model
 
     @property
     def output_bytes(self) -> int:
@@ -188,11 +194,12 @@ def _problem_list(problems: list[str]) -> str:
 class Planner:
     """Builds a :class:`MergePlan` from a request (see :func:`plan_merge`)."""
 
-    def __init__(self, method: Batch, request: MergeRequest, *, allow_missing: bool, dtype: str | None, device: str):
+    def __init__(self, method: Batch, request: MergeRequest, *, allow_missing: bool, dtype: str | None, device: str,
+                 inputs: Inputs | None = None):
         self.method, self.request = method, request
         self.allow_missing, self.device = allow_missing, device
         self.where = request.where()
-        self.inputs = Inputs(device)
+        self.inputs = inputs if inputs is not None else Inputs(device)
         self.keys: list[tuple] = []
         self.models: list[Model] = []
         self.labels: list[str] = []
@@ -389,7 +396,7 @@ class Planner:
         slice_docs = [{"slice": sl.index, "layers": sl.length, "base": self.labels[sl.base] if sl.base is not None else None,
                        "sources": [{"model": self.labels[i], "layer_range": list(sl.ranges[i])}
                                    for i in sl.ranges]} for sl in slices]
-        return MergePlan(method, params, self.inputs, self.models, self.labels, tensors, donor, config_update,
+        return MergePlan(method, params, self.inputs, self.models, self.labels, self.keys, tensors, donor, config_update,
                          self.vocabulary, slice_docs, self.dtype, warnings, self._tokenizer(donor))
 
     def _tokenizer(self, donor: int) -> Any:
@@ -530,7 +537,7 @@ def _reorder(rowmap: RowMap, order: list[int]) -> RowMap:
 
 
 def plan_merge(method: Batch, request: MergeRequest, *, allow_missing: bool = False, dtype: str | None = None,
-               device: str = "cpu") -> MergePlan:
+               device: str = "cpu", inputs: Inputs | None = None) -> MergePlan:
     """Validate ``request`` as a whole and plan every output tensor, from headers alone.
 
     Raises:
@@ -539,4 +546,4 @@ def plan_merge(method: Batch, request: MergeRequest, *, allow_missing: bool = Fa
         InputError: Unreadable models; IncompatibleCheckpointsError listing every tensor whose
             name or shape disagrees between the models.
     """
-    return Planner(method, request, allow_missing=allow_missing, dtype=dtype, device=device).build()
+    return Planner(method, request, allow_missing=allow_missing, dtype=dtype, device=device, inputs=inputs).build()

@@ -21,6 +21,7 @@ from ..core.result import Result
 from .batch import output_tensors
 from .layout import layout_of
 from .params import Params
+from .inputs import Inputs
 from .plan import plan_merge
 from .recipe import MergeRequest, ModelRef
 from .registry import continual_methods, get_method
@@ -189,12 +190,22 @@ def _batch(method, request: MergeRequest, output, *, options: MergeOptions, dtyp
         raise UsageError(f"`shuffle` only applies to continual methods ({', '.join(continual_methods())}).")
     if not request.models and not request.slices:
         raise UsageError(f"merge method {method.name!r} needs at least {method.min_models} model(s) to merge.")
-    plan = plan_merge(method, request, allow_missing=options.allow_missing, dtype=dtype, device=options.device)
-    if dry_run:
-        return Result({**plan.describe(), "dry_run": True})
+    with Inputs(options.device) as inputs:
+        plan = plan_merge(method, request, allow_missing=options.allow_missing, dtype=dtype, device=options.device,
+                          inputs=inputs)
+        if dry_run:
+            return Result({**plan.describe(), "dry_run": True})
+        guarded = [Path(p) for p in (request.origin,) if p]
+        check_output(output, force=force, inputs=plan.inputs.input_paths() + guarded)
+        plan.materialize()
+        return _write_plan(plan, request, output, options=options, guarded=guarded, shard_size=shard_size,
+                           force=force, progress=progress)
+
+
+def _write_plan(plan, request: MergeRequest, output, *, options: MergeOptions, guarded: list[Path], shard_size,
+                force: bool, progress) -> Result:
+    method = plan.method
     recorded = [ck for m in plan.models for ck in plan.inputs.recorded(m)]
-    guarded = [Path(p) for p in (request.origin,) if p]
-    check_output(output, force=force, inputs=plan.inputs.input_paths() + guarded)
     target = plan.dtype
     record: dict[str, Any] = {
         "method": method.name, "paper": method.paper, "base": request.base,

@@ -413,3 +413,75 @@ def test_chat_template_is_written_into_the_output_tokenizer(cli, tmp_path):
         recipe = _recipe(tmp_path, f"merge_method: linear\n{models}chat_template: {value}\n", f"{value}.yml")
         r = cli("merge", recipe, tmp_path / value)
         assert r.code == 2 and message in r.stderr, r.stderr
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A Hub serving the llama-tiny fixtures as org/<name>: header mirrors, small-file snapshots and
+    full pulls are recorded, so a test can tell what was downloaded when."""
+    import shutil
+
+    import huggingface_hub
+
+    from surgery.checkpoint import hub
+
+    calls: list[tuple[str, str, str | None]] = []
+
+    def fetch_headers(repo, revision, folder):
+        calls.append(("headers", repo, revision))
+        src = LLAMA / repo.split("/")[1]
+        data = (src / "model.safetensors").read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        with open(folder / "model.safetensors", "wb") as fh:      # the header, then zeros: as fetch_headers does
+            fh.write(data[:8 + n])
+            fh.truncate(len(data))
+        shutil.copyfile(src / "config.json", folder / "config.json")
+        return {"revision": f"commit-of-{revision or 'main'}", "header_bytes": 8 + n, "files": []}
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        calls.append(("small", repo_id, revision))
+        assert "*.safetensors" not in (allow_patterns or [])
+        return str(LLAMA / repo_id.split("/")[1])
+
+    def pull(repo, revision=None):
+        calls.append(("pull", repo, revision))
+        return LLAMA / repo.split("/")[1]
+
+    monkeypatch.setattr(hub, "fetch_headers", fetch_headers)
+    monkeypatch.setattr(hub, "pull", pull)
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    return calls
+
+
+def test_hub_models_are_planned_from_headers_and_downloaded_after_validation(cli, tmp_path, fake_hub):
+    recipe = _recipe(tmp_path, f"""merge_method: task_arithmetic
+base_model: org/base@v1
+models:
+  - model: org/ft-a
+    parameters: {{weight: 0.7}}
+  - model: {LLAMA / 'ft-b'}
+    parameters: {{weight: 0.2}}
+dtype: float32
+""")
+    r = cli("merge", recipe, "--dry-run", "--json")
+    assert r.code == 0, r.stderr
+    assert ("headers", "org/base", "v1") in fake_hub and ("headers", "org/ft-a", None) in fake_hub
+    assert ("small", "org/base", "commit-of-v1") in fake_hub
+    assert not [c for c in fake_hub if c[0] == "pull"]            # no weights for a dry run
+    bad = _recipe(tmp_path, recipe.read_text().replace("weight: 0.7", "weight: .nan"), "bad.yml")
+    fake_hub.clear()
+    r = cli("merge", bad, tmp_path / "bad-out")
+    assert r.code == 2 and "out of range" in r.stderr
+    assert not [c for c in fake_hub if c[0] == "pull"]            # refused before any weight file
+    fake_hub.clear()
+    r = cli("merge", recipe, tmp_path / "out", "--quiet")
+    assert r.code == 0, r.stderr
+    assert sorted(c for c in fake_hub if c[0] == "pull") == [("pull", "org/base", "commit-of-v1"),
+                                                             ("pull", "org/ft-a", "commit-of-main")]
+    local = _recipe(tmp_path, recipe.read_text().replace("org/base@v1", str(LLAMA / "base"))
+                    .replace("org/ft-a", str(LLAMA / "ft-a")), "local.yml")
+    assert cli("merge", local, tmp_path / "local-out", "--quiet").code == 0
+    x, y = open_checkpoint(tmp_path / "out"), open_checkpoint(tmp_path / "local-out")
+    assert all(torch.equal(x.get_raw(n), y.get_raw(n)) for n in x.names)
