@@ -214,7 +214,8 @@ class Planner:
         """Index of model ``text`` in the plan, opening it on first use."""
         key = ModelRef.parse(text, f"{self.where}: {where}").key
         if key not in self.keys:
-            self.inputs.open(text, f"{self.where}: {where}")
+            # a recipe's errors name the entry; the command line's name the model itself
+            self.inputs.open(text, f"{self.where}: {where}" if self.request.origin else "")
             self.keys.append(key)
             self.models.append(self.inputs.models[key])
             self.labels.append(text)
