@@ -3,7 +3,6 @@ closeness to a reference, sha256 manifest. Every check yields a verdict with num
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from .checkpoint.format import TensorInfo
 from .checkpoint.reader import Checkpoint, hash_file, read_into
 from .core.errors import InputError, UsageError
+from .core.formats import MAX_JSON_BYTES, parse_json, read_text
 from .core.progress import Progress, track
 from .core.result import Result
 
@@ -229,26 +229,29 @@ def check_against(ckpt: Checkpoint, ref: Checkpoint, atol: float, rtol: float = 
 
 
 def read_manifest(path: Path) -> dict[str, str]:
-    """A manifest in ``sha256sum`` format (``HASH  FILE`` lines) or JSON ``{file: hash}``."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise InputError(f"manifest {path} cannot be read: {exc.strerror}.", path=path) from exc
+    """A manifest in ``sha256sum`` format (``HASH  FILE`` lines) or JSON ``{file: hash}``,
+    read through the validating readers (size, UTF-8, nesting) and checked line by line."""
+    text = read_text(path, what="manifest", max_bytes=MAX_JSON_BYTES)
     if text.lstrip().startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"manifest {path} is not valid JSON ({exc}).", path=path) from exc
+        data = parse_json(text, path=path, what="manifest", expect=dict)
+        bad = next((k for k, v in data.items() if not isinstance(v, str) or len(v) != 64 or not _is_hex(v)), None)
+        if bad is not None:
+            raise InputError(f"manifest {path} gives {bad!r} the value {str(data[bad])[:70]!r}, not a sha256 "
+                             f"(64 hex digits).", path=path)
         return {str(k): str(v).lower() for k, v in data.items()}
     out = {}
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split(None, 1)
-        if len(parts) != 2 or len(parts[0]) != 64:
+        if len(parts) != 2 or len(parts[0]) != 64 or not _is_hex(parts[0]):
             raise InputError(f"manifest {path} line {i} is not 'SHA256  FILE'.", path=path)
         out[parts[1].strip().lstrip("*")] = parts[0].lower()
     return out
+
+
+def _is_hex(s: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in s)
 
 
 def check_manifest(ckpt: Checkpoint, manifest: Path) -> CheckResult:

@@ -13,7 +13,8 @@ import torch
 
 from .checkpoint.reader import GGUF_SUFFIX, PICKLE_SUFFIXES, Checkpoint, files_sha256, open_checkpoint
 from .core.engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
-from .core.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError, UsageError
+from .core.formats import parse_json, read_json
+from .core.errors import CheckpointNotFoundError, CorruptCheckpointError, InputError, UnsafeFormatError, UsageError
 from .core.progress import Progress, ensure
 from .core.result import Result
 
@@ -29,10 +30,13 @@ def _pickle_files(path: Path) -> list[Path] | None:
             return None
         idx = path / PICKLE_INDEX
         if idx.is_file():
-            wm = json.loads(idx.read_text())["weight_map"]
+            wm = read_json(idx, what="pickle index", error=CorruptCheckpointError).get("weight_map")
+            if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+                raise CorruptCheckpointError(f"{idx} is not a valid index: it needs a non-empty `weight_map` object "
+                                             f"mapping tensor names to shard file names.", path=idx)
             names = sorted(set(wm.values()))
             for n in names:
-                if "/" in n or "\\" in n or n in ("..", "."):
+                if not n or "/" in n or "\\" in n or n in ("..", "."):
                     raise CorruptCheckpointError(f"{idx} names shard {n!r} outside the folder.", path=idx)
             return [path / n for n in names]
         found = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -81,7 +85,7 @@ class _FileSource:
     @property
     def config(self) -> dict | None:
         p = self.root / "config.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        return read_json(p, what="config.json", error=CorruptCheckpointError) if p.is_file() else None
 
 
 FORMATS = ("safetensors", "gguf")
@@ -282,9 +286,9 @@ def _gguf_bytes(t: torch.Tensor, ggml_type: str) -> bytes:
 def _recorded_pre(ckpt: Checkpoint) -> str | None:
     """The llama.cpp pre-tokenizer name a folder converted from GGUF recorded, if any."""
     try:
-        rec = json.loads(ckpt.metadata.get("surgery", "{}"))
+        rec = parse_json(ckpt.metadata.get("surgery", "{}"), what="surgery record", expect=dict)
         pre = rec.get("parameters", {}).get("gguf_tokenizer_pre")
-    except (ValueError, AttributeError):
+    except (InputError, AttributeError):
         return None
     return pre if isinstance(pre, str) else None
 

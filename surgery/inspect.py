@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .checkpoint.format import TensorInfo
+from .core.errors import InputError
+from .core.formats import parse_json
 from .checkpoint.reader import Checkpoint
 from .core.result import Result
 
@@ -47,8 +48,8 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     metadata: dict[str, Any] = dict(ckpt.metadata)
     if "surgery" in metadata:
         try:
-            metadata["surgery"] = json.loads(metadata["surgery"])
-        except json.JSONDecodeError:
+            metadata["surgery"] = parse_json(metadata["surgery"], what="surgery record")
+        except InputError:
             pass
     cfg = ckpt.config or {}
     return {

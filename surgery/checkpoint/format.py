@@ -1,8 +1,8 @@
 """The safetensors file format: dtype table, header parsing and validation.
 
-Validation follows the order the reference Rust implementation uses: length prefix,
-size cap, JSON, per-tensor dtype/shape/offsets with checked arithmetic, offsets inside
-the data area and non-overlapping. Every violation raises CorruptCheckpointError naming
+Validation follows the order the reference Rust implementation uses and is at least as
+strict: length prefix, size cap, UTF-8 JSON, per-tensor dtype/shape/offsets, shape × dtype
+size equal to the span, and the spans tiling the data section exactly. Every violation raises CorruptCheckpointError naming
 the file and, where it applies, the tensor.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ..core.errors import CorruptCheckpointError
+from ..core.formats import check_text
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +69,14 @@ def __getattr__(name: str) -> Any:
 
 # A header larger than this is refused before it is read (the reference uses 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+# Our limits beyond the reference's: no real tensor comes near them, and bounding every
+# dimension keeps every loop over rows short even for zero-element tensors.
+MAX_NDIM = 32
+MAX_DIM = 2**40
+
+
+def _no_constant(token: str) -> object:
+    raise ValueError(f"{token} is not valid JSON")
 
 
 @dataclass(frozen=True)
@@ -129,8 +138,33 @@ class Header:
     file_size: int
 
 
+def _pairs_no_duplicates(file: Path):
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        out: dict = {}
+        for k, v in pairs:
+            if k in out:
+                raise CorruptCheckpointError(
+                    f"{file} has a header that names {k!r} twice; the file is ambiguous (rewrite it with one entry per "
+                    f"name).", path=file, tensor=k if isinstance(k, str) else None)
+            out[k] = v
+        return out
+    return hook
+
+
+def _nonneg_int(x: object, limit: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= limit
+
+
 def parse_header(file: Path) -> Header:
     """Read and validate the header of one safetensors file.
+
+    Checks, in the reference implementation's order and at least as strictly: the length
+    prefix, the size cap, UTF-8 and JSON (no duplicate names, no NaN tokens, no lone
+    surrogates), ``__metadata__`` a string-to-string map, each entry's dtype, shape and
+    offsets (integers within our limits: at most :data:`MAX_NDIM` dimensions of at most
+    :data:`MAX_DIM` each), shape × dtype size equal to the span, and the spans, sorted by
+    offset, tiling the data section exactly: starting at 0, no gap, no overlap (also behind
+    zero-length tensors), ending at the end of the file.
 
     Args:
         file: Path of a ``.safetensors`` file.
@@ -163,33 +197,52 @@ def parse_header(file: Path) -> Header:
     except OSError as exc:
         raise CorruptCheckpointError(f"{file} cannot be read: {exc.strerror or exc}.", path=file) from exc
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"{file} has a header that is not valid JSON ({exc}).", path=file) from exc
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptCheckpointError(f"{file} has a header that is not UTF-8 (invalid byte at offset {8 + exc.start}).",
+                                     path=file) from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_pairs_no_duplicates(file), parse_constant=_no_constant)
+    except RecursionError:
+        raise CorruptCheckpointError(f"{file} has a header nested too deeply to be safetensors.", path=file) from None
+    except ValueError as exc:
+        if isinstance(exc, CorruptCheckpointError):
+            raise
+        raise CorruptCheckpointError(f"{file} has a header that is not valid JSON ({exc}).", path=file) from None
     if not isinstance(obj, dict):
         raise CorruptCheckpointError(f"{file} has a header that is not a JSON object.", path=file)
     data_start = 8 + hlen
     data_len = size - data_start
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CorruptCheckpointError(f"{file} has __metadata__ that is not a string-to-string map.", path=file)
+    for k, v in metadata.items():
+        check_text(k, path=file, what="safetensors file", error=CorruptCheckpointError)
+        check_text(v, path=file, what="safetensors file", error=CorruptCheckpointError)
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in obj.items():
+        check_text(name, path=file, what="safetensors file", error=CorruptCheckpointError)
         where = f"tensor {name!r} in {file}"
         if not isinstance(entry, dict):
             raise CorruptCheckpointError(f"{where} has a header entry that is not an object.", path=file, tensor=name)
         code = entry.get("dtype")
-        if code not in DTYPES:
+        if not isinstance(code, str) or code not in DTYPES:
+            shown = code if isinstance(code, str) else json.dumps(code)[:40]
             raise CorruptCheckpointError(
-                f"{where} has unknown dtype {code!r}; known: {', '.join(sorted(DTYPES))}.", path=file, tensor=name)
+                f"{where} has unknown dtype {shown if not isinstance(code, str) else repr(code)}; known: {', '.join(sorted(DTYPES))}.", path=file, tensor=name)
         shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise CorruptCheckpointError(f"{where} has an invalid shape {shape!r}.", path=file, tensor=name)
+        if not isinstance(shape, list) or not all(_nonneg_int(d, 2**64 - 1) for d in shape):
+            raise CorruptCheckpointError(f"{where} has an invalid shape {str(shape)[:80]}.", path=file, tensor=name)
+        if len(shape) > MAX_NDIM or any(d > MAX_DIM for d in shape):
+            raise CorruptCheckpointError(
+                f"{where} has shape {str(shape)[:80]}, beyond surgery's limits ({MAX_NDIM} dimensions of at most "
+                f"{MAX_DIM} each); no real tensor is that large, so the header is corrupt.", path=file, tensor=name)
         offs = entry.get("data_offsets")
-        if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)):
-            raise CorruptCheckpointError(f"{where} has invalid data_offsets {offs!r}.", path=file, tensor=name)
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_nonneg_int(o, 2**64 - 1) for o in offs):
+            raise CorruptCheckpointError(f"{where} has invalid data_offsets {str(offs)[:80]}.", path=file, tensor=name)
         begin, end = offs
         if begin > end:
             raise CorruptCheckpointError(f"{where} has data_offsets {offs} that end before they begin.", path=file, tensor=name)
@@ -204,11 +257,23 @@ def parse_header(file: Path) -> Header:
                 path=file, tensor=name)
         tensors[name] = TensorInfo(name, tuple(shape), code, expected, file, data_start + begin)
         spans.append((begin, end, name))
+    # The spans, in offset order, must tile the data section exactly (as the reference
+    # checks): each starts where the previous ended, the first at 0, the last at the end.
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0 and e1 > b1:
-            raise CorruptCheckpointError(
-                f"tensors {n0!r} and {n1!r} in {file} overlap (bytes {b0}-{e0} and {b1}-{e1}).", path=file, tensor=n1)
+    pos, prev = 0, None
+    for begin, end, name in spans:
+        if begin != pos:
+            if begin > pos:
+                what = (f"leaves bytes {pos}-{begin} of the data area unused before tensor {name!r}" if prev is None else
+                        f"leaves a gap (bytes {pos}-{begin}) between tensors {prev!r} and {name!r}")
+            else:
+                what = f"has tensors {prev!r} and {name!r} overlapping (tensor {name!r} starts at byte {begin}, before {pos})"
+            raise CorruptCheckpointError(f"{file} {what}; safetensors requires contiguous tensors.", path=file, tensor=name)
+        pos, prev = end, name
+    if pos != data_len:
+        raise CorruptCheckpointError(
+            f"{file} has {data_len - pos} trailing bytes after its last tensor (data ends at byte {pos} of {data_len}); "
+            f"the file is corrupt or was appended to.", path=file)
     return Header(file, tensors, metadata, data_start, size)
 
 

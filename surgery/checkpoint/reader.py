@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..core.errors import (CheckpointNotFoundError, ConvertFirstError, CorruptCheckpointError, HubError,
                            UnsafeFormatError)
+from ..core.formats import read_json
 from .format import Header, TensorInfo, parse_header
 
 if TYPE_CHECKING:  # torch is imported when a tensor is first read, not to open a checkpoint
@@ -106,6 +107,8 @@ class Checkpoint:
                         f"tensor {name!r} appears in both {self.tensors[name].file.name} and {h.file.name} of {root}.",
                         path=h.file, tensor=name)
                 self.tensors[name] = info
+        if not self.tensors:
+            raise CorruptCheckpointError(f"{label} holds no tensors; it is not a model checkpoint.", path=root)
         self.names = sorted(self.tensors)
         self._sha: str | None = None
         self._sha_thread: threading.Thread | None = None
@@ -136,10 +139,7 @@ class Checkpoint:
         if self._config is False:
             p = self.root / "config.json"
             if p.is_file():
-                try:
-                    self._config = json.loads(p.read_text())
-                except (OSError, json.JSONDecodeError) as exc:
-                    raise CorruptCheckpointError(f"{p} is not valid JSON ({exc}).", path=p) from exc
+                self._config = read_json(p, what="config.json", error=CorruptCheckpointError)
             else:
                 self._config = None
         return self._config  # type: ignore[return-value]
@@ -298,14 +298,19 @@ def file_sha256(path: Path) -> str:
 
     A file in the Hugging Face cache is a link to ``blobs/<sha256>`` (LFS files are named
     by their sha256), so its name is its digest. Other files are hashed once and the digest
-    is cached in ``$SURGERY_CACHE/sha256.json`` keyed by (device, inode, size, mtime_ns),
-    as build tools do; ``SURGERY_NO_HASH_CACHE=1`` turns the cache off.
+    is cached in ``$SURGERY_CACHE/sha256.json`` keyed by (device, inode, size, mtime_ns,
+    ctime_ns); ``SURGERY_NO_HASH_CACHE=1`` turns the cache off.
+
+    The rule: any write to a file changes its ctime, and so does restoring its mtime with
+    ``touch``/``utime`` afterwards; ctime cannot be set back without changing the system
+    clock. So an in-place edit of the same size with the mtime restored misses the cache
+    and is hashed again, where a (size, mtime) key would keep the old digest.
     """
     real = Path(os.path.realpath(path))
     if real.parent.name == "blobs" and len(real.name) == 64 and set(real.name) <= _HEX64:
         return real.name
     st = real.stat()
-    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
     use_cache = os.environ.get("SURGERY_NO_HASH_CACHE", "") in ("", "0")
     cache_file = _sha_cache_path()
     if use_cache:
@@ -337,13 +342,14 @@ def file_sha256(path: Path) -> str:
 
 
 def _open_index(root: Path, index_path: Path, label: str) -> Checkpoint:
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{index_path} is not a valid safetensors index ({exc}).", path=index_path) from exc
+    index = read_json(index_path, what="safetensors index", error=CorruptCheckpointError)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError(f"{index_path} is not a valid safetensors index: it has no `weight_map` object "
+                                     f"mapping tensor names to shard files.", path=index_path)
+    if not weight_map:
+        raise CorruptCheckpointError(f"{index_path} has an empty `weight_map`: it names no tensors, so it is not a "
+                                     f"model; regenerate the index.", path=index_path)
     shard_names: list[str] = []
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str) or not shard or os.path.isabs(shard) or "/" in shard or "\\" in shard or shard in (".", ".."):

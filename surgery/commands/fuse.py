@@ -27,6 +27,7 @@ def fuse(
     check: Annotated[bool, typer.Option("--check", help="Before the output appears, compare its logits with PEFT's base + adapter forward pass (needs peft; one PEFT adapter).")] = False,
     device: DeviceOpt = "cpu",
     threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads for every tensor's math (default: one thread below 4M elements, torch's default above).")] = None,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Write fused tensors that hold NaN or Inf (refused by default, naming the input tensor that carried them).")] = False,
     force: ForceOpt = False,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
@@ -37,7 +38,8 @@ def fuse(
     from surgery.fuse import fuse as run
 
     result = run(base, adapters, output, dtype=dtype, shard_size=shard_size, force=force, device=device,
-                 check=check, threads=threads, progress=_render.progress(quiet))
+                 check=check, threads=threads, allow_nonfinite=allow_nonfinite,
+                 progress=_render.progress(quiet))
 
     def human(console, doc) -> None:
         for a in doc["adapters"]:

@@ -23,7 +23,7 @@ from ..checkpoint.format import TensorInfo
 from ..checkpoint.reader import Checkpoint, read_into
 from ..checkpoint.writer import ShardedWriter, TensorSpec, parse_size, write_text
 from .output import atomic_output
-from .errors import UsageError
+from .errors import NonFiniteError, UsageError
 from .progress import Progress, ensure
 
 # Donor files that are not the tokenizer's (kept when an operation writes its own tokenizer).
@@ -65,6 +65,8 @@ class OutputTensor:
         source: Stored bytes copied verbatim (same dtype and shape), never decoded.
         cast_source: A stored tensor cast to ``dtype`` in row blocks through buffers the
             engine reuses for the whole write (the fast path of :func:`cast_tensor`).
+        sources: The stored input tensors the result is computed from, searched for the
+            NaN/Inf when it is not finite (default: the same-named tensor of every input).
     """
 
     name: str
@@ -74,6 +76,7 @@ class OutputTensor:
     rows: Callable[[int, int], torch.Tensor] | None = None
     source: TensorInfo | None = None
     cast_source: TensorInfo | None = None
+    sources: tuple[TensorInfo, ...] | None = None
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(d) for d in self.shape)
@@ -158,7 +161,54 @@ class _Scratch:
         return buf[:nbytes]
 
 
-def _cast_rows(writer: ShardedWriter, out: OutputTensor, scratch: _Scratch) -> None:
+class _Finite:
+    """The engine's non-finite check: one ``isfinite`` pass over every computed or cast
+    tensor (raw copies are the input's own bytes). A failure names the input tensor that
+    carried the NaN/Inf, or says the computation or the cast produced it."""
+
+    def __init__(self, inputs: list[Checkpoint], allow: bool):
+        self.inputs = inputs
+        self.allow = allow
+
+    def check(self, out: OutputTensor, written: torch.Tensor, computed: torch.Tensor | None = None) -> None:
+        if self.allow or not written.dtype.is_floating_point or written.numel() == 0:
+            return
+        if bool(torch.isfinite(written).all()):
+            return
+        bad = _nonfinite_input(out, self.inputs)
+        if bad is not None:
+            info, label = bad
+            raise NonFiniteError(
+                f"output tensor {out.name!r} is not finite because the input tensor {info.name!r} of {label} holds "
+                f"NaN or Inf; fix that input, or pass `allow_nonfinite` to write it anyway.",
+                path=info.file, tensor=info.name)
+        if computed is not None and computed.dtype != written.dtype and bool(torch.isfinite(computed).all()):
+            raise NonFiniteError(
+                f"output tensor {out.name!r} overflows {dtype_name(written.dtype)} (values beyond its range became "
+                f"Inf when cast); choose a wider `dtype`, or pass `allow_nonfinite` to write it anyway.", tensor=out.name)
+        raise NonFiniteError(
+            f"output tensor {out.name!r} came out NaN or Inf although its inputs are finite (the computation "
+            f"overflowed or divided by zero); check the parameters, or pass `allow_nonfinite` to write it anyway.",
+            tensor=out.name)
+
+
+def _nonfinite_input(out: OutputTensor, inputs: list[Checkpoint]) -> tuple[TensorInfo, str] | None:
+    """The first stored input tensor of ``out`` that holds NaN or Inf (read only on failure)."""
+    if out.sources is not None:
+        candidates = [(info, str(info.file)) for info in out.sources]
+    else:
+        candidates = [(ck.info(out.name), ck.label) for ck in inputs if out.name in ck]
+        if out.cast_source is not None:
+            candidates.insert(0, (out.cast_source, str(out.cast_source.file)))
+    for info, label in candidates:
+        if not info.dtype.is_floating_point or info.numel == 0:
+            continue
+        if not bool(torch.isfinite(read_tensor(info)).all()):
+            return info, label
+    return None
+
+
+def _cast_rows(writer: ShardedWriter, out: OutputTensor, scratch: _Scratch, finite: _Finite) -> None:
     info = out.cast_source
     assert info is not None
     rows = info.shape[0]
@@ -174,28 +224,35 @@ def _cast_rows(writer: ShardedWriter, out: OutputTensor, scratch: _Scratch) -> N
         read_into(info, start * in_row, raw)
         dst = scratch.get("write", n * row_elems * out_item).view(out.dtype)
         dst.copy_(raw.view(info.dtype))
+        finite.check(out, dst, raw.view(info.dtype))
         writer.write_rows(out.name, start, dst)
 
 
-def _write_one(writer: ShardedWriter, out: OutputTensor, scratch: _Scratch) -> None:
+def _write_one(writer: ShardedWriter, out: OutputTensor, scratch: _Scratch, finite: _Finite) -> None:
+    if math.prod(out.shape) == 0:
+        return  # nothing to write (and no loop over a huge empty dimension)
     if out.source is not None:
         writer.copy_raw(out.name, out.source)
         return
     if out.cast_source is not None:
-        _cast_rows(writer, out, scratch)
+        _cast_rows(writer, out, scratch, finite)
         return
     if out.rows is not None:
         n = out.shape[0] if out.shape else 1
         step = _block_rows(out.shape)
         for start in range(0, n, step):
             block = out.rows(start, min(n, start + step))
-            writer.write_rows(out.name, start, block.to(out.dtype))
-            del block
+            cast = block.to(out.dtype)
+            finite.check(out, cast, block)
+            writer.write_rows(out.name, start, cast)
+            del block, cast
         return
     t = out.compute()
     if tuple(t.shape) != out.shape:
         raise ValueError(f"operation produced {tuple(t.shape)} for {out.name!r}, planned {out.shape}")
-    writer.write(out.name, t.to(device="cpu", dtype=out.dtype))
+    cast = t.to(device="cpu", dtype=out.dtype)
+    finite.check(out, cast, t)
+    writer.write(out.name, cast)
 
 
 def _retarget(out: OutputTensor, dtype: torch.dtype | None) -> OutputTensor:
@@ -205,9 +262,10 @@ def _retarget(out: OutputTensor, dtype: torch.dtype | None) -> OutputTensor:
     if out.source is not None:
         if not out.shape:
             info = out.source
-            return OutputTensor(out.name, out.shape, dtype, compute=lambda: read_tensor(info))
+            return OutputTensor(out.name, out.shape, dtype, compute=lambda: read_tensor(info), sources=(info,))
         return OutputTensor(out.name, out.shape, dtype, cast_source=out.source)
-    return OutputTensor(out.name, out.shape, dtype, compute=out.compute, rows=out.rows, cast_source=out.cast_source)
+    return OutputTensor(out.name, out.shape, dtype, compute=out.compute, rows=out.rows, cast_source=out.cast_source,
+                        sources=out.sources)
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -247,6 +305,7 @@ def write_checkpoint(
     extra_files: dict[str, str] | None = None,
     verify: Callable[[Path], Any] | None = None,
     tokenizer_files: dict[str, bytes] | None = None,
+    allow_nonfinite: bool = False,
 ) -> WriteResult:
     """Stream ``plan`` into a new checkpoint folder, atomically.
 
@@ -275,9 +334,16 @@ def write_checkpoint(
         tokenizer_files: Tokenizer files (name -> bytes) written instead of the donor's (a
             merge that builds its own vocabulary); config and generation files still come
             from the donor.
+        allow_nonfinite: Write computed tensors that hold NaN or Inf. By default every
+            computed or cast tensor is checked (one ``isfinite`` pass) and a non-finite one
+            raises NonFiniteError naming the input tensor that carried it, before any
+            output appears. Raw copies are the inputs' own bytes and are not checked.
 
     Returns:
         A WriteResult.
+
+    Raises:
+        NonFiniteError: A computed tensor is not finite and ``allow_nonfinite`` is False.
     """
     target = parse_dtype(dtype)
     plan = sorted((_retarget(o, target) for o in plan), key=lambda o: o.name)
@@ -297,8 +363,9 @@ def write_checkpoint(
         try:
             progress.start(total, f"writing {Path(output).name}")
             scratch = _Scratch()
+            finite = _Finite(inputs + ([donor] if donor is not None and donor not in inputs else []), allow_nonfinite)
             for out in plan:
-                _write_one(writer, out, scratch)
+                _write_one(writer, out, scratch, finite)
                 progress.advance(TensorSpec(out.name, out.shape, out.dtype).nbytes)
             extra = extra_record() if extra_record else None
             roles = input_roles or ["input"] * len(inputs)

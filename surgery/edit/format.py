@@ -205,18 +205,16 @@ def load_edit(path: str | Path) -> Edit:
     Raises:
         InputError: The file is missing or unreadable; CorruptCheckpointError when invalid.
     """
-    from safetensors import SafetensorError, safe_open
+    from ..checkpoint.reader import open_local
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"edit file {p} does not exist; make one with `surgery edit extract` or `surgery edit from-peft`.",
                          path=p)
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"edit file {p} is not a readable safetensors file ({exc}).", path=p) from exc
+    # The validated checkpoint reader (strict header checks, no pickle), not a bare safe_open.
+    ck = open_local(p)
+    meta = dict(ck.metadata)
+    tensors = {k: ck.get_raw(k) for k in ck.names}
     return parse_edit(tensors, meta, p)
 
 

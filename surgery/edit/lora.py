@@ -9,7 +9,8 @@ https://arxiv.org/abs/2106.09685) stores, per adapted module ``M``,
 * ``nn.Embedding`` (``lora_embedding_A`` [r, num], ``lora_embedding_B`` [dim, r]): ΔW = scale · (B A)ᵀ
 
 where scale = alpha / r (alpha / √r with ``use_rslora``), alpha and r taken per module from
-``alpha_pattern`` / ``rank_pattern`` when they match. An edit keeps ΔW = u diag(s) vᵀ in the
+``alpha_pattern`` / ``rank_pattern`` when they match. The adapter is read and validated by
+:mod:`surgery.checkpoint.peft`, the same parser ``surgery fuse`` uses. An edit keeps ΔW = u diag(s) vᵀ in the
 stored layout, so the conversion only regroups factors.
 """
 
@@ -19,26 +20,18 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint.peft import WEIGHTS_NAME as ADAPTER_FILE_NAME, CONFIG_NAME as CONFIG_FILE_NAME, PEFT_PREFIX, LoraConfig, lora_modules, open_adapter_files
 from ..core.engine import WriteResult
-from ..core.errors import CorruptCheckpointError, IncompatibleCheckpointsError, InputError, UsageError
+from ..core.errors import IncompatibleCheckpointsError, InputError, UsageError
 from ..core.result import Result
 from .format import Edit, TensorEdit, load_edit, save_edit
 
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
-# Key suffix -> (module kind, factor).
-_LORA_KEYS = {
-    ".lora_A.weight": ("matrix", "A"),
-    ".lora_B.weight": ("matrix", "B"),
-    ".lora_embedding_A": ("embedding", "A"),
-    ".lora_embedding_B": ("embedding", "B"),
-}
+ADAPTER_FILE = ADAPTER_FILE_NAME
+CONFIG_FILE = CONFIG_FILE_NAME
 # Saved full weights, not deltas: PEFT writes them next to adapted embeddings.
 _IGNORED_SUFFIXES = (".base_layer.weight",)
 _UNSUPPORTED = {
@@ -46,14 +39,6 @@ _UNSUPPORTED = {
     "lora_B.bias": "LoRA bias terms (lora_bias) are not supported",
     "modules_to_save": "modules_to_save holds whole replacement modules, not deltas",
 }
-
-
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the module path's end."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def module_kinds(config: dict | None, modules: list[str]) -> dict[str, str]:
@@ -102,65 +87,33 @@ def from_peft(adapter: str | Path, output: str | Path, *, base: str | Path | Che
         A Result: the written edit file and a report (per tensor its rank and scale, and
         ignored adapter keys).
     """
-    root = Path(adapter)
-    cfg_path, w_path = root / CONFIG_FILE, root / ADAPTER_FILE
-    if not cfg_path.is_file() or not w_path.is_file():
-        if (root / "adapter_model.bin").is_file():
-            raise InputError(f"{root} holds adapter_model.bin (pickle); convert it to safetensors first "
-                             f"(surgery convert), then run from-peft.", path=root)
-        raise InputError(f"{root} is not a PEFT adapter folder: it needs {CONFIG_FILE} and {ADAPTER_FILE}.", path=root)
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"{cfg_path} is not valid JSON ({exc}).", path=cfg_path) from exc
-    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise InputError(f"{root} is a {cfg.get('peft_type')} adapter; only LoRA converts to an edit.", path=root)
-    if cfg.get("use_dora"):
+    root, cfg, weights = open_adapter_files(adapter, command="surgery edit from-peft")
+    lcfg = LoraConfig.from_config(cfg, root)      # one parser with fuse: validated r, alpha, patterns, init
+    w_path = root / ADAPTER_FILE
+    if lcfg.use_dora:
         raise InputError(f"{root} is a DoRA adapter: {_UNSUPPORTED['lora_magnitude_vector']}.", path=root)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        sd = load_file(str(w_path))
-    except (SafetensorError, OSError) as exc:
-        raise CorruptCheckpointError(f"{w_path} is not a readable safetensors file ({exc}).", path=w_path) from exc
-    ckpt = base if isinstance(base, Checkpoint) or base is None else open_checkpoint(str(base))
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    kinds: dict[str, str] = {}
+    modules, others = lora_modules(lcfg, weights)
     ignored: list[str] = []
-    for key, t in sd.items():
-        for marker, why in _UNSUPPORTED.items():
-            if marker in key:
-                raise InputError(f"{w_path} has {key!r}: {why}.", path=w_path, tensor=key)
+    for key in others:
         if key.endswith(_IGNORED_SUFFIXES):
             ignored.append(key)
             continue
-        suffix = next((s for s in _LORA_KEYS if key.endswith(s)), None)
-        if suffix is None:
-            raise InputError(f"{w_path} has {key!r}, which is not a LoRA factor (lora_A / lora_B / lora_embedding_*).",
-                             path=w_path, tensor=key)
-        module = key[: -len(suffix)].removeprefix(PEFT_PREFIX)
-        kind, which = _LORA_KEYS[suffix]
-        factors.setdefault(module, {})[which] = t.float()
-        kinds[module] = kind
-    if not factors:
+        why = next((why for marker, why in _UNSUPPORTED.items() if marker in key), None)
+        raise InputError(f"{w_path} has {key!r}: {why or 'it is not a LoRA factor (lora_A / lora_B / lora_embedding_*)'}.",
+                         path=w_path, tensor=key)
+    if not modules:
         raise InputError(f"{w_path} holds no LoRA factors.", path=w_path)
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-    arch = module_kinds(ckpt.config if ckpt is not None else None, sorted(factors))
+    ckpt = base if isinstance(base, Checkpoint) or base is None else open_checkpoint(str(base))
+    fan_in_fan_out = lcfg.fan_in_fan_out
+    arch = module_kinds(ckpt.config if ckpt is not None else None, sorted(modules))
     tensors: dict[str, TensorEdit] = {}
     rows = []
-    for module, f in sorted(factors.items()):
-        if "A" not in f or "B" not in f:
-            raise InputError(f"{w_path} has only one of lora_A / lora_B for {module!r}.", path=w_path, tensor=module)
-        a, b = f["A"], f["B"]
-        r = int(a.shape[0])
-        if b.shape[1] != r:
-            raise InputError(f"{w_path}: {module!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                             f"whose ranks disagree.", path=w_path, tensor=module)
-        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r)))
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        kind = kinds[module]
-        if kind == "matrix":
+    for module, m in modules.items():
+        if m.bias is not None:
+            raise InputError(f"{w_path} has {m.bias!r}: {_UNSUPPORTED['lora_B.bias']}.", path=w_path, tensor=m.bias)
+        a, b = weights.get(m.a), weights.get(m.b)
+        r, scale = m.rank, m.scale
+        if m.kind == "matrix":
             # The architecture, when known, says the layout; else PEFT's own fan_in_fan_out flag.
             layer = arch.get(module, "conv1d" if fan_in_fan_out else "linear")
             transposed = layer == "conv1d"

@@ -10,21 +10,18 @@ DoRA and HiRA are defined on it).
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..checkpoint.reader import Checkpoint, open_checkpoint
-from ..core.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointsError, InputError
+from ..checkpoint.peft import (CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, module_of,  # noqa: F401 (re-exported)
+                               open_adapter_files, pattern_value)
+from ..checkpoint.reader import Checkpoint
+from ..core.errors import IncompatibleCheckpointsError
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 UpdateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -104,41 +101,15 @@ class Adapter:
 
 
 def open_adapter(path: str | Path, weight: float = 1.0) -> Adapter:
-    """Open an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+    """Open an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+    through the shared validating reader (:mod:`surgery.checkpoint.peft`).
 
     Raises:
         CheckpointNotFoundError: No such folder or no weights file in it.
-        CorruptCheckpointError: The config is not valid JSON.
+        CorruptCheckpointError: The config is malformed (named field) or the weights are.
     """
-    p = Path(path).expanduser()
-    if p.is_file() and p.name in (CONFIG_NAME, WEIGHTS_NAME):
-        p = p.parent
-    if not p.is_dir():
-        raise CheckpointNotFoundError(f"adapter folder {p} does not exist.", path=p)
-    cfg_file = p / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise InputError(f"{p} has no {CONFIG_NAME}; surgery fuse reads adapter folders saved by PEFT's "
-                         f"save_pretrained (or the HUT / TeRA / curriculum formats in docs/fuse.md).", path=p)
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"{cfg_file} is not valid JSON ({exc}).", path=cfg_file) from exc
-    if not isinstance(config, dict):
-        raise CorruptCheckpointError(f"{cfg_file} does not hold a JSON object.", path=cfg_file)
-    weights = p / WEIGHTS_NAME
-    if not weights.is_file():
-        if any(p.glob("adapter_model.bin")):
-            raise InputError(f"{p} holds adapter_model.bin, a pickle surgery never opens implicitly; convert it "
-                             f"with `surgery convert {p / 'adapter_model.bin'} TMP` and rename TMP/model.safetensors "
-                             f"to {WEIGHTS_NAME}.", path=p)
-        raise CheckpointNotFoundError(f"{p} has no {WEIGHTS_NAME}.", path=p)
-    return Adapter(p, config, open_checkpoint(str(weights)), weight=weight)
-
-
-def module_of(key: str, suffix: str) -> str:
-    """``base_model.model.X.<suffix>`` -> ``X`` (the prefix is optional)."""
-    mod = key[: -len(suffix)] if suffix and key.endswith(suffix) else key
-    return mod[len(PEFT_PREFIX):] if mod.startswith(PEFT_PREFIX) else mod
+    folder, config, tensors = open_adapter_files(path, command="surgery fuse")
+    return Adapter(folder, config, tensors, weight=weight)
 
 
 def group_by_module(adapter: Adapter, suffixes: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -150,15 +121,6 @@ def group_by_module(adapter: Adapter, suffixes: tuple[str, ...]) -> dict[str, di
                 out.setdefault(module_of(name, "." + suf), {})[suf] = name
                 break
     return out
-
-
-def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key ``k`` with
-    ``module`` matching ``(.*\\.)?k$`` wins (PEFT ``get_pattern_key``)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def header_problem(update: Update, stored: tuple[int, ...], adapter_path) -> str | None:
@@ -209,7 +171,3 @@ def replace_update(adapter: Adapter, module: str, param: str, name: str, how: st
     def fn(current, original, name=name):
         return adapter.get(name)
     return Update(module, param, how, fn, shape=adapter.shape(name))
-
-
-def rsqrt_or_div(alpha: float, r: int, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r

@@ -13,41 +13,28 @@ embeddings per embedding dimension).
 ``lora_bias`` adds ``s · lora_B.bias`` to the base bias. ``modules_to_save``, ``bias`` other
 than ``"none"`` and saved embedding layers (``base_layer.weight``) replace base tensors.
 
-Adapters whose initialisation rewrote the base weights (PiSSA, OLoRA, LoftQ, CorDA) are
-refused unless saved converted, because their B A was trained against a base that no
-longer exists on disk.
+The config and the factors are parsed and validated by :mod:`surgery.checkpoint.peft`
+(shared with ``surgery edit from-peft``): adapters whose initialisation rewrote the base
+weights (PiSSA, OLoRA, LoftQ, CorDA) are refused unless saved converted, because their B A
+was trained against a base that no longer exists on disk.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..checkpoint.peft import LoraConfig, lora_modules
 from ..core.errors import InputError
-from .base import Adapter, Update, is_transposed, module_of, orient, out_major, pattern_value, replace_update, rsqrt_or_div
+from .base import Adapter, Update, is_transposed, module_of, orient, out_major, replace_update
 
-# init_lora_weights values that change W itself before training.
-BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
 # LoRA features that are not a weight update of an existing tensor (or not supported here).
 UNSUPPORTED = ("layer_replication", "target_parameters", "trainable_token_indices", "arrow_config",
                "use_bdlora", "velora_config", "monteclora_config", "kasa_config", "alora_invocation_tokens")
-SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B",
-            "lora_magnitude_vector")
-
-
-def check_init(adapter: Adapter) -> None:
-    """Refuse adapters whose initialisation rewrote the base weights (unless saved converted)."""
-    init = adapter.config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise InputError(
-            f"adapter {adapter.path} was initialised with init_lora_weights={init!r}, which replaced the base "
-            f"weights W by a residual before training, so fusing it into the original base gives a wrong model; "
-            f"save it converted with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) "
-            f"and fuse that.", path=adapter.path)
 
 
 def updates(adapter: Adapter) -> list[Update]:
     cfg = adapter.config
-    check_init(adapter)
+    lcfg = LoraConfig.from_config(cfg, adapter.path)   # refuses PiSSA / OLoRA / LoftQ / CorDA
     for key in UNSUPPORTED:
         if cfg.get(key) not in (None, False, [], {}, ""):
             raise InputError(f"adapter {adapter.path} uses {key}={cfg.get(key)!r}, which surgery fuse does not "
@@ -55,40 +42,15 @@ def updates(adapter: Adapter) -> list[Update]:
     if cfg.get("use_qalora"):
         raise InputError(f"adapter {adapter.path} is a QA-LoRA adapter (use_qalora), which needs its quantised "
                          f"base; surgery fuse does not support it.", path=adapter.path)
-    fan = bool(cfg.get("fan_in_fan_out", False))
-    rslora = bool(cfg.get("use_rslora", False))
+    modules, others = lora_modules(lcfg, adapter.tensors)
     out: list[Update] = []
-    modules: dict[str, dict[str, str]] = {}
-    claimed: set[str] = set()
-    for name in adapter.names:
-        for suf in SUFFIXES:
-            if name.endswith("." + suf):
-                modules.setdefault(module_of(name, "." + suf), {})[suf] = name
-                claimed.add(name)
-                break
-    for module, parts in sorted(modules.items()):
-        r_default, a_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-        r = int(pattern_value(cfg.get("rank_pattern"), module, r_default))
-        alpha = float(pattern_value(cfg.get("alpha_pattern"), module, a_default))
-        s = rsqrt_or_div(alpha, r, rslora)
-        if "lora_A.weight" in parts and "lora_B.weight" in parts:
-            a, b = parts["lora_A.weight"], parts["lora_B.weight"]
-            if adapter.shape(a)[0] != r:
-                raise adapter.error(f"{a} has rank {adapter.shape(a)[0]} but the config says r={r}.", tensor=a)
-            if len(adapter.shape(a)) != 2:
-                raise adapter.error(f"{a} is not a matrix (convolution LoRA is not supported).", tensor=a)
-            out.append(_linear(adapter, module, a, b, s, fan, parts.get("lora_magnitude_vector"), embedding=False))
-            if "lora_B.bias" in parts:
-                out.append(_bias(adapter, module, parts["lora_B.bias"], s))
-        elif "lora_embedding_A" in parts and "lora_embedding_B" in parts:
-            a, b = parts["lora_embedding_A"], parts["lora_embedding_B"]
-            out.append(_linear(adapter, module, a, b, s, True, parts.get("lora_magnitude_vector"), embedding=True))
-        else:
-            raise adapter.error(f"module {module!r} has {sorted(parts)} but not both LoRA factors.", tensor=module)
+    for module, m in modules.items():
+        fan = True if m.kind == "embedding" else lcfg.fan_in_fan_out
+        out.append(_linear(adapter, module, m.a, m.b, m.scale, fan, m.magnitude, embedding=m.kind == "embedding"))
+        if m.bias is not None:
+            out.append(_bias(adapter, module, m.bias, m.scale))
     # Whole tensors: modules_to_save, bias="all"/"lora_only", saved embedding layers.
-    for name in adapter.names:
-        if name in claimed:
-            continue
+    for name in others:
         if ".base_layer." in name and name.rsplit(".", 1)[1] in ("weight", "bias"):
             param = name.rsplit(".", 1)[1]
             out.append(replace_update(adapter, module_of(name, ".base_layer." + param), param, name, "saved base layer"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..checkpoint.peft import no_kind_error
 from ..core.errors import InputError
 from . import curriculum, hira, hut, ia3, loha, lokr, lora, tera, vera
 from .base import Adapter, Update
@@ -27,7 +28,7 @@ KINDS: dict[str, Callable[[Adapter, ShapeOf], list[Update]]] = {
     "CURRICULUM_LORA": lambda a, shape_of: curriculum.updates(a),
 }
 
-# Tensor-name endings that identify a kind when the config does not say (first match wins).
+# Tensor-name endings that suggest a kind when the config does not declare one (first match wins).
 SIGNATURES: tuple[tuple[str, str], ...] = (
     (".lora_A.weight", "LORA"), (".lora_embedding_A", "LORA"), (".hada_w1_a", "LOHA"),
     (".lokr_w1", "LOKR"), (".lokr_w1_a", "LOKR"), (".ia3_l", "IA3"), (".vera_lambda_b", "VERA"),
@@ -36,10 +37,11 @@ SIGNATURES: tuple[tuple[str, str], ...] = (
 
 
 def detect(adapter: Adapter) -> str:
-    """The adapter's kind: ``peft_type`` from its config, else from its tensor names.
+    """The adapter's kind: ``peft_type`` (or ``adapter_type``) from its config.
 
     Raises:
-        InputError: The kind is unknown or cannot be told from the files.
+        InputError: The kind is unknown, or not declared (the error names the kind the
+            tensor names suggest).
     """
     declared = adapter.config.get("peft_type") or adapter.config.get("adapter_type")
     if declared:
@@ -48,9 +50,5 @@ def detect(adapter: Adapter) -> str:
             raise InputError(f"adapter {adapter.path} has peft_type {declared!r}, which surgery fuse does not know; "
                              f"known kinds: {', '.join(sorted(KINDS))}.", path=adapter.path)
         return kind
-    for name in adapter.names:
-        for suffix, kind in SIGNATURES:
-            if name.endswith(suffix):
-                return kind
-    raise InputError(f"adapter {adapter.path} declares no peft_type and its tensors match no known kind; "
-                     f"known kinds: {', '.join(sorted(KINDS))}.", path=adapter.path)
+    raise no_kind_error(adapter.path, next((kind for name in adapter.names for suffix, kind in SIGNATURES
+                                            if name.endswith(suffix)), None))

@@ -23,7 +23,7 @@ from ..core.engine import OutputTensor, cast_tensor, copy_tensor, dtype_name, pa
 from ..core.errors import IncompatibleCheckpointsError, UsageError
 from ..core.progress import Progress
 from ..core.result import Result
-from .base import Adapter, Update, header_problem, open_adapter
+from .base import PEFT_PREFIX, Adapter, Update, header_problem, open_adapter
 from .registry import KINDS, detect
 
 # Below this many elements a tensor's fusion runs on one intra-op thread: a cast or a rank-r
@@ -129,7 +129,7 @@ def _tied_pair(base: Checkpoint) -> tuple[str, str] | None:
 
 def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path, *, dtype: str | None = None,
          shard_size: str = "5GB", force: bool = False, device: str = "cpu", check: bool = False,
-         threads: int | None = None, progress: Progress | None = None) -> Result:
+         threads: int | None = None, allow_nonfinite: bool = False, progress: Progress | None = None) -> Result:
     """Fuse ``adapters`` into ``base`` and write the result to ``output``.
 
     Args:
@@ -145,6 +145,7 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
         threads: Intra-op threads for the math while fusing (restored afterwards); None keeps
             torch's setting. The per-tensor products are small, so one thread avoids
             oversubscription on a busy machine.
+        allow_nonfinite: Write fused tensors that hold NaN or Inf instead of refusing them.
         progress: Progress sink.
 
     Returns:
@@ -155,6 +156,8 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
         UsageError: No adapters; ``check`` with adapters PEFT cannot run.
         OutputExistsError: The output exists and ``force`` is not set.
         CheckFailedError: ``check`` found the logits too far from PEFT's.
+        NonFiniteError: A fused tensor is NaN/Inf (named with the input tensor that carried
+            it) and ``allow_nonfinite`` is False.
         InputError: An adapter is unknown, refused (PiSSA/OLoRA/LoftQ/CorDA), malformed, or
             names a module the base does not have, or whose shape does not fit.
     """
@@ -167,7 +170,7 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
         torch.set_num_threads(threads)
     try:
         return _fuse(base, adapters, output, dtype=dtype, shard_size=shard_size, force=force, device=device,
-                     check=check, progress=progress, auto_threads=threads is None)
+                     check=check, progress=progress, auto_threads=threads is None, allow_nonfinite=allow_nonfinite)
     finally:
         torch.set_num_threads(previous)
 
@@ -300,7 +303,8 @@ def plan_fusion(ckpt: Checkpoint, adapters: list[AdapterSpec | str], device: str
     return FusionPlan(ckpt, steps, new_from, untied, opened, report_adapters)
 
 
-def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, progress, auto_threads):
+def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, progress, auto_threads,
+          allow_nonfinite=False):
     target = parse_dtype(dtype)
     ckpt = open_checkpoint(str(base))
     fusion = plan_fusion(ckpt, adapters, device)
@@ -320,7 +324,9 @@ def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, pr
             with _threads(1 if small else None):
                 return fusion.compute(name, device).to(final_dtype)  # cast here, under the same thread setting
 
-        return OutputTensor(name, shape, final_dtype, compute=run)
+        sources = tuple([ckpt.info(start)] if start else []) + tuple(
+            info for st in steps[name] for info in _adapter_sources(st.adapter, st.update.module))
+        return OutputTensor(name, shape, final_dtype, compute=run, sources=sources)
 
     plan: list[OutputTensor] = []
     for name in ckpt.names:
@@ -350,7 +356,8 @@ def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, pr
     result = write_checkpoint(plan, output, donor=ckpt, operation="fuse", parameters=params,
                               inputs=[ckpt, *adapter_ckpts], input_roles=["base"] + ["adapter"] * len(opened),
                               input_paths=[a.path for a in opened], dtype=target, shard_size=shard_size, force=force,
-                              progress=progress, config_update=config_update, verify=verify)
+                              progress=progress, config_update=config_update, verify=verify,
+                              allow_nonfinite=allow_nonfinite)
     check_report = result.verified
     report = {"base": ckpt.label, "adapters": report_adapters,
               "tensors_changed": sorted(steps), "tensors_added": sorted(new_from),
@@ -358,6 +365,12 @@ def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, pr
               "tensors_cast": sum(1 for o in plan if o.source is None and o.name not in steps),
               "untied_embeddings": untied, "check": check_report}
     return Result(report, result)
+
+
+def _adapter_sources(adapter: Adapter, module: str) -> list:
+    """The adapter's stored tensors for ``module`` (searched when a fused tensor is not finite)."""
+    prefixes = (module + ".", PEFT_PREFIX + module + ".")
+    return [adapter.tensors.info(n) for n in adapter.names if n.startswith(prefixes)]
 
 
 def _validate(ckpt: Checkpoint, steps: dict[str, list[_Step]], new_from: dict[str, str]) -> None:

@@ -13,7 +13,6 @@ written.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +21,7 @@ import torch
 from ..checkpoint.reader import Checkpoint, open_checkpoint
 from ..core.engine import OutputTensor, cast_tensor, dtype_name, parse_dtype, write_checkpoint
 from ..core.errors import CheckFailedError, InputError, UsageError
+from ..core.formats import read_json, read_yaml
 from ..core.progress import Progress
 from ..core.result import Result
 from .growth import INITS, exact_for, grow_keys, grow_values, key_rank, new_scale_tokens
@@ -36,18 +36,10 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 5e-3, torc
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a GPT-NeoX YAML (the official ``configs/tokenformer/*.yml``) or a JSON config."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise InputError(f"config file {p} does not exist.", path=p)
-    try:
-        text = p.read_text()
-        if p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:
-        raise InputError(f"config file {p} could not be parsed ({type(exc).__name__}: {exc}).", path=p) from exc
+    if p.suffix == ".json":
+        data = read_json(p, what="config file", expect=None)
+    else:
+        data = read_yaml(p, what="config file", expect=None)
     if not isinstance(data, dict):
         raise InputError(f"config file {p} does not hold a mapping of settings.", path=p)
     return data

@@ -23,6 +23,8 @@ from ..checkpoint.reader import Checkpoint, open_local
 from ..checkpoint.writer import ShardedWriter, TensorSpec, write_text
 from ..core.output import atomic_output, check_output
 from ..core.errors import CorruptCheckpointError, InputError, UsageError
+from ..core.formats import field as typed_field
+from ..core.formats import read_json
 
 STATE_FORMAT = "surgery-continual-state"
 STATE_VERSION = 1
@@ -57,14 +59,28 @@ class ContinualState:
         if d.get("version") != STATE_VERSION:
             raise CorruptCheckpointError(f"{path} has state version {d.get('version')!r}; this surgery reads version "
                                          f"{STATE_VERSION}.", path=path)
-        try:
-            lam = float(d["lambda"])
-            return cls(method=d["method"], parameters=d["parameters"], base=d["base"], order=d["order"],
-                       count=int(d["count"]), sum_norms=float(d["sum_norms"]), lam=lam,
-                       steps=list(d.get("steps", [])), scalars=dict(d.get("scalars") or {"lambda": lam}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{path} misses or mangles the field {exc}; the state is damaged.",
-                                         path=path) from exc
+        what, err = "continual-merge state", CorruptCheckpointError
+
+        def get(key: str, kind, **kw):
+            return typed_field(d, key, kind, path=path, what=what, error=err, **kw)
+
+        base = get("base", dict)
+        order = get("order", list)
+        if not all(isinstance(v, str) for v in base.values()):
+            raise CorruptCheckpointError(f"{what} {path} has a `base` whose values are not all strings.", path=path)
+        if not all(isinstance(o, dict) for o in order):
+            raise CorruptCheckpointError(f"{what} {path} has an `order` entry that is not an object.", path=path)
+        count = get("count", int, minimum=0)
+        if count != len(order):
+            raise CorruptCheckpointError(f"{what} {path} says `count` = {count} but lists {len(order)} merged "
+                                         f"models in `order`; the state is damaged.", path=path)
+        lam = float(get("lambda", float, minimum=0, exclusive_minimum=True))
+        scalars = get("scalars", dict, default=None) or {"lambda": lam}
+        for k in scalars:
+            typed_field(scalars, k, float, path=path, what=f"{what} `scalars` of", error=err)
+        return cls(method=get("method", str), parameters=get("parameters", dict), base=base, order=order,
+                   count=count, sum_norms=float(get("sum_norms", float, minimum=0)), lam=lam,
+                   steps=list(get("steps", list, default=[])), scalars={k: float(v) for k, v in scalars.items()})
 
 
 def load_state(folder: str | Path) -> tuple[ContinualState, Checkpoint]:
@@ -78,10 +94,7 @@ def load_state(folder: str | Path) -> tuple[ContinualState, Checkpoint]:
     if not meta.is_file():
         raise InputError(f"{folder} is not a continual-merge state folder (no {STATE_JSON}); make one with "
                          f"`surgery merge ... --state {folder}`.", path=folder)
-    try:
-        doc = json.loads(meta.read_text())
-    except (OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{meta} cannot be read as JSON: {exc}.", path=meta) from exc
+    doc = read_json(meta, what="continual-merge state", error=CorruptCheckpointError)
     state = ContinualState.from_json(doc, meta)
     tensors = open_local(folder / TENSORS_FILE)
     return state, tensors

@@ -108,4 +108,4 @@ def test_peft_round_trip_cli(cli, setup, tmp_path):
     a, b = load_edit(e).tensors[n], load_edit(tmp_path / "back.safetensors").tensors[n]
     assert torch.allclose(a.delta(torch.float64), b.delta(torch.float64), atol=1e-7)
     r = cli("edit", "from-peft", tmp_path, "-o", tmp_path / "x.safetensors")
-    assert r.code == 3 and "is not a PEFT adapter folder" in r.stderr
+    assert r.code == 3 and "has no adapter_config.json" in r.stderr
