@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ..core.figures import check_plot_path, new_figure, require_matplotlib, save_figure
 from .common import TYPE_ORDER, type_rank
@@ -45,10 +45,10 @@ def _grouped_bars(ax, rows: list[dict[str, Any]], field: str, kinds: list[str], 
     ax.grid(axis="y", alpha=0.3)
 
 
-def plot_spectrum(report: dict[str, Any], path: str | Path) -> Path:
+def plot_spectrum(report: dict[str, Any], path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
     """Four panels: normalised singular-value curves per tensor (coloured by type); stable rank,
     effective rank / min(m, n) and σ_max per block and type."""
-    path = check_plot_path(path)
+    path = check_plot_path(path, inputs)
     rows = [r for r in report["tensors"] if r["finite"]]
     spectra = report.get("spectra", {})
     kinds = _kinds(rows)
@@ -82,13 +82,13 @@ def plot_spectrum(report: dict[str, Any], path: str | Path) -> Path:
     axes[1][1].legend(fontsize=8, ncol=2)
     what = "task vector vs " + str(report["base"]) if report.get("base") else "weights"
     fig.suptitle(f"spectrum of {report['checkpoint']} ({what})")
-    return save_figure(fig, path)
+    return save_figure(fig, path, inputs=inputs)
 
 
-def plot_gain(report: dict[str, Any], path: str | Path) -> Path:
+def plot_gain(report: dict[str, Any], path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
     """σ_max and gain σ_max/RMS per block and type; with a proxy, the σ_max ratio per pair and the
     tolerance band."""
-    path = check_plot_path(path)
+    path = check_plot_path(path, inputs)
     rows = [r for r in report["tensors"] if r["finite"]]
     kinds = _kinds(rows)
     colors = _colors(kinds)
@@ -112,7 +112,7 @@ def plot_gain(report: dict[str, Any], path: str | Path) -> Path:
         ax.axhline(expected, color="green", linewidth=1)
         ax.set_title(f"σ_max ratio vs proxy {report['proxy']} (d {w.get('target')} vs {w.get('proxy')})")
         ax.legend(fontsize=8, ncol=len(kinds) + 1, loc="lower right")
-    return save_figure(fig, path)
+    return save_figure(fig, path, inputs=inputs)
 
 
 __all__ = ["plot_spectrum", "plot_gain", "check_plot_path", "require_matplotlib", "TYPE_ORDER"]

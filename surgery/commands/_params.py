@@ -13,7 +13,14 @@ ShardSizeOpt = Annotated[str, typer.Option("--shard-size", help="Maximum shard s
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
 PushOpt = Annotated[Optional[str], typer.Option("--push-to-hub", metavar="REPO_ID", help="After writing, upload the output to this Hub repository.")]
 PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repository as private (with --push-to-hub).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Where the math runs: cpu, cuda, cuda:1, mps.")]
+def _device(value: str) -> str:
+    """Refuse an unknown device, or one this machine lacks, when the flag is parsed."""
+    from surgery.core.device import check_device
+
+    return check_device(value)
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", callback=_device, help="Where the math runs: cpu, cuda, cuda:1, mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 

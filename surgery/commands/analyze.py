@@ -34,12 +34,18 @@ ExactOpt = Annotated[bool, typer.Option("--exact", help="σ_max from a full SVD 
 TablesOpt = Annotated[int, typer.Option("--rows", help="Human output: show at most N tensor rows (0 = all; --json lists all).")]
 
 
-def _check_plot(plot: Optional[Path]) -> None:
+def _read_paths(*specs: Optional[str]) -> list[str]:
+    """What the analysis reads, for the output policy of --plot (a figure is never written over,
+    into or through a link to an input): the named paths, and an index's whole folder."""
+    return [str(Path(s).parent) if s.endswith(".index.json") else s for s in specs if s]
+
+
+def _check_plot(plot: Optional[Path], inputs: list[str]) -> None:
     """Refuse a bad --plot path, or a missing matplotlib, before the SVDs rather than after."""
     if plot is not None:
         from surgery.analyze.plot import check_plot_path, require_matplotlib
 
-        check_plot_path(plot)
+        check_plot_path(plot, inputs)
         require_matplotlib()
 
 
@@ -84,7 +90,7 @@ def spectrum(
     """Per 2-D tensor: σ_max, ‖W‖_F, stable rank, effective rank, energy rank and the top singular values; summaries per layer type and depth."""
     from surgery.analyze import spectrum as run
 
-    _check_plot(plot)
+    _check_plot(plot, _read_paths(checkpoint, base))
     result = run(checkpoint, base=base, energy=energy, top=top, keep_spectra=plot is not None, device=device,
                  progress=_render.progress(quiet))
     report = result.report
@@ -92,7 +98,7 @@ def spectrum(
     if plot is not None:
         from surgery.analyze.plot import plot_spectrum
 
-        report["plot"] = str(plot_spectrum(report, plot))
+        report["plot"] = str(plot_spectrum(report, plot, _read_paths(checkpoint, base)))
     report.pop("spectra", None)
 
     def human(console: Any, report: dict[str, Any]) -> None:
@@ -207,7 +213,7 @@ def gain(
     """Per matrix σ_max, RMS ‖W‖_F/√(mn) and σ_max/RMS; with --vs, σ_max ratios and implied width exponents against a proxy."""
     from surgery.analyze import gain as run
 
-    _check_plot(plot)
+    _check_plot(plot, _read_paths(checkpoint, vs))
     ignore_types = [t.strip() for t in ignore.split(",") if t.strip()] if ignore else []
     result = run(checkpoint, vs=vs, tolerance=tolerance, expect_exponent=expect_exponent, ignore_types=ignore_types,
                  exact=exact, fail_on_drift=fail_on_drift, device=device, progress=_render.progress(quiet))
@@ -217,7 +223,7 @@ def gain(
     if plot is not None:
         from surgery.analyze.plot import plot_gain
 
-        report["plot"] = str(plot_gain(report, plot))
+        report["plot"] = str(plot_gain(report, plot, _read_paths(checkpoint, vs)))
 
     def human(console: Any, report: dict[str, Any]) -> None:
         from rich.table import Table

@@ -64,10 +64,12 @@ def apply(
 
     if stride is not None and not corpus:
         raise UsageError("--stride applies to --corpus perplexity only.")
+    # what apply reads, for the output policy of --plot (never over, into or through a link to an input)
+    read = [str(base), *map(str, edits), *([str(text)] if text else [])]
     if plot is not None:  # refuse a bad --plot before the forward passes, not after
         from surgery.core.figures import check_plot_path, require_matplotlib
 
-        check_plot_path(plot)
+        check_plot_path(plot, read)
         require_matplotlib()
     result = apply_edits(base, edits, output, text=text, corpus=corpus, ctx=ctx, stride=stride,
                          max_sentences=max_sentences, batch_size=batch_size, max_ppl_ratio=max_ppl_ratio,
@@ -77,7 +79,7 @@ def apply(
     if plot is not None:
         from surgery.edit.plot import plot_perplexity
 
-        result.report["plot"] = str(plot_perplexity(result.report, plot))
+        result.report["plot"] = str(plot_perplexity(result.report, plot, read))
 
     def human(console, report) -> None:
         from rich.table import Table

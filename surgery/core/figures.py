@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UsageError
-from .output import atomic_file
+from .output import atomic_file, check_output
 
 SUFFIXES = {".png", ".pdf", ".svg", ".jpg", ".jpeg"}
 
@@ -35,13 +35,15 @@ def require_matplotlib() -> None:
     new_figure(1, 1, (1, 1))
 
 
-def check_plot_path(path: str | Path) -> Path:
-    """Refuse a plot path whose format matplotlib would not write or whose folder is missing."""
+def check_plot_path(path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse a plot path whose format matplotlib would not write, whose folder is missing, or
+    that is, contains or lies inside an input (the output policy of every write)."""
     p = Path(path)
     if p.suffix.lower() not in SUFFIXES:
         raise UsageError(f"`plot` {p}: use a .png, .pdf or .svg file name.")
     if not p.parent.exists():
         raise UsageError(f"`plot` {p}: folder {p.parent} does not exist.")
+    check_output(p, force=True, inputs=list(inputs), kind="file")
     return p
 
 

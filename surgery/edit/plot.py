@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ..core.figures import new_figure, save_figure
 
 
-def plot_perplexity(report: dict[str, Any], path: str | Path) -> Path:
+def plot_perplexity(report: dict[str, Any], path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
     """Draw the checks of an ``edit apply`` report: perplexity after each checked edit, the
     baseline, the collapse threshold, and collapsed checks in red.
 
@@ -36,4 +36,4 @@ def plot_perplexity(report: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("perplexity")
     ax.set_title(f"edit apply on {report['base']}", fontsize="medium")
     ax.legend(loc="best", fontsize="small")
-    return save_figure(fig, path, dpi=100)
+    return save_figure(fig, path, dpi=100, inputs=inputs)

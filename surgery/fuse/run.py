@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoint.reader import Checkpoint, open_checkpoint
 from ..core.engine import OutputTensor, cast_tensor, copy_tensor, dtype_name, parse_dtype, write_checkpoint
+from ..core.device import check_device
 from ..core.errors import IncompatibleCheckpointsError, UsageError
 from ..core.progress import Progress
 from ..core.result import Result
@@ -163,6 +164,7 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
     """
     if not adapters:
         raise UsageError("give at least one adapter to fuse: surgery fuse BASE ADAPTER[:WEIGHT]... -o OUT.")
+    check_device(device)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, not {threads}.")
     previous = torch.get_num_threads()

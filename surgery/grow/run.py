@@ -13,6 +13,8 @@ written.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,12 +23,17 @@ import torch
 from ..checkpoint.reader import Checkpoint, open_checkpoint
 from ..core.engine import OutputTensor, cast_tensor, dtype_name, parse_dtype, write_checkpoint
 from ..core.errors import CheckFailedError, InputError, UsageError
+from ..core.device import check_device
 from ..core.formats import read_json, read_yaml
 from ..core.progress import Progress
 from ..core.result import Result
 from .growth import INITS, exact_for, grow_keys, grow_values, key_rank, new_scale_tokens
 from .model import (EMBEDDING, KINDS, NORM_SLOT_FIELDS, SLOT_FIELDS, PattentionSite, TokenFormerConfig,
                     find_pattention, lm_logits, normalize_keys)
+
+# Most parameter tokens a grown layer may get (released TokenFormers use a few thousand);
+# checked, with the memory a grown tensor needs, before anything is allocated.
+MAX_TOKENS = 2**24
 
 # Largest relative logit deviation an exact init may show, by the dtype the grown tokens are
 # stored in (the new keys of `gram` are rounded to it; `tile` and `zero` are bit-exact).
@@ -63,6 +70,11 @@ def plan_targets(current: dict[str, int], *, tokens: int | None = None, qkv_toke
                          "--ffn-tokens N, or --factor F.")
     if len(given) > 1:
         raise UsageError(f"give only one of {', '.join(given)}.")
+    if factor is not None and not math.isfinite(factor):
+        raise UsageError(f"`factor` must be a finite number, got {factor}.")
+    for flag, v in (("tokens", tokens), *((f"{k}_tokens", n) for k, n in per_kind.items())):
+        if v is not None and not 1 <= v <= MAX_TOKENS:
+            raise UsageError(f"`{flag}` {v} is outside 1..{MAX_TOKENS}; no TokenFormer layer has more parameter tokens.")
     if tokens is not None:
         targets = {k: int(tokens) for k in KINDS}
     elif factor is not None:
@@ -72,6 +84,9 @@ def plan_targets(current: dict[str, int], *, tokens: int | None = None, qkv_toke
     else:
         targets = {k: int(per_kind[k]) if per_kind[k] is not None else current[k] for k in KINDS}
     for k in KINDS:
+        if targets[k] > MAX_TOKENS:
+            raise UsageError(f"`factor` {factor:g} would give {SLOT_FIELDS[k]} = {targets[k]}, above the limit of "
+                             f"{MAX_TOKENS} tokens.")
         if targets[k] < current[k]:
             raise UsageError(f"{SLOT_FIELDS[k]} is {current[k]} and growth only adds tokens, so {targets[k]} "
                              f"is too few; ask for at least {current[k]} (per kind with --{k}-tokens).")
@@ -123,7 +138,7 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
         raise UsageError(f"unknown --init {init!r}; choose one of {', '.join(INITS)}.")
     target_dtype = parse_dtype(dtype)
     if verify:
-        _check_device(device)
+        check_device(device)
     ckpt = open_checkpoint(str(source))
     sites = find_pattention(ckpt.names, label=ckpt.label)
     raw_cfg = normalize_keys(dict(ckpt.config or {}))
@@ -140,6 +155,7 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
     targets = plan_targets(current, tokens=tokens, qkv_tokens=qkv_tokens, proj_tokens=proj_tokens,
                            ffn_tokens=ffn_tokens, factor=factor)
     grown_kinds = [k for k in KINDS if targets[k] != current[k]]
+    _check_memory(ckpt, sites, targets, grown_kinds)
     norm_type = config.norm_activation_type
     if init == "tile":
         for k in grown_kinds:
@@ -238,6 +254,19 @@ def _check_shapes(ckpt: Checkpoint, sites: list[PattentionSite], config: TokenFo
                              f"{SLOT_FIELDS[s.kind]} = {config.slots(s.kind)}; fix the config.", tensor=s.key_name)
 
 
+def _check_memory(ckpt: Checkpoint, sites: list[PattentionSite], targets: dict[str, int], grown: list[str]) -> None:
+    """Refuse a growth whose largest grown tensor (built in float64) would not fit in half of
+    this machine's memory, before anything is allocated."""
+    need = max((targets[s.kind] * ckpt.info(s.key_name).shape[1] * 8 for s in sites if s.kind in grown), default=0)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    if need > total // 2:
+        raise UsageError(f"growing to {max(targets.values())} tokens needs {need / 2**30:.1f} GiB for one grown tensor "
+                         f"(float64), more than half of this machine's {total / 2**30:.1f} GiB; ask for fewer tokens.")
+
+
 def _check_gram_ranks(ckpt: Checkpoint, sites: list[PattentionSite], current: dict[str, int],
                       targets: dict[str, int]) -> None:
     """gram needs m ≥ rank(K) new tokens; check from shapes, read keys only when in doubt."""
@@ -255,17 +284,6 @@ def _check_gram_ranks(ckpt: Checkpoint, sites: list[PattentionSite], current: di
                 f"multiple of K_oldᵀK_old, which has rank {r}), but {SLOT_FIELDS[s.kind]} {current[s.kind]} -> "
                 f"{targets[s.kind]} adds {m}; grow to at least {current[s.kind] + r} or use --init tile.",
                 tensor=s.key_name)
-
-
-def _check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UsageError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:1 or mps.") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} asked for a CUDA GPU but torch sees none; use --device cpu.")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device} asked for Apple MPS but torch sees none; use --device cpu.")
 
 
 def _default_tolerance(dtypes: list[torch.dtype]) -> float:

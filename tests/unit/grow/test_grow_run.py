@@ -137,7 +137,7 @@ def test_no_verify(tokenformers, tmp_path):
     (dict(init="tile", factor=0.5), "would shrink"),
     (dict(init="tile", qkv_tokens=16), "nothing to grow"),
     (dict(init="bogus", tokens=64), "unknown --init 'bogus'; choose one of tile, gram, zero, random"),
-    (dict(tokens=64, device="gpu0"), "--device 'gpu0' is not a device name"),
+    (dict(tokens=64, device="gpu0"), "`device` 'gpu0' is not a device name"),
 ])
 def test_usage_refusals(tokenformers, tmp_path, kw, message):
     with pytest.raises(UsageError, match=message) as e:
@@ -147,7 +147,7 @@ def test_usage_refusals(tokenformers, tmp_path, kw, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_gpu_is_a_usage_error(tokenformers, tmp_path):
-    with pytest.raises(UsageError, match="--device cuda asked for a CUDA GPU but torch sees none"):
+    with pytest.raises(UsageError, match="`device` cuda asked for a CUDA GPU but torch sees none"):
         grow(tokenformers["l2_norm_gelu"], tmp_path / "x", tokens=64, device="cuda")
 
 
@@ -199,7 +199,7 @@ def test_config_file_errors(tokenformers, tmp_path):
     assert e.value.exit_code == 3
     bad = tmp_path / "bad.yml"
     bad.write_text("{ this is: [not yaml\n")
-    with pytest.raises(InputError, match="bad.yml could not be parsed"):
+    with pytest.raises(InputError, match="bad.yml is not valid YAML"):
         grow(src, tmp_path / "x", tokens=64, config_file=bad)
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="does not hold a mapping"):
