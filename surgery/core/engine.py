@@ -161,20 +161,33 @@ class _Scratch:
         return buf[:nbytes]
 
 
+def finite_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in a dtype ``torch.isfinite`` supports (float8 has no kernels: upcast)."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every entry of ``t`` is finite (integer and bool tensors always are)."""
+    return not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(finite_view(t)).all())
+
+
 class _Finite:
     """The engine's non-finite check: one ``isfinite`` pass over every computed or cast
-    tensor (raw copies are the input's own bytes). A failure names the input tensor that
-    carried the NaN/Inf, or says the computation or the cast produced it."""
+    tensor. Raw copies and casts of a stored tensor carry the input's own values (a NaN
+    there is the input's, and ``surgery check`` reports it); what is refused is a NaN/Inf
+    the operation computed (named with the input tensor that carried it into the math) and
+    a cast that overflowed finite values."""
 
     def __init__(self, inputs: list[Checkpoint], allow: bool):
         self.inputs = inputs
         self.allow = allow
 
-    def check(self, out: OutputTensor, written: torch.Tensor, computed: torch.Tensor | None = None) -> None:
-        if self.allow or not written.dtype.is_floating_point or written.numel() == 0:
+    def check(self, out: OutputTensor, written: torch.Tensor, computed: torch.Tensor | None = None,
+              cast_only: bool = False) -> None:
+        if self.allow or all_finite(written):
             return
-        if bool(torch.isfinite(written).all()):
-            return
+        if cast_only and computed is not None and not all_finite(computed):
+            return  # a stored NaN/Inf carried through a dtype cast, like a raw copy
         bad = _nonfinite_input(out, self.inputs)
         if bad is not None:
             info, label = bad
@@ -182,7 +195,7 @@ class _Finite:
                 f"output tensor {out.name!r} is not finite because the input tensor {info.name!r} of {label} holds "
                 f"NaN or Inf; fix that input, or pass `allow_nonfinite` to write it anyway.",
                 path=info.file, tensor=info.name)
-        if computed is not None and computed.dtype != written.dtype and bool(torch.isfinite(computed).all()):
+        if computed is not None and computed.dtype != written.dtype and all_finite(computed):
             raise NonFiniteError(
                 f"output tensor {out.name!r} overflows {dtype_name(written.dtype)} (values beyond its range became "
                 f"Inf when cast); choose a wider `dtype`, or pass `allow_nonfinite` to write it anyway.", tensor=out.name)
@@ -203,7 +216,7 @@ def _nonfinite_input(out: OutputTensor, inputs: list[Checkpoint]) -> tuple[Tenso
     for info, label in candidates:
         if not info.dtype.is_floating_point or info.numel == 0:
             continue
-        if not bool(torch.isfinite(read_tensor(info)).all()):
+        if not all_finite(read_tensor(info)):
             return info, label
     return None
 
@@ -224,7 +237,7 @@ def _cast_rows(writer: ShardedWriter, out: OutputTensor, scratch: _Scratch, fini
         read_into(info, start * in_row, raw)
         dst = scratch.get("write", n * row_elems * out_item).view(out.dtype)
         dst.copy_(raw.view(info.dtype))
-        finite.check(out, dst, raw.view(info.dtype))
+        finite.check(out, dst, raw.view(info.dtype), cast_only=True)
         writer.write_rows(out.name, start, dst)
 
 
@@ -337,7 +350,8 @@ def write_checkpoint(
         allow_nonfinite: Write computed tensors that hold NaN or Inf. By default every
             computed or cast tensor is checked (one ``isfinite`` pass) and a non-finite one
             raises NonFiniteError naming the input tensor that carried it, before any
-            output appears. Raw copies are the inputs' own bytes and are not checked.
+            output appears. Raw copies and plain casts carry a stored tensor's own values
+            and are refused only when the cast overflows finite values.
 
     Returns:
         A WriteResult.

@@ -104,12 +104,28 @@ class TokenFormerConfig:
             kw: dict[str, Any] = {k: conv(cfg[k]) for k, conv in kinds.items() if cfg.get(k) is not None}
         except (TypeError, ValueError) as exc:
             raise InputError(f"{where} has a value of the wrong type ({exc}).") from exc
-        frozen = {kind: float(cfg[f]) for kind, f in NORM_SLOT_FIELDS.items() if cfg.get(f) is not None}
-        return cls(hidden_size=int(cfg["hidden_size"]), num_layers=int(cfg["num_layers"]),
-                   num_attention_heads=int(cfg["num_attention_heads"]),
-                   qkv_slot_num=int(cfg["qkv_slot_num"]), proj_slot_num=int(cfg["proj_slot_num"]),
-                   ffn_slot_num=int(cfg["ffn_slot_num"]), norm_activation_type=norm_type,
-                   norm_slot_num=frozen, **kw)
+        bad = next((k for k, v in kw.items() if isinstance(v, float) and not math.isfinite(v)), None)
+        if bad is not None:
+            raise InputError(f"{where} has {bad} = {kw[bad]}; it must be a finite number.")
+        frozen = {kind: _count(cfg, f, where, number=True) for kind, f in NORM_SLOT_FIELDS.items()
+                  if cfg.get(f) is not None}
+        ints = {k: _count(cfg, k, where) for k in ("hidden_size", "num_layers", "num_attention_heads",
+                                                   *SLOT_FIELDS.values())}
+        return cls(**ints, norm_activation_type=norm_type, norm_slot_num=frozen, **kw)
+
+
+def _count(cfg: dict[str, Any], key: str, where: str, number: bool = False) -> Any:
+    """A positive integer (or, with ``number``, a positive finite number) field; YAML strings
+    that spell one are accepted."""
+    v = cfg[key]
+    try:
+        x = float(v) if not isinstance(v, bool) else float("nan")
+    except (TypeError, ValueError):
+        x = float("nan")
+    if not math.isfinite(x) or x <= 0 or (not number and x != int(x)) or x > 2**40:
+        kind = "a positive number" if number else "a positive integer"
+        raise InputError(f"{where} has {key} = {v!r}; it must be {kind}.")
+    return x if number else int(x)
 
 
 def _boolean(v: Any) -> bool:

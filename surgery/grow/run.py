@@ -243,7 +243,12 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
 
 
 def _check_shapes(ckpt: Checkpoint, sites: list[PattentionSite], config: TokenFormerConfig, where: str) -> None:
-    """Every param-token tensor pair is 2-D, agrees on n, and n is the config's slot count."""
+    """Every param-token tensor pair is 2-D, agrees on n, and n is the config's slot count;
+    the checkpoint has as many blocks as the config's num_layers."""
+    blocks = {s.block for s in sites}
+    if len(blocks) != config.num_layers:
+        raise InputError(f"{ckpt.label} has Pattention tensors in {len(blocks)} block(s) but {where} says num_layers = "
+                         f"{config.num_layers}; the config does not describe this checkpoint, fix it.", path=ckpt.root)
     for s in sites:
         k, v = ckpt.info(s.key_name), ckpt.info(s.value_name)
         if len(k.shape) != 2 or len(v.shape) != 2 or k.shape[0] != v.shape[0]:

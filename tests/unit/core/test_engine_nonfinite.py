@@ -73,3 +73,13 @@ def test_zero_element_tensor_with_a_huge_dimension_is_not_looped_over(tmp_path):
     write_checkpoint(plan, tmp_path / "o", donor=None, operation="t", parameters={}, inputs=[ck])
     assert time.perf_counter() - t0 < 5
     assert open_checkpoint(tmp_path / "o").info("e").shape == (2**40, 0)
+
+
+def test_a_cast_carries_a_stored_nan_like_a_copy(tmp_path, ckpts):
+    """Copies and plain casts carry the input's own values (check reports them); only what
+    the operation computes, and casts that overflow, are refused."""
+    _, b = ckpts
+    write_checkpoint([cast_tensor(b, "w", torch.float16)], tmp_path / "o", donor=None, operation="t",
+                     parameters={}, inputs=[b])
+    w = load_file(str(tmp_path / "o" / "model.safetensors"))["w"]
+    assert w.dtype == torch.float16 and int(torch.isnan(w).sum()) == 1
