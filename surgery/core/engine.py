@@ -200,8 +200,9 @@ class _Finite:
                 f"output tensor {out.name!r} overflows {dtype_name(written.dtype)} (values beyond its range became "
                 f"Inf when cast); choose a wider `dtype`, or pass `allow_nonfinite` to write it anyway.", tensor=out.name)
         raise NonFiniteError(
-            f"output tensor {out.name!r} came out NaN or Inf although its inputs are finite (the computation "
-            f"overflowed or divided by zero); check the parameters, or pass `allow_nonfinite` to write it anyway.",
+            f"output tensor {out.name!r} came out NaN or Inf although its stored inputs are finite (the computation "
+            f"overflowed, or an operand such as an edit delta held NaN/Inf); check the parameters and deltas, or pass "
+            f"`allow_nonfinite` to write it anyway.",
             tensor=out.name)
 
 

@@ -90,6 +90,17 @@ def _tmp_name(output: Path, tag: str = TMP_TAG) -> str:
 
 def check_output(output: str | os.PathLike, *, force: bool, inputs: Iterable[str | os.PathLike] = (),
                  kind: str = "folder") -> Path:
+    """Refuse an output path that cannot be written safely (see :func:`_check_output`); an
+    operating-system error while looking at it (a path over PATH_MAX, a folder that cannot
+    be searched) is one OutputError line."""
+    try:
+        return _check_output(output, force=force, inputs=inputs, kind=kind)
+    except OSError as exc:
+        raise _output_error(Path(os.fspath(output)), exc) from exc
+
+
+def _check_output(output: str | os.PathLike, *, force: bool, inputs: Iterable[str | os.PathLike] = (),
+                  kind: str = "folder") -> Path:
     """Refuse an output path that cannot be written safely, before any work starts.
 
     Args:

@@ -17,6 +17,7 @@ stored bytes the edit was made against), ``description`` and optional ``subject`
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,12 +87,22 @@ class TensorEdit:
         s = self.s.double() if self.s is not None else torch.ones(u.shape[1], dtype=torch.float64)
         return (ru * s) @ rv.T
 
+    def finite(self) -> bool:
+        """Whether every stored entry of the delta is finite."""
+        parts = [self.dense] if self.dense is not None else [self.u, self.v, self.s]
+        return all(bool(torch.isfinite(p.float()).all()) for p in parts if p is not None)
+
     def frobenius(self) -> float:
-        """‖ΔW‖_F without materialising ΔW."""
+        """‖ΔW‖_F without materialising ΔW (inf when the delta holds NaN or Inf)."""
+        if not self.finite():
+            return math.inf
         return float(torch.linalg.matrix_norm(self._core(), ord="fro"))
 
     def sigma_max(self) -> float:
-        """σ_max(ΔW) without materialising ΔW (for low-rank factors)."""
+        """σ_max(ΔW) without materialising ΔW (for low-rank factors; inf when the delta holds
+        NaN or Inf, where a decomposition would not converge)."""
+        if not self.finite():
+            return math.inf
         core = self._core()
         return float(torch.linalg.matrix_norm(core, ord=2)) if core.numel() else 0.0
 

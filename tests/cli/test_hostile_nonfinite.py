@@ -30,3 +30,17 @@ def test_fuse_inf_in_base_names_the_base_tensor(cli, tmp_path):
     ad = lora_adapter(tmp_path / "ad")
     line = one_line_error(cli("fuse", base, ad, "-o", tmp_path / "out"), 3)
     assert f"input tensor '{Q_PROJ}.weight'" in line and str(base) in line
+
+
+def test_edit_apply_nan_delta_is_a_collapse(cli, tmp_path):
+    from surgery.edit.format import Edit, TensorEdit, save_edit
+
+    n = Q_PROJ + ".weight"
+    u = torch.ones(64, 1)
+    u[0, 0] = float("nan")
+    save_edit(Edit({n: TensorEdit(n, u=u, v=torch.ones(64, 1))}), tmp_path / "nan.safetensors")
+    res = cli("edit", "apply", LLAMA / "base", tmp_path / "nan.safetensors", "-o", tmp_path / "out", "--json")
+    assert res.code == 1, res.stderr
+    doc = res.json()
+    assert doc["passed"] is False and "internal error" not in res.stderr
+    assert any(c["collapsed"] for c in doc["checks"])

@@ -88,3 +88,15 @@ def test_missing_and_unreadable(tmp_path):
         load_edit(junk)
     with pytest.raises(CorruptCheckpointError, match="holds no tensors"):
         parse_edit({}, {}, "x")
+
+
+def test_non_finite_delta_has_infinite_norms():
+    """A NaN/Inf delta gets infinite pre-check norms (so apply checks it and calls it a
+    collapse) instead of a decomposition that cannot converge."""
+    n = "w"
+    u = torch.ones(4, 1)
+    u[1, 0] = float("nan")
+    for te in (TensorEdit(n, u=u, v=torch.ones(3, 1)), TensorEdit(n, dense=torch.full((4, 3), float("inf")))):
+        assert not te.finite() and te.frobenius() == float("inf") and te.sigma_max() == float("inf")
+    ok = TensorEdit(n, u=torch.ones(4, 1), v=torch.ones(3, 1))
+    assert ok.finite() and abs(ok.sigma_max() - (4 * 3) ** 0.5) < 1e-6
