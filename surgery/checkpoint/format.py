@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ..core.errors import CorruptCheckpointError
-from ..core.formats import check_text
+from ..core.formats import check_text, text_safe
 
 if TYPE_CHECKING:
     import torch
@@ -289,7 +289,7 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...], int, int]], meta
     """
     obj: dict = {}
     if metadata:
-        obj["__metadata__"] = metadata
+        obj["__metadata__"] = text_safe(metadata)   # a path with non-UTF-8 bytes in a record
     for name, code, shape, begin, end in entries:
         obj[name] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

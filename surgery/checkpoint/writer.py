@@ -213,7 +213,8 @@ def _json_len(entries, metadata) -> int:
 
 
 def write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
+    # backslashreplace: a lone surrogate (a path's non-UTF-8 bytes) is written as its escape
+    with open(path, "w", encoding="utf-8", errors="backslashreplace") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())

@@ -24,6 +24,7 @@ from ..checkpoint.reader import Checkpoint, read_into
 from ..checkpoint.writer import ShardedWriter, TensorSpec, parse_size, write_text
 from .output import atomic_output
 from .errors import NonFiniteError, UsageError
+from .formats import text_safe
 from .progress import Progress, ensure
 
 # Donor files that are not the tokenizer's (kept when an operation writes its own tokenizer).
@@ -385,7 +386,7 @@ def write_checkpoint(
             extra = extra_record() if extra_record else None
             roles = input_roles or ["input"] * len(inputs)
             rec_inputs = [{"role": r, "label": ck.label, "sha256": ck.sha256()} for r, ck in zip(roles, inputs)]
-            record = make_record(operation, parameters, rec_inputs, extra)
+            record = text_safe(make_record(operation, parameters, rec_inputs, extra))
             files = writer.finish({"format": "pt", "surgery": json.dumps(record, sort_keys=True, default=str)})
         finally:
             writer.close()

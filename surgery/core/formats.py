@@ -48,6 +48,23 @@ def check_text(s: str, *, path: str | os.PathLike | None, what: str, error: type
     return s
 
 
+def text_safe(obj: Any) -> Any:
+    """``obj`` with every string made encodable: a lone surrogate (what Python makes of a
+    path's non-UTF-8 bytes) is written as its escape (``\\udcff``), so records, cards and
+    metadata that mention such a path can still be written as UTF-8."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+            return obj
+        except UnicodeEncodeError:
+            return obj.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(obj, dict):
+        return {text_safe(k): text_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(text_safe(v) for v in obj)
+    return obj
+
+
 def check_tree(obj: Any, *, path: str | os.PathLike | None, what: str, max_depth: int = MAX_DEPTH,
                max_nodes: int = MAX_NODES, error: type[InputError] = InputError) -> Any:
     """Walk a parsed document without recursion: depth, node count, keys and strings.

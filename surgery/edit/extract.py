@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
+from ..core.determinism import one_thread, svd
 from ..core.errors import IncompatibleCheckpointsError, UsageError
 from ..core.output import check_output
 from ..core.progress import Progress, track
@@ -86,11 +87,12 @@ def compress(name: str, delta: torch.Tensor, *, rank: int | None = None, energy:
     sketch = rank is not None and not exact and rank + OVERSAMPLE < min(rows, cols) // 2
     if sketch:
         seed = SEED + zlib.crc32(name.encode())  # deterministic per tensor, whatever the order
-        u, s, vh = randomized_svd(d, rank, seed=seed)
+        with one_thread():   # the same bytes whatever the thread count
+            u, s, vh = randomized_svd(d, rank, seed=seed)
         r = min(rank, int(s.numel()))
         method = "randomized"
     else:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        u, s, vh = svd(d)   # one thread, fixed signs: the same bytes whatever the thread count
         r = choose_rank(s, rank=rank, energy=energy)
         method = "exact"
     kept = float(s[:r].double().pow(2).sum())

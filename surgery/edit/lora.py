@@ -26,7 +26,9 @@ import torch
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.peft import WEIGHTS_NAME as ADAPTER_FILE_NAME, CONFIG_NAME as CONFIG_FILE_NAME, PEFT_PREFIX, LoraConfig, lora_modules, open_adapter_files
 from ..core.engine import WriteResult
+from ..core.determinism import svd
 from ..core.errors import IncompatibleCheckpointsError, InputError, UsageError
+from ..core.formats import text_safe
 from ..core.result import Result
 from .format import Edit, TensorEdit, load_edit, save_edit
 
@@ -205,7 +207,7 @@ def to_peft(edit: str | Path | Edit, output: str | Path, *, base: str | Path | C
             s = te.s.float() if te.s is not None else torch.ones(u.shape[1])
         else:
             d = te.dense.float()  # type: ignore[union-attr]
-            uu, ss, vh = torch.linalg.svd(d, full_matrices=False)
+            uu, ss, vh = svd(d)   # the same bytes whatever the thread count
             r = int((ss > ss[0] * 1e-7).sum()) if ss.numel() and ss[0] > 0 else 1
             r = max(1, min(r, rank) if rank is not None else r)
             total = float((ss.double() ** 2).sum())
@@ -237,7 +239,7 @@ def to_peft(edit: str | Path | Edit, output: str | Path, *, base: str | Path | C
     }
     with atomic_output(out, force=force, inputs=read_paths) as tmp:
         nbytes = write_safetensors(tmp / ADAPTER_FILE, state, {"format": "pt"})
-        write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        write_text(tmp / CONFIG_FILE, json.dumps(text_safe(config), indent=2) + "\n")
     out = out.expanduser()
     written = WriteResult(out, [out / ADAPTER_FILE], config, len(state), nbytes)
     return Result({"output": str(out), "edit": e.label, "base": ckpt.label, "r": r_max, "tensors": rows,

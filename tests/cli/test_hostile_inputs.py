@@ -132,3 +132,25 @@ def test_empty_dimension_does_not_loop(cli, tmp_path):
     if res.code:
         one_line_error(res, (2, 3))
     assert "internal error" not in res.stderr
+
+
+def test_paths_with_non_utf8_bytes(cli, tmp_path):
+    """A folder named with non-UTF-8 bytes (a lone surrogate in Python) reads and writes:
+    records, cards and adapter configs carry its escaped name, never a UnicodeEncodeError."""
+    import os
+    import shutil
+
+    src = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"in\xfe"))
+    shutil.copytree(LLAMA / "base", src)
+    out = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"out\xfd"))
+    res = cli("convert", src, out, "--json")
+    assert res.code == 0, res.stderr
+    from surgery.checkpoint import open_checkpoint
+
+    record = json.loads(open_checkpoint(out).metadata["surgery"])
+    assert record["inputs"][0]["label"].endswith("in\\udcfe")
+    ed = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"e\xfd.safetensors"))
+    assert cli("edit", "extract", src, LLAMA / "ft-a", "-o", ed, "--rank", "1", "--json").code == 0
+    ad = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"ad\xfd"))
+    assert cli("edit", "to-peft", ed, "--base", src, "-o", ad, "--drop-vectors", "--json").code == 0
+    assert cli("edit", "from-peft", ad, "-o", tmp_path / "back.safetensors", "--json").code == 0

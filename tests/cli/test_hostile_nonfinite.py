@@ -3,6 +3,7 @@ tensor that carried it, unless --allow-nonfinite."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hostile_helpers import LLAMA, Q_PROJ, copy_model, lora_adapter, one_line_error
 from safetensors.torch import load_file
@@ -32,6 +33,7 @@ def test_fuse_inf_in_base_names_the_base_tensor(cli, tmp_path):
     assert f"input tensor '{Q_PROJ}.weight'" in line and str(base) in line
 
 
+@pytest.mark.slow
 def test_edit_apply_nan_delta_is_a_collapse(cli, tmp_path):
     from surgery.edit.format import Edit, TensorEdit, save_edit
 

@@ -2,7 +2,7 @@
 files, mutated files, indexes, configs, adapter configs and edit files either read into a
 valid result or raise the project's one-line input error, never anything else.
 
-``SURGERY_FUZZ_EXAMPLES`` sets the examples per property (default 20, fast enough for the
+``SURGERY_FUZZ_EXAMPLES`` sets the examples per property (default 10, fast enough for the
 default tier; CI's long profile runs more, see docs/reliability.md)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from surgery.checkpoint.format import DTYPES, MAX_DIM, MAX_NDIM, parse_header
 from surgery.core.errors import InputError
 
-EXAMPLES = int(os.environ.get("SURGERY_FUZZ_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("SURGERY_FUZZ_EXAMPLES", "10"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("SURGERY_FUZZ_RANDOM") != "1",
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
