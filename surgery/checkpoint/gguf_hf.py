@@ -20,14 +20,14 @@ Q/K row permutation, metadata keys and tokenizer arrays.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.errors import IncompatibleCheckpointsError, UsageError
+from ..core.errors import CorruptCheckpointError, IncompatibleCheckpointsError, UsageError
+from ..core.formats import read_json
 from .gguf import GGUFArray, GGUFFile, GGUFTensorInfo
 
 # GGUF architectures whose config transformers builds with special rules (or a newer
@@ -426,7 +426,7 @@ def tokenizer_metadata(folder: Path, vocab_size: int, pre: str | None = None) ->
 
     tj = folder / "tokenizer.json"
     out: list[tuple[str, Any, str]] = []
-    data = json.loads(tj.read_text(encoding="utf-8")) if tj.is_file() else None
+    data = read_json(tj, what="tokenizer.json", error=CorruptCheckpointError) if tj.is_file() else None
     model = (data or {}).get("model") or {}
     if data is not None and model.get("type") == "BPE" and not model.get("byte_fallback", False):
         tokens, types = _bpe_tokens(data, vocab_size)

@@ -230,7 +230,7 @@ def fetch_headers(repo_id: str, revision: str | None, folder: Path) -> dict[str,
         try:
             wm = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(wm.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise CorruptCheckpointError(f"{repo_id}: model.safetensors.index.json is not a valid index ({exc}).",
                                          path=repo_id) from exc
     elif "model.safetensors" in sizes:

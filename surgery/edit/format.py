@@ -26,6 +26,7 @@ import torch
 
 from ..core.engine import WriteResult
 from ..core.errors import CorruptCheckpointError, InputError
+from ..core.formats import parse_json
 
 FORMAT = "surgery-edit"
 FORMAT_VERSION = 1
@@ -172,10 +173,10 @@ def parse_edit(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
     except ValueError:
         raise bad(f"format_version {version!r} is not an integer.") from None
     try:
-        sha = json.loads(meta.pop("base_sha256", "{}"))
+        sha = parse_json(meta.pop("base_sha256", "{}"), path=path, what="base_sha256 metadata of")
         if not isinstance(sha, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sha.items()):
             raise ValueError("not an object of strings")
-    except ValueError as exc:
+    except (ValueError, InputError) as exc:
         raise bad(f"base_sha256 metadata is not a JSON object of name -> sha256 ({exc}).") from None
     info = {k: meta.pop(k) for k in TEXT_KEYS if k in meta}
 

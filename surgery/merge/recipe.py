@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import InputError, UsageError
+from ..core.errors import UsageError
+from ..core.formats import read_yaml
 
 # mergekit's MergeConfiguration keys; the ones surgery does not implement are refused by name.
 RECIPE_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
@@ -446,15 +447,9 @@ def load_recipe(path: str | Path) -> MergeRequest:
             (both or neither of ``models`` and ``slices``, no ``merge_method``, malformed values,
             empty layer ranges, ``tokenizer_source`` with ``tokenizer``).
     """
-    import yaml
-
     p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except OSError as exc:
-        raise InputError(f"recipe {p} cannot be read: {exc.strerror or exc}.", path=p) from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"recipe {p} is not valid YAML: {str(exc).splitlines()[0]}.", path=p) from exc
+    # the validated reader: size, strict UTF-8, safe tags, bounded nesting and aliases
+    doc = read_yaml(p, what="recipe", expect=None)
     if not isinstance(doc, dict):
         raise UsageError(f"recipe {p} must be a mapping with merge_method, base_model and models or slices.", path=p)
     r = _Reader(p)

@@ -154,3 +154,24 @@ def test_paths_with_non_utf8_bytes(cli, tmp_path):
     ad = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"ad\xfd"))
     assert cli("edit", "to-peft", ed, "--base", src, "-o", ad, "--drop-vectors", "--json").code == 0
     assert cli("edit", "from-peft", ad, "-o", tmp_path / "back.safetensors", "--json").code == 0
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a: " + "[" * 5000 + "]" * 5000, "nests too deeply|deeper than"),
+    (b"merge_method: linear\n\xff: 1\n", "not UTF-8"),
+    ("merge_method: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+    ("- 1\n- 2\n", "must be a mapping"),
+], ids=["deep", "non-UTF-8", "python tag", "a list"])
+def test_malformed_recipes(cli, tmp_path, text, match):
+    r = tmp_path / "r.yml"
+    r.write_bytes(text if isinstance(text, bytes) else text.encode())
+    line = one_line_error(cli("merge", "--config", r, "-o", tmp_path / "o"), (2, 3))
+    assert re.search(match, line) and "r.yml" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_edit_metadata_nested_too_deeply(cli, tmp_path):
+    save_file({"w.delta": torch.ones(2)}, str(tmp_path / "e.safetensors"),
+              metadata={"format": "surgery-edit", "base_sha256": "[" * 100_000 + "]" * 100_000})
+    line = one_line_error(cli("edit", "apply", LLAMA / "base", tmp_path / "e.safetensors", "-o", tmp_path / "o"), 3)
+    assert "base_sha256" in line
