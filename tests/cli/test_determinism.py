@@ -33,7 +33,7 @@ def _commands(tmp: Path) -> dict[str, list[str]]:
         "fuse": ["fuse", base, ad, "-o", "{out}"],
         "edit extract": ["edit", "extract", base, a, "-o", "{out}.safetensors", "--rank", "2"],
         "edit from-peft": ["edit", "from-peft", ad, "--base", base, "-o", "{out}.safetensors"],
-        "edit to-peft": ["edit", "to-peft", edit, "--base", base, "-o", "{out}"],
+        "edit to-peft": ["edit", "to-peft", edit, "--base", base, "-o", "{out}", "--drop-vectors"],
         "edit apply": ["edit", "apply", base, edit, "-o", "{out}"],
         "grow gram": ["grow", str(FIXTURES / "tokenformer-tiny"), "-o", "{out}", "--ffn-tokens", "100", "--init", "gram"],
         "grow random": ["grow", str(FIXTURES / "tokenformer-tiny"), "-o", "{out}", "--factor", "2", "--init", "random"],
