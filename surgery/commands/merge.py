@@ -139,6 +139,7 @@ def merge(
     state: Annotated[Optional[Path], typer.Option("--state", metavar="DIR", help="Save the continual-merge state here (atomically).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", metavar="DIR", help="Continue the continual merge saved in DIR with MODELS.")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Copy tensors some models lack from the base instead of refusing.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Write merged tensors that hold NaN or Inf (refused by default, exit 3 naming the input tensor that carried them).")] = False,
     dtype: DtypeOpt = None,
     shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
     force: ForceOpt = False,
@@ -194,7 +195,8 @@ def merge(
                 d[key] = v
         request = MergeRequest(method or "", base, [ModelEntry(m, p) for m, p in zip(models, per)], shared)
     options = MergeOptions(seed=seed, allow_missing=allow_missing, decomposition=decomposition.value, shuffle=shuffle,
-                           trim_ties=trim_ties.value, device=device, state_dir=state, resume_dir=resume)
+                           trim_ties=trim_ties.value, device=device, state_dir=state, resume_dir=resume,
+                           allow_nonfinite=allow_nonfinite)
     result = run(request, output, options=options, dtype=dtype, shard_size=shard_size, force=force,
                  progress=_render.progress(quiet), dry_run=dry_run)
     for warning in result.report.get("warnings", []):

@@ -47,6 +47,8 @@ class MergeOptions:
         device: Where the math runs.
         state_dir: Save the continual state here.
         resume_dir: Continue the continual merge saved here.
+        allow_nonfinite: Write merged tensors that hold NaN or Inf (refused by default, naming
+            the input tensor that carried them).
     """
 
     seed: int = 0
@@ -57,6 +59,7 @@ class MergeOptions:
     device: str = "cpu"
     state_dir: Path | None = None
     resume_dir: Path | None = None
+    allow_nonfinite: bool = False
 
 
 def _num_layers(ref: Checkpoint) -> int:
@@ -229,7 +232,8 @@ def _write_plan(plan, request: MergeRequest, output, *, options: MergeOptions, g
     written = write_checkpoint(tensors, output, donor=plan.models[plan.donor], operation="merge", parameters=record,
                                inputs=recorded, input_roles=roles, input_paths=guarded, dtype=target,
                                shard_size=shard_size, force=force, progress=progress,
-                               config_update=plan.config_update or None, tokenizer_files=tokenizer_files)
+                               config_update=plan.config_update or None, tokenizer_files=tokenizer_files,
+                               allow_nonfinite=options.allow_nonfinite)
     if request.slices is None:
         order = [plan.labels[s.model] for s in (plan.tensors[0].models if plan.tensors else [])]
     else:
@@ -310,7 +314,8 @@ def _continual(request: MergeRequest, output, *, options: MergeOptions, dtype, s
                    "state": str(options.state_dir) if options.state_dir else None})
     runner = StepRunner(method, params, base, models, state, state_tensors,
                         base_identity=state.base if state is not None else _base_identity(base),
-                        device=options.device, options={"decomposition": options.decomposition}, progress=progress)
+                        device=options.device, options={"decomposition": options.decomposition},
+                        allow_nonfinite=options.allow_nonfinite, progress=progress)
     replace_ok = [Path(options.resume_dir)] if options.resume_dir else []
     state_inputs = [p for ck in [base] + models for p in ck.input_paths()] + [Path(output)] + \
         ([Path(request.origin)] if request.origin else [])

@@ -144,14 +144,15 @@ class StepRunner:
         base_identity: θ0's label, path and sha256, recorded in the state.
         device: Where the math runs.
         options: Execution options passed to the steps (``decomposition``).
+        allow_nonfinite: Write merged tensors that hold NaN or Inf.
         progress: Progress sink.
     """
 
     def __init__(self, method: Continual, params: Params, base: Checkpoint, models: list[Checkpoint],
                  state: ContinualState | None, state_tensors: Checkpoint | None, *, base_identity: dict[str, str],
-                 device: str, options: dict[str, Any], progress: Progress | None):
+                 device: str, options: dict[str, Any], allow_nonfinite: bool = False, progress: Progress | None):
         self.method, self.params, self.base, self.models = method, params, base, models
-        self.base_identity = base_identity
+        self.base_identity, self.allow_nonfinite = base_identity, allow_nonfinite
         self.dev, self.options, self.progress = device, options, ensure(progress)
         self.names = [n for n in base.names if mergeable(base, n)]
         self.shared = {n: params.shared(n) for n in self.names}
@@ -347,7 +348,7 @@ class StepRunner:
             return write_checkpoint(plan(sink), output, donor=base, operation="merge", parameters=record,
                                     inputs=[base] + self.models, input_roles=["base"] + ["model"] * len(self.models),
                                     input_paths=guarded, dtype=dtype, shard_size=shard_size, force=force,
-                                    progress=self.progress, extra_record=extra)
+                                    progress=self.progress, extra_record=extra, allow_nonfinite=self.allow_nonfinite)
 
         if state_dir is not None:
             specs = [TensorSpec(n, base.info(n).shape, torch.float32) for n in self.names]

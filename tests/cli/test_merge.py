@@ -305,3 +305,23 @@ def test_trim_ties_rejects_an_unknown_rule(cli, tmp_path):
     r = cli("merge", "-m", "ties", "--base", ROOT / "fixtures/llama-tiny/base", ROOT / "fixtures/llama-tiny/ft-a",
             "--trim-ties", "random", "-o", tmp_path / "o")
     assert r.code == 2 and "'index', 'argsort'" in r.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "slerp", "opcm", "magmax"])
+def test_nonfinite_input_is_refused_unless_allowed(cli, tmp_path, method):
+    """A NaN entry in a model flows into the merge: refused (exit 3, naming the input tensor that
+    carried it) unless --allow-nonfinite, and then the output does hold it."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(LLAMA / "ft-a", bad)
+    sd = load_file(bad / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    sd[name][3, 5] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    args = ["merge", "-m", method, "--base", LLAMA / "base", bad]
+    r = cli(*args, "-o", tmp_path / "o")
+    assert r.code == 3 and name in r.stderr and str(bad) in r.stderr and not (tmp_path / "o").exists()
+    r = cli(*args, "--allow-nonfinite", "-o", tmp_path / "o")
+    assert r.code == 0, r.stderr
+    assert not torch.isfinite(open_checkpoint(tmp_path / "o").get(name)).all()
