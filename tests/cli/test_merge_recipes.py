@@ -55,15 +55,17 @@ def _recipe(tmp_path: Path, text: str, name: str = "r.yml") -> Path:
 
 # ---- slices ---------------------------------------------------------------------------------
 
-@needs_passthrough
-def test_frankenmerge_stacks_and_repeats_layers(cli, tmp_path):
-    """Output layer k holds the named source layer's tensors byte for byte; the layer count in
-    config.json follows."""
+@pytest.mark.parametrize("method", ["passthrough", "linear"])
+def test_frankenmerge_stacks_and_repeats_layers(cli, tmp_path, method):
+    """Output layer k holds the named source layer's tensors byte for byte (one source per
+    slice: passthrough, or linear of one model); the layer count in config.json follows."""
+    if not _has(method):
+        pytest.skip(f"{method} is not registered")
     recipe = _recipe(tmp_path, f"""slices:
   - sources: [{{model: {LLAMA / 'ft-a'}, layer_range: [0, 2]}}]
   - sources: [{{model: {LLAMA / 'ft-b'}, layer_range: [1, 2]}}]
   - sources: [{{model: {LLAMA / 'ft-a'}, layer_range: [0, 1]}}]
-merge_method: passthrough
+merge_method: {method}
 """)
     out = tmp_path / "out"
     r = cli("merge", recipe, out, "--json")
@@ -85,13 +87,13 @@ merge_method: passthrough
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
 
 
-@needs_passthrough
 @pytest.mark.slow
 def test_frankenmerge_loads_and_generates(cli, tmp_path):
+    method = "passthrough" if _has("passthrough") else "linear"
     recipe = _recipe(tmp_path, f"""slices:
   - sources: [{{model: {LLAMA / 'ft-a'}, layer_range: [0, 2]}}]
   - sources: [{{model: {LLAMA / 'ft-b'}, layer_range: [0, 2]}}]
-merge_method: passthrough
+merge_method: {method}
 """)
     out = tmp_path / "out"
     assert cli("merge", recipe, out, "--quiet").code == 0
@@ -103,6 +105,28 @@ merge_method: passthrough
     ids = tok("the model", return_tensors="pt").input_ids
     gen = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] == ids.shape[1] + 4
+
+
+def test_per_layer_config_lists_follow_the_slices(cli, tmp_path):
+    """config.json's per-layer lists (layer_types) are rebuilt from the source layers."""
+    import shutil
+
+    model = tmp_path / "typed"
+    shutil.copytree(LLAMA / "ft-a", model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["layer_types"] = ["full_attention", "sliding_attention"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    recipe = _recipe(tmp_path, f"""merge_method: linear
+slices:
+  - sources: [{{model: {model}, layer_range: [0, 2]}}]
+  - sources: [{{model: {model}, layer_range: [1, 2]}}]
+  - sources: [{{model: {model}, layer_range: [1, 2]}}]
+""")
+    r = cli("merge", recipe, tmp_path / "out", "--json")
+    assert r.code == 0, r.stderr
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["num_hidden_layers"] == 4
+    assert out["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"]
 
 
 def test_merged_slices_resolve_parameters_per_slice_and_source(cli, tmp_path):
