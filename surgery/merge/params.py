@@ -37,14 +37,9 @@ def _scalars(value: Any) -> list[Any]:
     return [value]
 
 
-def _is_gradient(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 1 and all(not isinstance(v, (dict, list)) for v in value)
-
-
 def check_value(param: Param, value: Any, where: str) -> None:
-    """Every scalar of a setting valid for ``param``; bool and text parameters take no gradients."""
-    if _is_gradient(value) and param.type in ("bool", "str"):
-        raise UsageError(f"{where}: `{param.name}` takes one value, not a list interpolated across layers.")
+    """Every scalar of a setting valid for ``param`` (a list of booleans or texts is accepted, as
+    mergekit does: layer position t picks ``value[int(t·(len−1))]``)."""
     for x in _scalars(value):
         param.check(x, where)
 

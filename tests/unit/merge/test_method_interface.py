@@ -75,8 +75,12 @@ def test_unknown_parameters_error_on_the_command_line_warn_in_recipes():
 def test_every_scalar_of_a_setting_is_checked():
     with pytest.raises(UsageError, match="`density` = 2.0 is out of range"):
         _params("ties", {"density": [{"filter": "mlp", "value": 0.5}, {"value": [0.1, 2.0]}]})
-    with pytest.raises(UsageError, match="takes one value, not a list"):
-        _params("ties", {"normalize": [True, False]})
+    # a list of booleans picks by layer position, as mergekit does: value[int(t·(len−1))]
+    p = _params("ties", {"normalize": [True, False]})
+    assert p.shared("model.layers.3.mlp.up_proj.weight")["normalize"] is True     # t = 0.75 of 5 layers -> index 0
+    assert p.shared("model.layers.4.mlp.up_proj.weight")["normalize"] is False    # t = 1 -> index 1
+    with pytest.raises(UsageError, match="`normalize` must be true or false"):
+        _params("ties", {"normalize": [True, 0.5]})
 
 
 def test_cli_param_parsing():
