@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.reader import Checkpoint, open_checkpoint
-from ..checkpoint.roles import TensorRole, depth_of, role_of
+from ..checkpoint.roles import TensorRole, role_of
 from ..core.engine import dtype_name, parse_dtype, write_checkpoint
 from ..core.errors import IncompatibleCheckpointsError, InputError, UsageError
 from ..core.output import check_output

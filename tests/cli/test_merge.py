@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -169,13 +167,8 @@ def test_existing_output_refused(cli, tmp_path):
 
 # ---- anchor: mergekit ------------------------------------------------------------------------
 
-def _mergekit_python() -> str | None:
-    """The interpreter with mergekit: this one, else /work/venvs/mergekit (or $SURGERY_MERGEKIT_PYTHON)."""
-    cands = [os.environ.get("SURGERY_MERGEKIT_PYTHON"), sys.executable, "/work/venvs/mergekit/bin/python"]
-    for c in cands:
-        if c and Path(c).exists() and subprocess.run([c, "-c", "import mergekit.merge"], capture_output=True).returncode == 0:
-            return c
-    return None
+from mergekit_helpers import bf16_steps as _bf16_steps  # noqa: E402  (tests/helpers)
+from mergekit_helpers import mergekit_python as _mergekit_python  # noqa: E402
 
 
 RECIPES = {
@@ -229,12 +222,6 @@ def mergekit_outputs(tmp_path_factory):
     proc = subprocess.run([py, "-c", MERGEKIT_DRIVER, *args], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root
-
-
-def _bf16_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b| in units of the bf16 spacing at max(|a|, |b|) (7 explicit mantissa bits)."""
-    big = torch.maximum(a.abs(), b.abs()).clamp_min(torch.finfo(torch.bfloat16).tiny)
-    return (a - b).abs() / torch.exp2(torch.floor(torch.log2(big)) - 7)
 
 
 @pytest.mark.anchor
