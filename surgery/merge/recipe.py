@@ -360,11 +360,13 @@ class _Reader:
         return out
 
     def layer_range(self, value: Any, where: str) -> tuple[int, int]:
+        # mergekit's pydantic reads 24.0 as 24 (a whole-valued float), but not 23.5 or true
         ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(x, int) and not isinstance(x, bool) for x in value)
+            not isinstance(x, bool) and (isinstance(x, int) or (isinstance(x, float) and x.is_integer()))
+            for x in value)
         if not ok:
             raise self.fail(where, f"'layer_range' must be [start, stop] (two whole numbers), got {value!r}.")
-        a, b = value
+        a, b = (int(x) for x in value)
         if a < 0 or b <= a:
             raise self.fail(where, f"'layer_range' [{a}, {b}] is empty or negative; it is [start, stop) with "
                                    f"0 ≤ start < stop.")
