@@ -3,6 +3,7 @@ closeness to a reference, sha256 manifest. Every check yields a verdict with num
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,9 @@ from typing import Any
 from .checkpoint.format import TensorInfo
 from .checkpoint.reader import Checkpoint, hash_file, read_into
 from .core.errors import InputError, UsageError
+from .core.executor import map_items
 from .core.formats import MAX_JSON_BYTES, parse_json, read_text
-from .core.progress import Progress, track
+from .core.progress import Progress
 from .core.result import Result
 
 # Tensors are read in blocks of at most this many bytes (integrity) or elements (--against),
@@ -76,26 +78,27 @@ def nonfinite_counts(info: TensorInfo, buf: Any = None) -> tuple[int, int]:
     return nan, inf
 
 
-def check_integrity(ckpt: Checkpoint, progress: Progress | None = None) -> CheckResult:
-    """Every tensor readable; no NaN or Inf in any floating tensor (read in blocks, no torch)."""
+def _integrity_failure(ckpt: Checkpoint, name: str) -> dict[str, Any] | None:
+    """Read one tensor in blocks; its NaN/Inf counts when it holds any (None when it is sound)."""
     import numpy as np
 
-    failures = []
-    buf = np.empty(0, dtype=np.uint8)
-    for name in track(ckpt.names, "integrity", progress):
-        info = ckpt.info(name)
-        if info.st_dtype in _FLOAT_BITS and info.nbytes:
-            if len(buf) < min(READ_BLOCK_BYTES, info.nbytes):
-                buf = np.empty(min(READ_BLOCK_BYTES, info.nbytes), dtype=np.uint8)
-            nan, inf = nonfinite_counts(info, buf)
-            if nan or inf:
-                failures.append({"tensor": name, "file": info.file.name, "nan": nan, "inf": inf})
-        elif info.nbytes:  # integer tensors: readable is all there is to check
-            for start in range(0, info.nbytes, READ_BLOCK_BYTES):
-                n = min(READ_BLOCK_BYTES, info.nbytes - start)
-                if len(buf) < n:
-                    buf = np.empty(n, dtype=np.uint8)
-                read_into(info, start, buf[:n])
+    info = ckpt.info(name)
+    if info.st_dtype in _FLOAT_BITS and info.nbytes:
+        nan, inf = nonfinite_counts(info)
+        return {"tensor": name, "file": info.file.name, "nan": nan, "inf": inf} if nan or inf else None
+    if info.nbytes:  # integer tensors: readable is all there is to check
+        buf = np.empty(min(READ_BLOCK_BYTES, info.nbytes), dtype=np.uint8)
+        for start in range(0, info.nbytes, READ_BLOCK_BYTES):
+            n = min(READ_BLOCK_BYTES, info.nbytes - start)
+            read_into(info, start, buf[:n])
+    return None
+
+
+def check_integrity(ckpt: Checkpoint, progress: Progress | None = None, executor: Any = None) -> CheckResult:
+    """Every tensor readable; no NaN or Inf in any floating tensor (read in blocks, no torch)."""
+    found = map_items(functools.partial(_integrity_failure, ckpt), ckpt.names, "integrity", progress,
+                      executor=executor, weights=[ckpt.info(n).nbytes for n in ckpt.names])
+    failures = [f for f in found if f is not None]
     detail = ("all tensors readable and finite" if not failures else
               f"{len(failures)} tensor(s) hold NaN or Inf, first {failures[0]['tensor']!r} "
               f"({failures[0]['nan']} NaN, {failures[0]['inf']} Inf)")
@@ -203,24 +206,31 @@ def compare_blocks(ckpt: Checkpoint, ref: Checkpoint, name: str, atol: float, rt
     return worst, violations
 
 
+def _compare(ckpt: Checkpoint, ref: Checkpoint, atol: float, rtol: float,
+             name: str) -> tuple[float | None, dict[str, Any] | None]:
+    """One tensor against the reference: (max |diff|, or None for a shape mismatch; the failure or None)."""
+    a, b = ckpt.info(name), ref.info(name)
+    if a.shape != b.shape:
+        return None, {"tensor": name, "problem": "shape", "shape": list(a.shape), "expected": list(b.shape)}
+    m, bad = compare_blocks(ckpt, ref, name, atol, rtol)
+    return m, ({"tensor": name, "problem": "tolerance", "max_abs_diff": m, "violations": bad} if bad else None)
+
+
 def check_against(ckpt: Checkpoint, ref: Checkpoint, atol: float, rtol: float = 0.0,
-                  progress: Progress | None = None) -> CheckResult:
+                  progress: Progress | None = None, executor: Any = None) -> CheckResult:
     """Every tensor within ``atol + rtol·|ref|`` of the reference; names and shapes equal.
     Streams in row blocks: peak memory is a few blocks, whatever the tensor sizes."""
     failures, worst, worst_name = [], 0.0, None
     for n in sorted(set(ckpt.names) ^ set(ref.names)):
         failures.append({"tensor": n, "problem": "only in " + ("checkpoint" if n in ckpt else "reference")})
     common = [n for n in ckpt.names if n in ref]
-    for name in track(common, "compare", progress):
-        a, b = ckpt.info(name), ref.info(name)
-        if a.shape != b.shape:
-            failures.append({"tensor": name, "problem": "shape", "shape": list(a.shape), "expected": list(b.shape)})
-            continue
-        m, bad = compare_blocks(ckpt, ref, name, atol, rtol)
-        if m > worst or m != m:
+    compared = map_items(functools.partial(_compare, ckpt, ref, atol, rtol), common, "compare", progress,
+                         executor=executor, weights=[ckpt.info(n).nbytes + ref.info(n).nbytes for n in common])
+    for name, (m, failure) in zip(common, compared):
+        if m is not None and (m > worst or m != m):
             worst, worst_name = m, name
-        if bad:
-            failures.append({"tensor": name, "problem": "tolerance", "max_abs_diff": m, "violations": bad})
+        if failure is not None:
+            failures.append(failure)
     detail = (f"all {len(common)} tensors within atol={atol} (max |diff| {worst:.3g} in {worst_name!r})" if not failures
               else f"{len(failures)} tensor(s) outside tolerance or missing; first {failures[0]['tensor']!r} ({failures[0]['problem']})")
     return CheckResult("against", not failures, detail,
@@ -280,15 +290,15 @@ def write_manifest(ckpt: Checkpoint) -> str:
 
 def run_checks(ckpt: Checkpoint, *, integrity: bool = True, config: bool = False, against: Checkpoint | None = None,
                atol: float = 0.0, rtol: float = 0.0, manifest: Path | None = None,
-               progress: Progress | None = None) -> dict[str, Any]:
+               progress: Progress | None = None, executor: Any = None) -> dict[str, Any]:
     """Run the selected checks and return ``{"passed": bool, "checks": [...]}``."""
     results: list[CheckResult] = []
     if integrity:
-        results.append(check_integrity(ckpt, progress))
+        results.append(check_integrity(ckpt, progress, executor))
     if config:
         results.append(check_config(ckpt))
     if against is not None:
-        results.append(check_against(ckpt, against, atol, rtol, progress))
+        results.append(check_against(ckpt, against, atol, rtol, progress, executor))
     if manifest is not None:
         results.append(check_manifest(ckpt, manifest))
     return {"checkpoint": ckpt.label, "passed": all(r.passed for r in results), "checks": [asdict(r) for r in results]}
@@ -297,7 +307,7 @@ def run_checks(ckpt: Checkpoint, *, integrity: bool = True, config: bool = False
 def check(location: str | Path | Checkpoint, *, integrity: bool = True, config: bool = False,
           against: str | Path | Checkpoint | None = None, atol: float = 0.0, rtol: float = 0.0,
           manifest: Path | None = None, write_manifest_to: Path | None = None, force: bool = False,
-          progress: Progress | None = None) -> Result:
+          progress: Progress | None = None, executor: Any = None) -> Result:
     """``surgery check``: validate a checkpoint for CI.
 
     Args:
@@ -311,6 +321,7 @@ def check(location: str | Path | Checkpoint, *, integrity: bool = True, config: 
             over the checkpoint or the reference).
         force: Replace an existing ``write_manifest_to`` file.
         progress: Progress sink.
+        executor: Where the per-tensor checks run (:mod:`surgery.core.executor`; None: here).
 
     Returns:
         A Result whose report lists each check with its numbers; ``passed`` is their verdict.
@@ -334,5 +345,5 @@ def check(location: str | Path | Checkpoint, *, integrity: bool = True, config: 
         written = write_file(write_manifest_to, write_manifest(ckpt), force=force, inputs=read)
         report["manifest_written"] = str(written)
     report.update(run_checks(ckpt, integrity=integrity, config=config, against=ref, atol=atol, rtol=rtol,
-                             manifest=manifest, progress=progress))
+                             manifest=manifest, progress=progress, executor=executor))
     return Result(report, passed=report["passed"])

@@ -4,6 +4,7 @@ Hugging Face folders (dequantized tensor by tensor), and Llama checkpoints to GG
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -98,9 +99,21 @@ def is_gguf_file(path: Path) -> bool:
     return path.is_file() and (path.suffix.lower() == GGUF_SUFFIX or is_gguf(path))
 
 
+_LOADED: dict[Path, dict[str, torch.Tensor]] = {}
+
+
+def _pickled_tensor(file: Path, name: str) -> torch.Tensor:
+    """One tensor of a pickle file, for a task in another process: the file is loaded
+    weights-only (memory-mapped where the format allows) once per process, the last one kept."""
+    if file not in _LOADED:
+        _LOADED.clear()
+        _LOADED[file] = load_weights_only(file)
+    return _LOADED[file][name]
+
+
 def convert(source: str | Path, output: str | Path, *, dtype: str | None = None, shard_size: str = "5GB",
             force: bool = False, progress: Progress | None = None, to: str = "safetensors",
-            quant: str | None = None) -> Result:
+            quant: str | None = None, executor: Any = None) -> Result:
     """Convert a checkpoint: to safetensors (casting floating tensors to ``dtype`` and
     re-sharding), or with ``to="gguf"`` to one GGUF file.
 
@@ -114,6 +127,8 @@ def convert(source: str | Path, output: str | Path, *, dtype: str | None = None,
         force: Replace an existing output.
         to: ``safetensors`` or ``gguf``.
         quant: With ``to="gguf"``: ``f16`` (default), ``bf16``, ``q8_0`` or ``f32``.
+        executor: Where the tensors are written (:mod:`surgery.core.executor`; None: here).
+            Not for a GGUF output, which is one file written in order.
 
     Returns:
         A Result whose ``written`` is the new checkpoint (or GGUF file).
@@ -124,13 +139,16 @@ def convert(source: str | Path, output: str | Path, *, dtype: str | None = None,
     if fmt == "gguf":
         if dtype is not None or str(shard_size).upper() not in ("5GB", "5000000000"):
             raise UsageError("`dtype` and `shard_size` do not apply to a GGUF output; choose its types with `quant`.")
+        if getattr(executor, "remote", False):
+            raise UsageError("`ray` computes safetensors outputs; a GGUF output is one file written in order, on "
+                             "this machine: drop `ray`.")
         return convert_to_gguf(source, output, quant=quant or "f16", force=force, progress=progress)
     if quant is not None:
         raise UsageError("`quant` applies only to a GGUF output (`to` gguf); use `dtype` for safetensors.")
     path = Path(source).expanduser()
     if is_gguf_file(path):
         return convert_from_gguf(path, output, dtype=dtype, shard_size=shard_size, force=force, progress=progress,
-                                 label=str(source))
+                                 label=str(source), executor=executor)
     target = parse_dtype(dtype)
     params: dict[str, Any] = {"dtype": dtype_name(target) if target else None, "shard_size": shard_size}
     pickles = _pickle_files(path) if path.exists() else None
@@ -139,21 +157,30 @@ def convert(source: str | Path, output: str | Path, *, dtype: str | None = None,
         plan = [cast_tensor(ckpt, n, target) for n in ckpt.names]
         return Result({}, write_checkpoint(plan, output, donor=ckpt, operation="convert", parameters=params,
                                            inputs=[ckpt], input_roles=["source"], dtype=target,
-                                           shard_size=shard_size, force=force, progress=progress))
+                                           shard_size=shard_size, force=force, progress=progress,
+                                           executor=executor))
     if not pickles:
         raise CheckpointNotFoundError(f"{source} holds no checkpoint to convert.", path=source)
     tensors: dict[str, torch.Tensor] = {}
+    file_of: dict[str, Path] = {}
     for f in pickles:
-        tensors.update(load_weights_only(f))
+        loaded = load_weights_only(f)
+        tensors.update(loaded)
+        file_of.update(dict.fromkeys(loaded, f))
+    remote = getattr(executor, "remote", False)
     plan = []
     for name, t in sorted(tensors.items()):
         out_dtype = target if (target is not None and t.is_floating_point()) else t.dtype
-        plan.append(OutputTensor(name, tuple(t.shape), out_dtype, compute=(lambda t=t: t)))
+        # another process cannot share this one's tensors: it loads the file itself
+        compute = functools.partial(_pickled_tensor, file_of[name], name) if remote else (lambda t=t: t)
+        plan.append(OutputTensor(name, tuple(t.shape), out_dtype, compute=compute, input_bytes=t.nbytes))
+    if remote:
+        del tensors, loaded
     root = path if path.is_dir() else path.parent
     src = _FileSource(root, pickles, str(source))
     return Result({}, write_checkpoint(plan, output, donor=src, operation="convert", parameters=params,  # type: ignore[list-item]
                                        inputs=[src], input_roles=["source"], dtype=target, shard_size=shard_size,
-                                       force=force, progress=progress))
+                                       force=force, progress=progress, executor=executor))
 
 
 # ------------------------------------------------------------------------------ GGUF -> safetensors
@@ -222,7 +249,8 @@ def _gguf_tokenizer(path: Path, folder: Path, cfg: dict) -> str:
 
 
 def convert_from_gguf(path: Path, output: str | Path, *, dtype: str | None = None, shard_size: str = "5GB",
-                      force: bool = False, progress: Progress | None = None, label: str | None = None) -> Result:
+                      force: bool = False, progress: Progress | None = None, label: str | None = None,
+                      executor: Any = None) -> Result:
     """A GGUF file as a Hugging Face folder: every tensor dequantized (any type gguf-py can
     dequantize), renamed and un-permuted as transformers' GGUF loader does, written through
     the engine one tensor (or row block) at a time; config and tokenizer from the metadata.
@@ -259,7 +287,7 @@ def convert_from_gguf(path: Path, output: str | Path, *, dtype: str | None = Non
             params["gguf_tokenizer_pre"] = gf.get("tokenizer.ggml.pre")
         written = write_checkpoint(plan, output, donor=donor, operation="convert", parameters=params,  # type: ignore[arg-type]
                                    inputs=[src], input_roles=["source"], dtype=target, shard_size=shard_size,  # type: ignore[list-item]
-                                   force=force, progress=progress)
+                                   force=force, progress=progress, executor=executor)
     types: dict[str, int] = {}
     for e in entries:
         types[e.source.ggml_type] = types.get(e.source.ggml_type, 0) + 1

@@ -9,7 +9,7 @@ figures (called by the command layer).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -27,9 +27,10 @@ def _open(location: "str | Checkpoint | None"):
 
 def spectrum(location: "str | Checkpoint", *, base: "str | Checkpoint | None" = None, energy: float = 0.9,
              top: int = 8, keep_spectra: bool = False, device: str = "cpu",
-             progress: "Progress | None" = None) -> "Result":
+             progress: "Progress | None" = None, executor: Any = None) -> "Result":
     """Per 2-D tensor σ_max, ‖W‖_F, stable / effective / energy rank and the top singular values
-    (of the task vector ``location − base`` when ``base`` is given); see :func:`.spectra.analyze_spectrum`."""
+    (of the task vector ``location − base`` when ``base`` is given); see :func:`.spectra.analyze_spectrum`.
+    ``executor`` (:mod:`surgery.core.executor`) says where the per-tensor SVDs run (None: here)."""
     from ..core.result import Result
     from .common import check_energy, check_top
     from .spectra import analyze_spectrum
@@ -37,7 +38,7 @@ def spectrum(location: "str | Checkpoint", *, base: "str | Checkpoint | None" = 
     check_energy(energy)
     check_top(top)
     return Result(analyze_spectrum(_open(location), base=_open(base), energy=energy, top=top, device=device,
-                                   keep_spectra=keep_spectra, progress=progress))
+                                   keep_spectra=keep_spectra, progress=progress, executor=executor))
 
 
 def subspace(a: "str | Checkpoint", b: "str | Checkpoint", *, base: "str | Checkpoint", rank: int | None = None,
@@ -65,10 +66,12 @@ def subspace(a: "str | Checkpoint", b: "str | Checkpoint", *, base: "str | Check
 
 def gain(location: "str | Checkpoint", *, vs: "str | Checkpoint | None" = None, tolerance: float = 0.1,
          expect_exponent: float = 0.0, ignore_types: list[str] | None = None, exact: bool = False,
-         fail_on_drift: bool = False, device: str = "cpu", progress: "Progress | None" = None) -> "Result":
+         fail_on_drift: bool = False, device: str = "cpu", progress: "Progress | None" = None,
+         executor: Any = None) -> "Result":
     """σ_max, RMS and σ_max/RMS per matrix; with ``vs``, σ_max ratios and implied width
     exponents against a proxy. ``passed`` is False when ``fail_on_drift`` and a pair drifts;
-    see :func:`.gains.analyze_gain`."""
+    see :func:`.gains.analyze_gain`. ``executor`` (:mod:`surgery.core.executor`) says where the
+    per-tensor work runs (None: here)."""
     from ..core.errors import UsageError
     from ..core.result import Result
     from .common import TYPE_ORDER
@@ -81,5 +84,6 @@ def gain(location: "str | Checkpoint", *, vs: "str | Checkpoint | None" = None, 
     if unknown:
         raise UsageError(f"`ignore`: unknown sublayer type {','.join(unknown)}; choose from {', '.join(TYPE_ORDER)}.")
     report = analyze_gain(_open(location), vs=_open(vs), tolerance=tolerance, expect_exponent=expect_exponent,
-                          ignore_types=ignore_types, exact=exact, device=device, progress=progress)
+                          ignore_types=ignore_types, exact=exact, device=device, progress=progress,
+                          executor=executor)
     return Result(report, passed=report.get("within_tolerance", True) or not fail_on_drift)

@@ -9,6 +9,7 @@ in steady state σ_max ∝ √(η/λ)·d^0.75, so with λ ∝ √d and η ∝ 1/
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.roles import depth_of, with_depth
 from ..core.errors import IncompatibleCheckpointsError, UsageError
-from ..core.progress import Progress, track
+from ..core.executor import map_items
+from ..core.progress import Progress
 from .common import matrix_names, summarize, tensor_identity
 from .linalg import is_finite, nonfinite_counts, sigma_max
 
@@ -99,9 +101,22 @@ def _drift_bounds(tolerance: float) -> tuple[float, float]:
     return 1.0 / (1.0 + tolerance), 1.0 + tolerance
 
 
+def _gain_rows(ckpt: Checkpoint, vs: Checkpoint | None, proxy_of: dict[str, str], exact: bool, device: str,
+               name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One matrix's row, and its proxy's gain when it pairs with one; reads its own inputs."""
+    info = ckpt.info(name)
+    w = ckpt.get(name, dtype=torch.float32, device=device)
+    row = {"name": name, "shape": list(info.shape), **tensor_identity(name), **matrix_gain(w, exact=exact)}
+    del w
+    pname = proxy_of.get(name)
+    if pname is None or vs is None:
+        return row, None
+    return row, matrix_gain(vs.get(pname, dtype=torch.float32, device=device), exact=exact)
+
+
 def analyze_gain(ckpt: Checkpoint, *, vs: Checkpoint | None = None, tolerance: float = 0.1,
                  expect_exponent: float = 0.0, ignore_types: tuple[str, ...] | list[str] = (), exact: bool = False,
-                 device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
+                 device: str = "cpu", progress: Progress | None = None, executor: Any = None) -> dict[str, Any]:
     """σ_max, RMS and gain of every matrix; with ``vs``, ratios against a proxy of another width.
 
     Args:
@@ -114,6 +129,7 @@ def analyze_gain(ckpt: Checkpoint, *, vs: Checkpoint | None = None, tolerance: f
         exact: Full SVD instead of Lanczos for σ_max.
         device: Where the math runs.
         progress: Progress sink.
+        executor: Where the per-tensor work runs (:mod:`surgery.core.executor`; None: here).
 
     Returns:
         ``tensors`` (per matrix of ``ckpt``), ``by_type``, ``by_depth``, ``non_finite``; with ``vs``
@@ -139,21 +155,13 @@ def analyze_gain(ckpt: Checkpoint, *, vs: Checkpoint | None = None, tolerance: f
     d_t = model_width(ckpt)
     d_p = model_width(vs) if vs is not None else None
     lo, hi = _drift_bounds(tolerance)
-    rows: list[dict[str, Any]] = []
-    pair_rows: list[dict[str, Any]] = []
-    for name in track(names, "gain", progress):
-        info = ckpt.info(name)
-        w = ckpt.get(name, dtype=torch.float32, device=device)
-        row = {"name": name, "shape": list(info.shape), **tensor_identity(name), **matrix_gain(w, exact=exact)}
-        rows.append(row)
-        del w
-        pname = proxy_of.get(name)
-        if pname is not None:
-            wp = vs.get(pname, dtype=torch.float32, device=device)  # type: ignore[union-attr]
-            prow = matrix_gain(wp, exact=exact)
-            del wp
-            pair_rows.append(_pair_row(row, pname, list(vs.info(pname).shape), prow,  # type: ignore[union-attr]
-                                       d_t, d_p, expect_exponent, lo, hi))
+    weights = [ckpt.info(n).nbytes + (vs.info(proxy_of[n]).nbytes if n in proxy_of else 0)  # type: ignore[union-attr]
+               for n in names]
+    results = map_items(functools.partial(_gain_rows, ckpt, vs, proxy_of, exact, device), names, "gain", progress,
+                        executor=executor, weights=weights)
+    rows = [row for row, _ in results]
+    pair_rows = [_pair_row(row, proxy_of[row["name"]], list(vs.info(proxy_of[row["name"]]).shape),  # type: ignore[union-attr]
+                           prow, d_t, d_p, expect_exponent, lo, hi) for row, prow in results if prow is not None]
     report: dict[str, Any] = {
         "checkpoint": ckpt.label,
         "method": "svd" if exact else "lanczos",

@@ -7,6 +7,7 @@ Full spectra are computed in float32 with ``torch.linalg.svdvals``, one tensor a
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -14,7 +15,8 @@ import torch
 from ..checkpoint.reader import Checkpoint
 from ..core.engine import dtype_name
 from ..core.errors import IncompatibleCheckpointsError
-from ..core.progress import Progress, track
+from ..core.executor import map_items
+from ..core.progress import Progress
 from .common import check_energy, check_top, matrix_names, shared_matrices, summarize, tensor_identity
 from .linalg import is_finite, nonfinite_counts, singular_values, spectrum_metrics
 
@@ -33,9 +35,21 @@ def tensor_spectrum(w: torch.Tensor, *, energy: float = 0.9, top: int = 8) -> di
     return {"finite": True, **m}, s
 
 
+def _spectrum_row(ckpt: Checkpoint, base: Checkpoint | None, energy: float, top: int, device: str, keep: bool,
+                  name: str) -> tuple[dict[str, Any], list[float] | None]:
+    """One matrix's row (and its full spectrum when ``keep``); reads its own inputs."""
+    info = ckpt.info(name)
+    w = ckpt.get(name, dtype=torch.float32, device=device)
+    if base is not None:
+        w -= base.get(name, dtype=torch.float32, device=device)
+    metrics, s = tensor_spectrum(w, energy=energy, top=top)
+    row = {"name": name, "shape": list(info.shape), "dtype": dtype_name(info.dtype), **tensor_identity(name), **metrics}
+    return row, ([float(x) for x in s.cpu()] if keep and s is not None else None)
+
+
 def analyze_spectrum(ckpt: Checkpoint, *, base: Checkpoint | None = None, energy: float = 0.9, top: int = 8,
                      device: str = "cpu", keep_spectra: bool = False,
-                     progress: Progress | None = None) -> dict[str, Any]:
+                     progress: Progress | None = None, executor: Any = None) -> dict[str, Any]:
     """Spectrum of every floating 2-D tensor of ``ckpt`` (of ``ckpt − base`` when ``base`` is given).
 
     Args:
@@ -46,6 +60,7 @@ def analyze_spectrum(ckpt: Checkpoint, *, base: Checkpoint | None = None, energy
         device: Where the SVDs run.
         keep_spectra: Also return every full spectrum (under ``spectra``, for plotting).
         progress: Progress sink.
+        executor: Where the per-tensor SVDs run (:mod:`surgery.core.executor`; None: here).
 
     Returns:
         ``tensors`` (one row per matrix), ``by_type``, ``by_depth``, ``non_finite``, ``skipped``.
@@ -61,19 +76,11 @@ def analyze_spectrum(ckpt: Checkpoint, *, base: Checkpoint | None = None, energy
         raise IncompatibleCheckpointsError(
             f"{ckpt.label} and base {base.label} share no 2-D tensor of the same shape: pass the base "
             "this checkpoint was fine-tuned from.", path=base.label)
-    rows: list[dict[str, Any]] = []
-    spectra: dict[str, list[float]] = {}
-    for name in track(names, "spectrum", progress):
-        info = ckpt.info(name)
-        w = ckpt.get(name, dtype=torch.float32, device=device)
-        if base is not None:
-            w -= base.get(name, dtype=torch.float32, device=device)
-        metrics, s = tensor_spectrum(w, energy=energy, top=top)
-        rows.append({"name": name, "shape": list(info.shape), "dtype": dtype_name(info.dtype),
-                     **tensor_identity(name), **metrics})
-        if keep_spectra and s is not None:
-            spectra[name] = [float(x) for x in s.cpu()]
-        del w, s
+    results = map_items(functools.partial(_spectrum_row, ckpt, base, energy, top, device, keep_spectra), names,
+                        "spectrum", progress, executor=executor,
+                        weights=[ckpt.info(n).nbytes * (1 if base is None else 2) for n in names])
+    rows = [row for row, _ in results]
+    spectra = {row["name"]: s for row, s in results if s is not None}
     report: dict[str, Any] = {
         "checkpoint": ckpt.label,
         "base": base.label if base is not None else None,

@@ -123,6 +123,25 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, {len(self.tensors)} tensors)"
 
+    # ---- travelling to another process (a Ray task) -----------------------------------------
+
+    def fingerprint(self) -> str:
+        """sha256 of the header facts (names, shapes, dtypes, files, offsets); cached."""
+        fp = self.__dict__.get("_fingerprint")
+        if fp is None:
+            h = hashlib.sha256()
+            for name in self.names:
+                i = self.tensors[name]
+                h.update(f"{name}\0{list(i.shape)}\0{i.st_dtype}\0{i.file.name}\0{i.offset}\0{i.nbytes}\n".encode())
+            fp = self._fingerprint = h.hexdigest()
+        return fp
+
+    def __reduce__(self):
+        """A checkpoint travels as its paths and header fingerprint, never as data: the other
+        process re-reads the headers (once per process) and checks they are the ones planned."""
+        return (_reopen, (self.label, str(self.root), [str(f) for f in self.files], self.index is not None,
+                          self.fingerprint()))
+
     def info(self, name: str) -> TensorInfo:
         """Header facts of one tensor; KeyError-free: raises an InputError naming the checkpoint."""
         try:
@@ -376,6 +395,42 @@ def _open_index(root: Path, index_path: Path, label: str) -> Checkpoint:
         raise CorruptCheckpointError(
             f"{ckpt.tensors[name].file} holds tensor {name!r}, which {index_path.name} does not list.",
             path=ckpt.tensors[name].file, tensor=name)
+    return ckpt
+
+
+_REOPENED: dict[tuple, Checkpoint] = {}
+
+
+def _reopen(label: str, root: str, files: list[str], sharded: bool, fingerprint: str) -> Checkpoint:
+    """A pickled :class:`Checkpoint` in another process (a Ray worker): the same files' headers,
+    parsed once per process. On a node without those paths, a Hub checkpoint is resolved again
+    from that node's Hugging Face cache at the same commit."""
+    key = (label, root, tuple(files), sharded, fingerprint)
+    ckpt = _REOPENED.get(key)
+    if ckpt is not None:
+        return ckpt
+    root_p, paths = Path(root), [Path(f) for f in files]
+    missing = next((f for f in paths if not f.is_file()), None)
+    if missing is not None:
+        from .hub import looks_like_repo_id, pull
+
+        commit = root_p.name if root_p.parent.name == "snapshots" else None
+        if commit is None or not looks_like_repo_id(label):
+            import socket
+
+            raise CheckpointNotFoundError(
+                f"{missing} is not on node {socket.gethostname()}; put the checkpoint on storage every node mounts "
+                f"at the same path, or give it as a Hub id so each node reads its own cache.", path=missing)
+        local = pull(label.partition("@")[0], revision=commit)
+        paths = [local / f.relative_to(root_p) for f in paths]
+        root_p = local
+    ckpt = Checkpoint(root_p, paths, [parse_header(f) for f in paths], label, index={} if sharded else None)
+    if ckpt.fingerprint() != fingerprint:
+        raise CorruptCheckpointError(
+            f"{label} changed since this run was planned (its headers differ); run the command again.", path=root_p)
+    if len(_REOPENED) >= 64:
+        _REOPENED.pop(next(iter(_REOPENED)))
+    _REOPENED[key] = ckpt
     return ckpt
 
 

@@ -9,6 +9,7 @@ shard to fill. The folder it writes into is the temporary sibling that
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -74,7 +75,75 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-class ShardedWriter:
+@dataclass(frozen=True)
+class Placement:
+    """Where one planned tensor's bytes go: ``file`` at byte ``offset`` (absolute), ``spec.nbytes`` long."""
+
+    file: Path
+    offset: int
+    spec: TensorSpec
+
+
+class _TensorSink:
+    """Writes planned tensors at their final offsets; subclasses say where each one goes."""
+
+    def _target(self, name: str) -> tuple[int, int, TensorSpec]:  # (fd, absolute offset, spec)
+        raise NotImplementedError
+
+    def _done(self, name: str, nbytes: int) -> None:
+        pass
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._target(name)[2]
+
+    @staticmethod
+    def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor (already in the planned dtype and shape)."""
+        spec = self.spec(name)
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}")
+        self.write_rows(name, 0, tensor)
+
+    def write_rows(self, name: str, start: int, block: torch.Tensor) -> None:
+        """Write rows ``[start, start + len(block))`` of a planned tensor."""
+        fd, offset, spec = self._target(name)
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else spec.nbytes
+        data = block.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if start * row_bytes + len(data) > spec.nbytes:
+            raise ValueError(f"tensor {name!r}: rows past the end")
+        self._pwrite(fd, memoryview(data), offset + start * row_bytes)
+        self._done(name, len(data))
+
+    def copy_raw(self, name: str, src: TensorInfo) -> None:
+        """Copy a tensor's stored bytes from a source file without decoding them."""
+        fd_out, offset, spec = self._target(name)
+        if src.nbytes != spec.nbytes or src.dtype != spec.dtype:
+            raise ValueError(f"tensor {name!r}: raw copy needs the same dtype and size")
+        fd_in = os.open(src.file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < src.nbytes:
+                try:
+                    n = os.copy_file_range(fd_in, fd_out, src.nbytes - done, src.offset + done, offset + done)
+                except OSError:
+                    n = 0
+                if n <= 0:  # not supported across these files: fall back to read/write in chunks
+                    chunk = os.pread(fd_in, min(1 << 24, src.nbytes - done), src.offset + done)
+                    if not chunk:
+                        raise OSError(f"short read copying {name!r} from {src.file}")
+                    n = os.pwrite(fd_out, chunk, offset + done)
+                done += n
+        finally:
+            os.close(fd_in)
+        self._done(name, spec.nbytes)
+
+
+class ShardedWriter(_TensorSink):
     """Writes a planned set of tensors into pre-sized shard files at their final offsets.
 
     Args:
@@ -83,7 +152,8 @@ class ShardedWriter:
         shard_size: Maximum bytes of tensor data per shard.
         metadata: ``__metadata__`` for every shard (may be replaced in :meth:`finish`).
         reuse: Write into existing files of exactly the planned size in place (their pages are
-            already allocated); used for scratch files rewritten tensor by tensor.
+            already allocated, and bytes already written stay); used for scratch files rewritten
+            tensor by tensor and for resumed runs.
     """
 
     def __init__(self, folder: Path, specs: list[TensorSpec], shard_size: int, metadata: dict[str, str],
@@ -122,54 +192,22 @@ class ShardedWriter:
                 self.location[name] = (i, len(header) + begin, s)
                 self._remaining[name] = s.nbytes
 
-    def spec(self, name: str) -> TensorSpec:
-        return self.location[name][2]
-
-    def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write a whole tensor (already in the planned dtype and shape)."""
-        spec = self.spec(name)
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}")
-        self.write_rows(name, 0, tensor)
-
-    def write_rows(self, name: str, start: int, block: torch.Tensor) -> None:
-        """Write rows ``[start, start + len(block))`` of a planned tensor."""
+    def _target(self, name: str) -> tuple[int, int, TensorSpec]:
         shard, offset, spec = self.location[name]
-        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else spec.nbytes
-        data = block.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        if start * row_bytes + len(data) > spec.nbytes:
-            raise ValueError(f"tensor {name!r}: rows past the end")
-        self._pwrite(self._fds[shard], memoryview(data), offset + start * row_bytes)
-        self._remaining[name] -= len(data)
+        return self._fds[shard], offset, spec
 
-    def copy_raw(self, name: str, src: TensorInfo) -> None:
-        """Copy a tensor's stored bytes from a source file without decoding them."""
-        shard, offset, spec = self.location[name]
-        if src.nbytes != spec.nbytes or src.dtype != spec.dtype:
-            raise ValueError(f"tensor {name!r}: raw copy needs the same dtype and size")
-        fd_out = self._fds[shard]
-        fd_in = os.open(src.file, os.O_RDONLY)
-        try:
-            done = 0
-            while done < src.nbytes:
-                try:
-                    n = os.copy_file_range(fd_in, fd_out, src.nbytes - done, src.offset + done, offset + done)
-                except OSError:
-                    n = 0
-                if n <= 0:  # not supported across these files: fall back to read/write in chunks
-                    chunk = os.pread(fd_in, min(1 << 24, src.nbytes - done), src.offset + done)
-                    if not chunk:
-                        raise OSError(f"short read copying {name!r} from {src.file}")
-                    n = os.pwrite(fd_out, chunk, offset + done)
-                done += n
-        finally:
-            os.close(fd_in)
-        self._remaining[name] = 0
+    def _done(self, name: str, nbytes: int) -> None:
+        self._remaining[name] -= nbytes
+
+    def placements(self, names: list[str] | None = None) -> dict[str, Placement]:
+        """Where each named tensor (default: all) goes, for a :class:`PlacedWriter` in another process."""
+        wanted = self.location if names is None else {n: self.location[n] for n in names}
+        return {n: Placement(self.files[i], off, spec) for n, (i, off, spec) in wanted.items()}
+
+    def mark_written(self, names: list[str]) -> None:
+        """Record tensors another process wrote through :meth:`placements` (and fsynced)."""
+        for n in names:
+            self._remaining[n] = 0
 
     def missing(self) -> list[str]:
         return sorted(n for n, r in self._remaining.items() if r != 0)
@@ -206,6 +244,59 @@ class ShardedWriter:
             except OSError:
                 pass
         self._fds = []
+
+
+class PlacedWriter(_TensorSink):
+    """Writes tensors into shard files another :class:`ShardedWriter` created and sized, at the
+    placements it handed out: lets separate processes (Ray tasks) each write their own tensors
+    into the same pre-sized files. Files are opened on first use; :meth:`close` fsyncs them.
+    """
+
+    def __init__(self, placements: dict[str, Placement]):
+        self.placements = placements
+        self._fds: dict[Path, int] = {}
+
+    def _target(self, name: str) -> tuple[int, int, TensorSpec]:
+        p = self.placements[name]
+        fd = self._fds.get(p.file)
+        if fd is None:
+            fd = self._fds[p.file] = os.open(p.file, os.O_RDWR)
+        return fd, p.offset, p.spec
+
+    def digest(self, name: str) -> str:
+        """sha256 of the bytes now stored for ``name``."""
+        p = self.placements[name]
+        return bytes_sha256(p.file, p.offset, p.spec.nbytes)
+
+    def close(self, sync: bool = True) -> None:
+        try:
+            for fd in self._fds.values():
+                if sync:
+                    os.fsync(fd)
+        finally:
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds = {}
+
+
+def bytes_sha256(path: Path, offset: int, nbytes: int) -> str:
+    """sha256 of ``nbytes`` bytes of ``path`` from ``offset`` (read in 16 MB chunks)."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            chunk = os.pread(fd, min(1 << 24, nbytes - done), offset + done)
+            if not chunk:
+                raise OSError(f"{path} ends before byte {offset + nbytes}")
+            h.update(chunk)
+            done += len(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
 
 
 def _json_len(entries, metadata) -> int:

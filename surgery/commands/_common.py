@@ -26,7 +26,7 @@ def push_if_asked(output: Any, repo_id: str | None, private: bool = False) -> st
 
 def written_summary(written: Any, pushed: str | None = None) -> dict[str, Any]:
     """The facts every writing command reports about its output."""
-    return {
+    doc = {
         "output": str(written.output),
         "files": [str(f.name) for f in written.files],
         "num_tensors": written.num_tensors,
@@ -34,11 +34,18 @@ def written_summary(written: Any, pushed: str | None = None) -> dict[str, Any]:
         "pushed": pushed,
         "record": written.record,
     }
+    if getattr(written, "execution", None):      # --ray: work units, units resumed, units per node
+        doc["execution"] = written.execution
+    return doc
 
 
 def print_written(console: Any, doc: dict[str, Any]) -> None:
     console.print(f"[bold green]wrote[/] {doc['output']}: {doc['num_tensors']} tensors, "
                   f"{_render.fmt_bytes(doc['total_bytes'])} in {len(doc['files'])} file(s)")
+    ex = doc.get("execution")
+    if ex:
+        resumed = f", {ex['resumed_units']} kept from the interrupted run" if ex["resumed_units"] else ""
+        console.print(f"computed as {ex['units']} Ray work unit(s) on {len(ex['nodes'])} node(s){resumed}")
     if doc.get("pushed"):
         console.print(f"pushed: {doc['pushed']}")
 

@@ -23,5 +23,13 @@ def _device(value: str) -> str:
 DeviceOpt = Annotated[str, typer.Option("--device", callback=_device, help="Where the math runs: cpu, cuda, cuda:1, mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+RayOpt = Annotated[Optional[str], typer.Option(
+    "--ray", metavar="[ADDRESS]",
+    help="Run the per-tensor work as Ray tasks, byte-identical to a plain run: on the cluster at ADDRESS "
+         "(host:port, ray://host:port, auto), else $SURGERY_RAY_ADDRESS, else a new local Ray instance. "
+         "Inputs and output must be on storage every node sees (docs/scale.md). Needs pip install 'surgery[ray]'.")]
+ResumeRunOpt = Annotated[bool, typer.Option(
+    "--resume-run", help="With --ray: continue the interrupted run of this same command (it resumes "
+                         "automatically when one is found; this flag refuses to start without one).")]
 
 DEFAULT_SHARD_SIZE = "5GB"

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import _common, _render
-from ._params import DeviceOpt, JsonOpt, QuietOpt
+from ._params import DeviceOpt, JsonOpt, QuietOpt, RayOpt
 
 EXAMPLES = [
     "surgery analyze spectrum fixtures/llama-tiny/base --top 4",
@@ -86,13 +86,16 @@ def spectrum(
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    ray: RayOpt = None,
 ) -> None:
     """Per 2-D tensor: σ_max, ‖W‖_F, stable rank, effective rank, energy rank and the top singular values; summaries per layer type and depth."""
     from surgery.analyze import spectrum as run
+    from surgery.core.executor import executor_for
 
     _check_plot(plot, _read_paths(checkpoint, base))
-    result = run(checkpoint, base=base, energy=energy, top=top, keep_spectra=plot is not None, device=device,
-                 progress=_render.progress(quiet))
+    with executor_for(ray, device=device) as executor:
+        result = run(checkpoint, base=base, energy=energy, top=top, keep_spectra=plot is not None, device=device,
+                     progress=_render.progress(quiet), executor=executor)
     report = result.report
     report["plot"] = None
     if plot is not None:
@@ -209,14 +212,18 @@ def gain(
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    ray: RayOpt = None,
 ) -> None:
     """Per matrix σ_max, RMS ‖W‖_F/√(mn) and σ_max/RMS; with --vs, σ_max ratios and implied width exponents against a proxy."""
     from surgery.analyze import gain as run
+    from surgery.core.executor import executor_for
 
     _check_plot(plot, _read_paths(checkpoint, vs))
     ignore_types = [t.strip() for t in ignore.split(",") if t.strip()] if ignore else []
-    result = run(checkpoint, vs=vs, tolerance=tolerance, expect_exponent=expect_exponent, ignore_types=ignore_types,
-                 exact=exact, fail_on_drift=fail_on_drift, device=device, progress=_render.progress(quiet))
+    with executor_for(ray, device=device) as executor:
+        result = run(checkpoint, vs=vs, tolerance=tolerance, expect_exponent=expect_exponent,
+                     ignore_types=ignore_types, exact=exact, fail_on_drift=fail_on_drift, device=device,
+                     progress=_render.progress(quiet), executor=executor)
     report = result.report
     proxy = vs
     report["plot"] = None

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return the exit code (also used as the console script)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
-    argv = [a for a in argv if a != "--debug"]
+    argv = expand_ray(a for a in argv if a != "--debug")
     as_json = "--json" in argv
     command = typer.main.get_command(app)
     try:
@@ -124,6 +124,33 @@ def main(argv: list[str] | None = None) -> int:
             _emit_error_json(exc, code)
     sys.stdout.flush()
     return code
+
+
+def expand_ray(argv: Any) -> list[str]:
+    """``--ray [ADDRESS]`` takes its address only when the next word is one (``auto``,
+    ``host:port``, ``ray://...``); a bare ``--ray`` becomes ``--ray=`` (the default address), so
+    ``surgery convert --ray SRC OUT`` keeps SRC as the source."""
+    from surgery.core.executor import looks_like_address
+
+    argv = list(argv)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            out += argv[i:]
+            break
+        if tok == "--ray":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and looks_like_address(nxt):
+                out.append(f"--ray={nxt}")
+                i += 2
+                continue
+            out.append("--ray=")
+        else:
+            out.append(tok)
+        i += 1
+    return out
 
 
 def _one_line(text: str) -> str:

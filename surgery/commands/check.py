@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import _common, _render
-from ._params import ForceOpt, JsonOpt, QuietOpt
+from ._params import ForceOpt, JsonOpt, QuietOpt, RayOpt
 
 EXAMPLES = [
     "surgery check out/merged                       # headers valid, every tensor readable, no NaN/Inf",
@@ -31,12 +31,16 @@ def check(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    ray: RayOpt = None,
 ) -> None:
     """Validate a checkpoint for CI: integrity, config shapes, tolerance against a reference, sha256 manifest."""
     from surgery.check import check as run
+    from surgery.core.executor import executor_for
 
-    result = run(checkpoint, integrity=not no_integrity, config=config, against=against, atol=atol, rtol=rtol,
-                 manifest=sha256, write_manifest_to=write_sha256, force=force, progress=_render.progress(quiet))
+    with executor_for(ray) as executor:
+        result = run(checkpoint, integrity=not no_integrity, config=config, against=against, atol=atol, rtol=rtol,
+                     manifest=sha256, write_manifest_to=write_sha256, force=force, progress=_render.progress(quiet),
+                     executor=executor)
 
     def human(console, report) -> None:
         if report.get("manifest_written"):

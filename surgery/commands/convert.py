@@ -10,13 +10,15 @@ from typing import Annotated, Optional
 import typer
 
 from . import _common, _render
-from ._params import DEFAULT_SHARD_SIZE, DtypeOpt, ForceOpt, JsonOpt, PrivateOpt, PushOpt, QuietOpt, ShardSizeOpt
+from ._params import (DEFAULT_SHARD_SIZE, DtypeOpt, ForceOpt, JsonOpt, PrivateOpt, PushOpt, QuietOpt, RayOpt,
+                      ResumeRunOpt, ShardSizeOpt)
 
 EXAMPLES = [
     "surgery convert old-model/pytorch_model.bin -o out/model        # pickle -> safetensors, weights only",
     "surgery convert fixtures/llama-tiny/base -o out/bf16 --dtype bfloat16 --shard-size 1MB",
     "surgery convert fixtures/llama-tiny/base.q8_0.gguf -o out/from-gguf   # GGUF -> Hugging Face folder",
     "surgery convert out/from-gguf --to gguf --quant q8_0 -o out/tiny.q8_0.gguf   # for llama.cpp / Ollama",
+    "surgery convert fixtures/llama-tiny/base -o out/f32 --dtype float32 --ray   # as Ray tasks (a local instance)",
 ]
 
 
@@ -45,10 +47,13 @@ def convert(
     private: PrivateOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    ray: RayOpt = None,
+    resume_run: ResumeRunOpt = False,
 ) -> None:
     """Convert checkpoints: pickles to safetensors (weights-only), dtype casts and re-sharding, GGUF in and out."""
     from surgery.convert import convert as run
     from surgery.core.errors import UsageError
+    from surgery.core.executor import executor_for
 
     if output is not None and output_arg is not None and output != output_arg:
         raise UsageError("give the output once: as -o/--output or as the second argument.")
@@ -57,8 +62,9 @@ def convert(
         raise UsageError("name the output with -o/--output.")
     if push_to_hub and to == Format.gguf:
         raise UsageError("--push-to-hub uploads a checkpoint folder; push a GGUF file with `hf upload` instead.")
-    result = run(source, out, dtype=dtype, shard_size=shard_size, force=force, progress=_render.progress(quiet),
-                 to=to.value, quant=quant.value if quant else None)
+    with executor_for(ray, resume_run=resume_run) as executor:
+        result = run(source, out, dtype=dtype, shard_size=shard_size, force=force, progress=_render.progress(quiet),
+                     to=to.value, quant=quant.value if quant else None, executor=executor)
 
     def human(console, doc) -> None:
         if doc.get("source_format") == "gguf":

@@ -8,7 +8,7 @@ import typer
 
 from . import _common, _render
 from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, OutputOpt, PrivateOpt, PushOpt,
-                      QuietOpt, ShardSizeOpt)
+                      QuietOpt, RayOpt, ResumeRunOpt, ShardSizeOpt)
 
 EXAMPLES = [
     "surgery fuse fixtures/llama-tiny/base my-lora -o out/fused                 # one PEFT adapter",
@@ -33,13 +33,17 @@ def fuse(
     private: PrivateOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    ray: RayOpt = None,
+    resume_run: ResumeRunOpt = False,
 ) -> None:
     """Fuse adapters into the base weights: affected tensors in float32, the rest copied untouched."""
+    from surgery.core.executor import executor_for
     from surgery.fuse import fuse as run
 
-    result = run(base, adapters, output, dtype=dtype, shard_size=shard_size, force=force, device=device,
-                 check=check, threads=threads, allow_nonfinite=allow_nonfinite,
-                 progress=_render.progress(quiet))
+    with executor_for(ray, device=device, resume_run=resume_run) as executor:
+        result = run(base, adapters, output, dtype=dtype, shard_size=shard_size, force=force, device=device,
+                     check=check, threads=threads, allow_nonfinite=allow_nonfinite,
+                     progress=_render.progress(quiet), executor=executor)
 
     def human(console, doc) -> None:
         for a in doc["adapters"]:

@@ -9,7 +9,7 @@ import typer
 
 from . import _common, _render
 from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, OutputOpt, PrivateOpt, PushOpt,
-                      QuietOpt, ShardSizeOpt)
+                      QuietOpt, RayOpt, ResumeRunOpt, ShardSizeOpt)
 
 EXAMPLES = [
     "surgery grow fixtures/tokenformer-tiny -o out/tf-x2 --factor 2                  # tile: exact for every norm",
@@ -47,14 +47,19 @@ def grow(
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    ray: RayOpt = None,
+    resume_run: ResumeRunOpt = False,
 ) -> None:
     """Grow a TokenFormer's parameter tokens (tile / gram / zero / random) and check the logits are kept."""
+    from surgery.core.executor import executor_for
     from surgery.grow import grow as run
 
-    result = run(checkpoint, output, tokens=tokens, qkv_tokens=qkv_tokens, proj_tokens=proj_tokens,
-                 ffn_tokens=ffn_tokens, factor=factor, init=init, seed=seed, verify=verify, tolerance=tolerance,
-                 config_file=config, dtype=dtype, shard_size=shard_size, force=force, device=device,
-                 progress=_render.progress(quiet))
+    # the verification forward runs here; only the output tensors are computed as Ray tasks
+    with executor_for(ray, resume_run=resume_run) as executor:
+        result = run(checkpoint, output, tokens=tokens, qkv_tokens=qkv_tokens, proj_tokens=proj_tokens,
+                     ffn_tokens=ffn_tokens, factor=factor, init=init, seed=seed, verify=verify, tolerance=tolerance,
+                     config_file=config, dtype=dtype, shard_size=shard_size, force=force, device=device,
+                     progress=_render.progress(quiet), executor=executor)
     _common.finish(result, as_json=as_json, human=_print, push_to_hub=push_to_hub, private=private)
 
 

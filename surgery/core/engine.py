@@ -8,13 +8,16 @@ planned dtype, writes it at its final offset and drops it. Peak memory is a few 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -22,7 +25,7 @@ from ..checkpoint.card import make_record, render_card
 from ..checkpoint.format import TensorInfo
 from ..checkpoint.reader import Checkpoint, read_into
 from ..checkpoint.writer import ShardedWriter, TensorSpec, parse_size, write_text
-from .output import atomic_output
+from .output import atomic_output, resumable_output
 from .errors import NonFiniteError, UsageError
 from .formats import text_safe
 from .progress import Progress, ensure
@@ -68,6 +71,17 @@ class OutputTensor:
             engine reuses for the whole write (the fast path of :func:`cast_tensor`).
         sources: The stored input tensors the result is computed from, searched for the
             NaN/Inf when it is not finite (default: the same-named tensor of every input).
+        input_bytes: Stored bytes ``compute`` / ``rows`` read (all inputs together), a hint for
+            executors that group tensors into work units and size their memory (default: the
+            output's own size).
+        block_rows: Rows per ``rows`` call (default: 64 MB of float32 per block). An operation
+            whose per-block statistics are summed must fix it to reproduce a given order.
+
+    ``compute`` and ``rows`` may return a :class:`Computed` instead of a tensor to report
+    per-tensor statistics (norms for a whole-model scalar); the engine combines a tensor's row
+    blocks' statistics in row order (numbers are added, lists concatenated) and returns them in
+    ``WriteResult.stats``. They must read their own inputs (closures over checkpoints, names and
+    parameters, never over tensors), so an executor can run them in another process.
     """
 
     name: str
@@ -78,11 +92,25 @@ class OutputTensor:
     source: TensorInfo | None = None
     cast_source: TensorInfo | None = None
     sources: tuple[TensorInfo, ...] | None = None
+    input_bytes: int | None = None
+    block_rows: int | None = None
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(d) for d in self.shape)
         if sum(x is not None for x in (self.compute, self.rows, self.source, self.cast_source)) != 1:
             raise ValueError(f"OutputTensor {self.name!r} needs exactly one of compute, rows, source, cast_source")
+
+
+@dataclass
+class Computed:
+    """A computed tensor (or row block) with statistics about it, e.g. ``{"sq_norm": ...}``."""
+
+    tensor: torch.Tensor
+    stats: dict[str, Any]
+
+
+def _split(value: Any) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    return (value.tensor, value.stats) if isinstance(value, Computed) else (value, None)
 
 
 def copy_tensor(ckpt: Checkpoint, name: str, new_name: str | None = None) -> OutputTensor:
@@ -111,6 +139,9 @@ class WriteResult:
         record: The provenance record written into the card and ``__metadata__``.
         num_tensors, total_bytes: How much was written.
         verified: What the ``verify`` step returned, if one ran.
+        stats: Per-tensor statistics the plan's :class:`Computed` results reported.
+        execution: How the tensors were computed on an executor other than this process
+            (``kind``, work units, units resumed from an interrupted run, units per node).
     """
 
     output: Path
@@ -119,6 +150,8 @@ class WriteResult:
     num_tensors: int
     total_bytes: int
     verified: Any = None
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    execution: dict[str, Any] | None = None
 
 
 def row_ranges(start: int, stop: int, row_elems: int, max_elements: int) -> list[tuple[int, int]]:
@@ -243,31 +276,44 @@ def _cast_rows(writer: ShardedWriter, out: OutputTensor, scratch: _Scratch, fini
         writer.write_rows(out.name, start, dst)
 
 
-def _write_one(writer: ShardedWriter, out: OutputTensor, scratch: _Scratch, finite: _Finite) -> None:
+NO_CHECK = _Finite([], allow=True)
+
+
+def _write_one(writer: Any, out: OutputTensor, scratch: _Scratch, finite: _Finite = NO_CHECK) -> dict[str, Any] | None:
+    """Produce one plan entry and write it through ``writer`` (a ShardedWriter, or a
+    PlacedWriter in an executor's task); returns its statistics (row blocks' combined in row
+    order) or None."""
     if math.prod(out.shape) == 0:
-        return  # nothing to write (and no loop over a huge empty dimension)
+        return None  # nothing to write (and no loop over a huge empty dimension)
     if out.source is not None:
         writer.copy_raw(out.name, out.source)
-        return
+        return None
     if out.cast_source is not None:
         _cast_rows(writer, out, scratch, finite)
-        return
+        return None
     if out.rows is not None:
         n = out.shape[0] if out.shape else 1
-        step = _block_rows(out.shape)
+        step = out.block_rows or _block_rows(out.shape)
+        total: dict[str, Any] | None = None
         for start in range(0, n, step):
-            block = out.rows(start, min(n, start + step))
+            block, stats = _split(out.rows(start, min(n, start + step)))
             cast = block.to(out.dtype)
             finite.check(out, cast, block)
             writer.write_rows(out.name, start, cast)
             del block, cast
-        return
-    t = out.compute()
+            if stats is not None:
+                # numbers add up, lists (per-block values, for callers that need a given
+                # summation order) concatenate
+                total = dict(stats) if total is None else {k: total[k] + v if k in total else v
+                                                           for k, v in stats.items()}
+        return total
+    t, stats = _split(out.compute())
     if tuple(t.shape) != out.shape:
         raise ValueError(f"operation produced {tuple(t.shape)} for {out.name!r}, planned {out.shape}")
     cast = t.to(device="cpu", dtype=out.dtype)
     finite.check(out, cast, t)
     writer.write(out.name, cast)
+    return stats
 
 
 def _retarget(out: OutputTensor, dtype: torch.dtype | None) -> OutputTensor:
@@ -280,7 +326,7 @@ def _retarget(out: OutputTensor, dtype: torch.dtype | None) -> OutputTensor:
             return OutputTensor(out.name, out.shape, dtype, compute=lambda: read_tensor(info), sources=(info,))
         return OutputTensor(out.name, out.shape, dtype, cast_source=out.source)
     return OutputTensor(out.name, out.shape, dtype, compute=out.compute, rows=out.rows, cast_source=out.cast_source,
-                        sources=out.sources)
+                        sources=out.sources, input_bytes=out.input_bytes, block_rows=out.block_rows)
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -316,11 +362,12 @@ def write_checkpoint(
     force: bool = False,
     progress: Progress | None = None,
     config_update: dict[str, Any] | None = None,
-    extra_record: Callable[[], dict[str, Any]] | None = None,
+    extra_record: Callable[..., dict[str, Any]] | None = None,
     extra_files: dict[str, str] | None = None,
     verify: Callable[[Path], Any] | None = None,
     tokenizer_files: dict[str, bytes] | None = None,
     allow_nonfinite: bool = False,
+    executor: Any = None,
 ) -> WriteResult:
     """Stream ``plan`` into a new checkpoint folder, atomically.
 
@@ -341,7 +388,8 @@ def write_checkpoint(
         force: Replace an existing output.
         progress: Receives one step per output byte.
         config_update: Keys merged into the copied config.json.
-        extra_record: Called after all tensors are written; its dict lands under ``results``.
+        extra_record: Called after all tensors are written (with no argument, or with the
+            per-tensor statistics when it takes one); its dict lands under ``results``.
         extra_files: Extra text files (name -> content) written into the output.
         verify: Called with the finished temporary folder before it is renamed into place;
             raising (e.g. CheckFailedError) leaves no output. Its return value is kept in
@@ -354,6 +402,9 @@ def write_checkpoint(
             raises NonFiniteError naming the input tensor that carried it, before any
             output appears. Raw copies and plain casts carry a stored tensor's own values
             and are refused only when the cast overflows finite values.
+        executor: Where the tensors are computed (:mod:`surgery.core.executor`): None for this
+            process, or a RayExecutor (same bytes; the run folder is kept on interruption and
+            a rerun of the same command resumes it).
 
     Returns:
         A WriteResult.
@@ -361,6 +412,9 @@ def write_checkpoint(
     Raises:
         NonFiniteError: A computed tensor is not finite and ``allow_nonfinite`` is False.
     """
+    from .executor import LOCAL, Journal
+
+    executor = executor or LOCAL
     target = parse_dtype(dtype)
     plan = sorted((_retarget(o, target) for o in plan), key=lambda o: o.name)
     inputs = list(inputs or [])
@@ -373,17 +427,23 @@ def write_checkpoint(
     specs = [TensorSpec(o.name, o.shape, o.dtype) for o in plan]
     total = sum(s.nbytes for s in specs)
     verified = None
-    with atomic_output(Path(output), force=force, inputs=guarded) as tmp:
+    if executor.resumable:
+        key = run_key(operation, parameters, size, specs, inputs, input_paths)
+        place = resumable_output(Path(output), key=key, force=force, inputs=guarded,
+                                 require=executor.resume == "require", fresh=executor.resume == "never")
+    else:
+        place = _plain(atomic_output(Path(output), force=force, inputs=guarded))
+    with place as (tmp, resumed):
         placeholder = {"format": "pt", "surgery": json.dumps({"operation": operation})}
-        writer = ShardedWriter(tmp, specs, size, placeholder)
+        writer = ShardedWriter(tmp, specs, size, placeholder, reuse=resumed)
+        journal = Journal(tmp) if executor.resumable else None
         try:
             progress.start(total, f"writing {Path(output).name}")
-            scratch = _Scratch()
             finite = _Finite(inputs + ([donor] if donor is not None and donor not in inputs else []), allow_nonfinite)
-            for out in plan:
-                _write_one(writer, out, scratch, finite)
-                progress.advance(TensorSpec(out.name, out.shape, out.dtype).nbytes)
-            extra = extra_record() if extra_record else None
+            stats, execution = executor.write(writer, plan, progress, journal, finite=finite)
+            extra = None
+            if extra_record is not None:
+                extra = extra_record(stats) if _takes_argument(extra_record) else extra_record()
             roles = input_roles or ["input"] * len(inputs)
             rec_inputs = [{"role": r, "label": ck.label, "sha256": ck.sha256()} for r, ck in zip(roles, inputs)]
             record = text_safe(make_record(operation, parameters, rec_inputs, extra))
@@ -391,6 +451,8 @@ def write_checkpoint(
         finally:
             writer.close()
             progress.close()
+            if journal is not None:
+                journal.close()
         if donor is not None:
             for f in donor.donor_files():
                 if f.name == "config.json" or (tokenizer_files is not None and f.name not in NON_TOKENIZER_FILES):
@@ -413,4 +475,40 @@ def write_checkpoint(
         if verify is not None:
             verified = verify(tmp)
     out_dir = Path(output).expanduser()
-    return WriteResult(out_dir, [out_dir / f.name for f in files], record, len(plan), total, verified)
+    return WriteResult(out_dir, [out_dir / f.name for f in files], record, len(plan), total, verified, stats,
+                       execution.to_json() if execution.kind != "local" else None)
+
+
+@contextmanager
+def _plain(ctx: Any) -> Iterator[tuple[Path, bool]]:
+    with ctx as tmp:
+        yield tmp, False
+
+
+def _takes_argument(fn: Callable[..., Any]) -> bool:
+    try:
+        return bool(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return False
+
+
+def run_key(operation: str, parameters: dict[str, Any], shard_size: int, specs: list[TensorSpec],
+            inputs: list[Any], input_paths: Iterable[str | Path] = ()) -> str:
+    """A digest of everything that decides a write's tensor bytes and layout: the operation and
+    its parameters, the shard plan, and the inputs' identities (header fingerprints, file sizes
+    and modification times). A rerun of the same command on the same inputs gets the same key."""
+    def stat(p: Path) -> list[Any]:
+        try:
+            st = Path(p).stat()
+            return [str(p), st.st_size, st.st_mtime_ns]
+        except OSError:
+            return [str(p), None, None]
+
+    ident = {
+        "operation": operation, "parameters": parameters, "shard_size": shard_size,
+        "specs": [[s.name, list(s.shape), str(s.dtype)] for s in specs],
+        "inputs": [[getattr(ck, "label", None), ck.fingerprint() if hasattr(ck, "fingerprint") else None,
+                    [stat(f) for f in getattr(ck, "files", [])]] for ck in inputs],
+        "paths": [stat(Path(p)) for p in input_paths],
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()

@@ -78,6 +78,13 @@ class OutputError(SurgeryError):
     exit_code = 3
 
 
+class ClusterError(SurgeryError):
+    """The Ray cluster could not run the work: unreachable, or a unit kept failing (exit 3).
+    A write's finished units are kept, so running the same command again resumes it."""
+
+    exit_code = 3
+
+
 class NonFiniteError(InputError):
     """An output tensor came out NaN or infinite (exit 3); names the input tensor that carried it."""
 

@@ -263,6 +263,104 @@ def atomic_output(output: str | os.PathLike, *, force: bool, inputs: Iterable[st
         raise
 
 
+RUN_TAG = "surgery-run"
+RUN_LOCK = ".surgery-run.lock"
+RUN_FILES = (RUN_LOCK, ".surgery-run.jsonl")
+
+
+def run_folder(output: str | os.PathLike, key: str) -> Path:
+    """The hidden sibling a resumable run of ``output`` writes into: ``.NAME.surgery-run-KEY``."""
+    output = Path(output).expanduser()
+    return output.parent / f".{output.name}.{RUN_TAG}-{key[:16]}"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An exclusive, non-blocking lock on ``path`` (created if needed); None when another
+    process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+# Errors after which a kept run folder is worth resuming: the run was interrupted, the
+# cluster failed, or the disk filled up. Anything else (a bad input, a failed check, a
+# defect) would fail the same way again, so its folder is removed.
+def _resumable(exc: BaseException) -> bool:
+    from .errors import ClusterError
+
+    return isinstance(exc, (KeyboardInterrupt, SystemExit, ClusterError, OutputError, OSError))
+
+
+@contextmanager
+def resumable_output(output: str | os.PathLike, *, key: str, force: bool, inputs: Iterable[str | os.PathLike] = (),
+                     require: bool = False, fresh: bool = False) -> Iterator[tuple[Path, bool]]:
+    """Like :func:`atomic_output`, for runs that can be interrupted and continued (Ray runs).
+
+    The temporary sibling is named after ``key`` (a digest of everything that decides the
+    output: operation, parameters, tensor plan, inputs), so running the same command again
+    finds it. It is locked while a run writes into it. On success its run files are removed and
+    it is renamed into place like any output. When the run is interrupted, the cluster fails or
+    the disk fills up, it is kept for the next run; after other errors it is removed. Run
+    folders of ``output`` with another key (an older, different command) are removed when no
+    process holds them.
+
+    Yields:
+        ``(folder, resumed)``: resumed is True when the folder held an earlier run's work.
+
+    Raises:
+        UsageError: ``require`` and there is no interrupted run to continue; another process is
+            running the same command right now.
+        OutputExistsError, OutputError: as :func:`atomic_output`.
+    """
+    output = check_output(output, force=force, inputs=list(inputs), kind="folder")
+    parent = output.parent
+    folder = run_folder(output, key)
+    prefix = f".{output.name}.{RUN_TAG}-"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(parent)
+        for entry in os.scandir(parent):
+            if entry.name.startswith(prefix) and entry.name != folder.name and entry.is_dir(follow_symlinks=False):
+                fd = _try_lock(Path(entry.path) / RUN_LOCK)
+                if fd is not None:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    os.close(fd)
+        if fresh and folder.is_dir():
+            shutil.rmtree(folder)
+        resumed = folder.is_dir()
+        if require and not resumed:
+            raise UsageError(f"there is no interrupted run of this command to resume for {output} (no {folder.name} "
+                             f"beside it); drop `resume_run` to start one.", path=output)
+        folder.mkdir(exist_ok=True)
+        lock = _try_lock(folder / RUN_LOCK)
+    except OSError as exc:
+        raise _output_error(output, exc) from exc
+    if lock is None:
+        raise UsageError(f"another process is writing {output} with the same command right now ({folder.name} is "
+                         f"locked); wait for it to finish.", path=output)
+    try:
+        yield folder, resumed
+        for name in RUN_FILES:
+            _unlink(folder / name)
+        _fsync_dir(folder)
+        _commit(folder, output, force)
+        _fsync_dir(parent)
+    except BaseException as exc:
+        if not _resumable(exc):
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _output_error(output, exc) from exc
+        raise
+    finally:
+        os.close(lock)
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, *, force: bool, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write one file to; on success it is fsynced

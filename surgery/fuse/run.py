@@ -130,7 +130,8 @@ def _tied_pair(base: Checkpoint) -> tuple[str, str] | None:
 
 def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path, *, dtype: str | None = None,
          shard_size: str = "5GB", force: bool = False, device: str = "cpu", check: bool = False,
-         threads: int | None = None, allow_nonfinite: bool = False, progress: Progress | None = None) -> Result:
+         threads: int | None = None, allow_nonfinite: bool = False, progress: Progress | None = None,
+         executor: Any = None) -> Result:
     """Fuse ``adapters`` into ``base`` and write the result to ``output``.
 
     Args:
@@ -148,6 +149,7 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
             oversubscription on a busy machine.
         allow_nonfinite: Write fused tensors that hold NaN or Inf instead of refusing them.
         progress: Progress sink.
+        executor: Where the tensors are computed (:mod:`surgery.core.executor`; None: here).
 
     Returns:
         A Result: the written checkpoint and a report (adapters, kinds, changed tensors, tying,
@@ -172,7 +174,8 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
         torch.set_num_threads(threads)
     try:
         return _fuse(base, adapters, output, dtype=dtype, shard_size=shard_size, force=force, device=device,
-                     check=check, progress=progress, auto_threads=threads is None, allow_nonfinite=allow_nonfinite)
+                     check=check, progress=progress, auto_threads=threads is None, allow_nonfinite=allow_nonfinite,
+                     executor=executor)
     finally:
         torch.set_num_threads(previous)
 
@@ -306,7 +309,7 @@ def plan_fusion(ckpt: Checkpoint, adapters: list[AdapterSpec | str], device: str
 
 
 def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, progress, auto_threads,
-          allow_nonfinite=False):
+          allow_nonfinite=False, executor=None):
     target = parse_dtype(dtype)
     ckpt = open_checkpoint(str(base))
     fusion = plan_fusion(ckpt, adapters, device)
@@ -359,7 +362,7 @@ def _fuse(base, adapters, output, *, dtype, shard_size, force, device, check, pr
                               inputs=[ckpt, *adapter_ckpts], input_roles=["base"] + ["adapter"] * len(opened),
                               input_paths=[a.path for a in opened], dtype=target, shard_size=shard_size, force=force,
                               progress=progress, config_update=config_update, verify=verify,
-                              allow_nonfinite=allow_nonfinite)
+                              allow_nonfinite=allow_nonfinite, executor=executor)
     check_report = result.verified
     report = {"base": ckpt.label, "adapters": report_adapters,
               "tensors_changed": sorted(steps), "tensors_added": sorted(new_from),

@@ -105,7 +105,7 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
          init: str = "tile", seed: int = 0, verify: bool = True, tolerance: float | None = None,
          config_file: str | Path | None = None, dtype: str | None = None, shard_size: str = "5GB",
          force: bool = False, device: str = "cpu", verify_batch: int = 2, verify_seq_len: int = 32,
-         progress: Progress | None = None) -> Result:
+         progress: Progress | None = None, executor: Any = None) -> Result:
     """Grow the parameter tokens of a TokenFormer checkpoint (Wang et al. 2024, arXiv 2410.23168).
 
     Args:
@@ -124,6 +124,8 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
         shard_size, force, progress: As for every writing operation.
         device: Where the verification forward runs.
         verify_batch, verify_seq_len: Size of the random verification batch.
+        executor: Where the output tensors are computed (:mod:`surgery.core.executor`; None:
+            here). The verification forward always runs here, before anything is written.
 
     Returns:
         A Result: the written checkpoint and ``report["growth"]`` (slots before and after,
@@ -238,7 +240,7 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
     result = write_checkpoint(plan, output, donor=ckpt, operation="grow", parameters=params, inputs=[ckpt],
                               input_roles=["base"], input_paths=[config_file] if config_file is not None else (),
                               dtype=target_dtype, shard_size=shard_size, force=force, progress=progress,
-                              config_update=cfg_update, extra_record=lambda: {"growth": report})
+                              config_update=cfg_update, extra_record=lambda: {"growth": report}, executor=executor)
     return Result({"growth": report}, result)
 
 
