@@ -465,11 +465,15 @@ class RayExecutor:
         self.device = dev
         self.resume = resume
         self.max_in_flight = max_in_flight
-        if unit_bytes is None:
-            unit_bytes = os.environ.get(ENV_UNIT_BYTES) or UNIT_BYTES
         from ..checkpoint.writer import parse_size
 
-        self.unit_bytes = parse_size(unit_bytes)
+        if unit_bytes is None and os.environ.get(ENV_UNIT_BYTES):
+            try:
+                unit_bytes = parse_size(os.environ[ENV_UNIT_BYTES])
+            except UsageError:
+                raise UsageError(f"${ENV_UNIT_BYTES}={os.environ[ENV_UNIT_BYTES]!r} is not a size; use e.g. 64MB or "
+                                 f"1GiB.") from None
+        self.unit_bytes = parse_size(unit_bytes if unit_bytes is not None else UNIT_BYTES)
         self.max_retries = max_retries
         self.threads = threads
         self._ray = None

@@ -325,18 +325,19 @@ def resumable_output(output: str | os.PathLike, *, key: str, force: bool, inputs
     try:
         parent.mkdir(parents=True, exist_ok=True)
         clean_leftovers(parent)
-        for entry in os.scandir(parent):
-            if entry.name.startswith(prefix) and entry.name != folder.name and entry.is_dir(follow_symlinks=False):
-                fd = _try_lock(Path(entry.path) / RUN_LOCK)
-                if fd is not None:
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                    os.close(fd)
         if fresh and folder.is_dir():
             shutil.rmtree(folder)
         resumed = folder.is_dir()
         if require and not resumed:
             raise UsageError(f"there is no interrupted run of this command to resume for {output} (no {folder.name} "
-                             f"beside it); drop `resume_run` to start one.", path=output)
+                             f"beside it; a run of a different command or on changed inputs does not count); drop "
+                             f"`resume_run` to start one.", path=output)
+        for entry in os.scandir(parent):
+            if entry.name.startswith(prefix) and entry.name != folder.name and entry.is_dir(follow_symlinks=False):
+                fd = _try_lock(Path(entry.path) / RUN_LOCK)
+                if fd is not None:          # nobody runs it: an older, different command's leftover
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    os.close(fd)
         folder.mkdir(exist_ok=True)
         lock = _try_lock(folder / RUN_LOCK)
     except OSError as exc:
