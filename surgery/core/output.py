@@ -14,7 +14,8 @@
 
 :func:`atomic_output` is for folders (checkpoints, adapters, states), :func:`atomic_file`
 for single files (edit files, manifests, plots, logs), :func:`scratch_dir` for temporary
-work that must not outlive the command.
+work that must not outlive the command, :func:`resumable_output` for Ray runs whose
+temporary sibling survives an interruption so that the same command can continue it.
 """
 
 from __future__ import annotations
