@@ -13,7 +13,7 @@ from typer.core import TyperCommand
 
 from . import _common, _render
 from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, PrivateOpt, PushOpt, QuietOpt,
-                      ShardSizeOpt)
+                      RayOpt, ResumeRunOpt, ShardSizeOpt)
 
 MergeOutputOpt = Annotated[Optional[Path], typer.Option(
     "-o", "--output", help="Output checkpoint folder (refused if it exists, unless --force); with a recipe it may "
@@ -148,9 +148,12 @@ def merge(
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    ray: RayOpt = None,
+    resume_run: ResumeRunOpt = False,
 ) -> None:
     """Merge checkpoints (batch or continual with a resumable state), streaming one tensor at a time."""
     from surgery.core.errors import UsageError
+    from surgery.core.executor import executor_for
     from surgery.merge import MergeOptions, MergeRequest, ModelEntry, load_recipe
     from surgery.merge import merge as run
 
@@ -197,8 +200,9 @@ def merge(
     options = MergeOptions(seed=seed, allow_missing=allow_missing, decomposition=decomposition.value, shuffle=shuffle,
                            trim_ties=trim_ties.value, device=device, state_dir=state, resume_dir=resume,
                            allow_nonfinite=allow_nonfinite)
-    result = run(request, output, options=options, dtype=dtype, shard_size=shard_size, force=force,
-                 progress=_render.progress(quiet), dry_run=dry_run)
+    with executor_for(ray, device=device, resume_run=resume_run) as executor:
+        result = run(request, output, options=options, dtype=dtype, shard_size=shard_size, force=force,
+                     progress=_render.progress(quiet), dry_run=dry_run, executor=executor)
     for warning in result.report.get("warnings", []):
         _render.log(f"warning: {warning}")
     if dry_run:

@@ -265,6 +265,7 @@ def atomic_output(output: str | os.PathLike, *, force: bool, inputs: Iterable[st
 
 
 RUN_TAG = "surgery-run"
+STEPS_TAG = "surgery-steps"
 RUN_LOCK = ".surgery-run.lock"
 RUN_FILES = (RUN_LOCK, ".surgery-run.jsonl")
 
@@ -298,6 +299,36 @@ def _resumable(exc: BaseException) -> bool:
     return isinstance(exc, (KeyboardInterrupt, SystemExit, ClusterError, OutputError, OSError))
 
 
+def _claim(folder: Path, prefix: str, output: Path, *, require: bool, fresh: bool, what: str) -> tuple[int, bool]:
+    """Create or reuse the run folder ``folder`` and lock it; remove unlocked siblings that
+    start with ``prefix`` (older, different commands). Returns (lock fd, resumed)."""
+    parent = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(parent)
+        if fresh and folder.is_dir():
+            shutil.rmtree(folder)
+        resumed = folder.is_dir()
+        if require and not resumed:
+            raise UsageError(f"there is no interrupted run of this command to resume for {output} (no {folder.name} "
+                             f"beside it; a run of a different command or on changed inputs does not count); drop "
+                             f"`resume_run` to start one.", path=output)
+        for entry in os.scandir(parent):
+            if entry.name.startswith(prefix) and entry.name != folder.name and entry.is_dir(follow_symlinks=False):
+                fd = _try_lock(Path(entry.path) / RUN_LOCK)
+                if fd is not None:          # nobody runs it: an older, different command's leftover
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    os.close(fd)
+        folder.mkdir(exist_ok=True)
+        lock = _try_lock(folder / RUN_LOCK)
+    except OSError as exc:
+        raise _output_error(output, exc) from exc
+    if lock is None:
+        raise UsageError(f"another process is {what} {output} with the same command right now ({folder.name} is "
+                         f"locked); wait for it to finish.", path=output)
+    return lock, resumed
+
+
 @contextmanager
 def resumable_output(output: str | os.PathLike, *, key: str, force: bool, inputs: Iterable[str | os.PathLike] = (),
                      require: bool = False, fresh: bool = False) -> Iterator[tuple[Path, bool]]:
@@ -320,45 +351,49 @@ def resumable_output(output: str | os.PathLike, *, key: str, force: bool, inputs
         OutputExistsError, OutputError: as :func:`atomic_output`.
     """
     output = check_output(output, force=force, inputs=list(inputs), kind="folder")
-    parent = output.parent
     folder = run_folder(output, key)
-    prefix = f".{output.name}.{RUN_TAG}-"
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(parent)
-        if fresh and folder.is_dir():
-            shutil.rmtree(folder)
-        resumed = folder.is_dir()
-        if require and not resumed:
-            raise UsageError(f"there is no interrupted run of this command to resume for {output} (no {folder.name} "
-                             f"beside it; a run of a different command or on changed inputs does not count); drop "
-                             f"`resume_run` to start one.", path=output)
-        for entry in os.scandir(parent):
-            if entry.name.startswith(prefix) and entry.name != folder.name and entry.is_dir(follow_symlinks=False):
-                fd = _try_lock(Path(entry.path) / RUN_LOCK)
-                if fd is not None:          # nobody runs it: an older, different command's leftover
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                    os.close(fd)
-        folder.mkdir(exist_ok=True)
-        lock = _try_lock(folder / RUN_LOCK)
-    except OSError as exc:
-        raise _output_error(output, exc) from exc
-    if lock is None:
-        raise UsageError(f"another process is writing {output} with the same command right now ({folder.name} is "
-                         f"locked); wait for it to finish.", path=output)
+    lock, resumed = _claim(folder, f".{output.name}.{RUN_TAG}-", output, require=require, fresh=fresh,
+                           what="writing")
     try:
         yield folder, resumed
         for name in RUN_FILES:
             _unlink(folder / name)
         _fsync_dir(folder)
         _commit(folder, output, force)
-        _fsync_dir(parent)
+        _fsync_dir(output.parent)
     except BaseException as exc:
         if not _resumable(exc):
             shutil.rmtree(folder, ignore_errors=True)
         if isinstance(exc, OSError):
             raise _output_error(output, exc) from exc
         raise
+    finally:
+        os.close(lock)
+
+
+@contextmanager
+def resumable_scratch(near: str | os.PathLike, *, key: str, fresh: bool = False) -> Iterator[tuple[Path, bool]]:
+    """A working folder for intermediate results of a resumable run (a merge's per-step state):
+    ``.NAME.surgery-steps-KEY`` beside ``near`` (the output), locked while used, kept when the
+    block is interrupted (as :func:`resumable_output` keeps its folder) and removed when it ends
+    any other way, success included.
+
+    Yields:
+        ``(folder, resumed)``.
+    """
+    near = Path(near).expanduser()
+    folder = near.parent / f".{near.name}.{STEPS_TAG}-{key[:16]}"
+    lock, resumed = _claim(folder, f".{near.name}.{STEPS_TAG}-", near, require=False, fresh=fresh, what="running")
+    try:
+        yield folder, resumed
+    except BaseException as exc:
+        if not _resumable(exc):
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _output_error(near, exc) from exc
+        raise
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
     finally:
         os.close(lock)
 

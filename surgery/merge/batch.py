@@ -64,7 +64,8 @@ def _readers(plan: MergePlan, t: PlannedTensor, device: str) -> list[Rows]:
     if t.rows is None:
         return plain
     # alignment happens on the CPU (row gathers), then moves to the device
-    cpu = [(lambda a, e, s=s: plan.models[s.model].get_rows(s.name, a, e, dtype=f32)) for s in t.inputs]
+    # closures hold the checkpoints they read, not the plan (a work unit on Ray pickles them)
+    cpu = [(lambda a, e, ck=plan.models[s.model], n=s.name: ck.get_rows(n, a, e, dtype=f32)) for s in t.inputs]
     aligned = AlignedRows(t.rows, cpu, tuple(t.shape[1:]))
     return [(lambda a, e, m=m: aligned.rows(m, a, e).to(device)) for m in range(len(t.inputs))]
 
@@ -76,7 +77,7 @@ def _copied(plan: MergePlan, t: PlannedTensor) -> OutputTensor:
     if isinstance(model, FusedCheckpoint) and not model.changed(src.name):
         model = model.base
     if isinstance(model, FusedCheckpoint):
-        return OutputTensor(t.name, t.shape, t.dtype, compute=lambda: plan.models[src.model].get(src.name, dtype=None))
+        return OutputTensor(t.name, t.shape, t.dtype, compute=lambda: model.get(src.name, dtype=None))
     return copy_tensor(model, src.name, new_name=t.name)
 
 

@@ -144,7 +144,7 @@ def _same_place(a: str, b: str) -> bool:
 
 def merge(request: MergeRequest, output: str | Path | None, *, options: MergeOptions | None = None,
           dtype: str | None = None, shard_size: str | int = "5GB", force: bool = False,
-          progress: Progress | None = None, dry_run: bool = False) -> Result:
+          progress: Progress | None = None, dry_run: bool = False, executor: Any = None) -> Result:
     """Merge the models of ``request`` into a new checkpoint at ``output``.
 
     The whole request is validated first, from config files, tokenizer files and safetensors
@@ -161,6 +161,8 @@ def merge(request: MergeRequest, output: str | Path | None, *, options: MergeOpt
         progress: Progress sink.
         dry_run: Plan and validate only: the report is the plan (which output tensor comes from
             which inputs by which method, output size, estimated memory); nothing is written.
+        executor: Where the tensors are computed (:mod:`surgery.core.executor`; None: here). On
+            Ray, continual methods' passes run as work units too (:mod:`surgery.merge.remote`).
 
     Returns:
         A Result: the written checkpoint (None for a dry run), and a report with the method, the
@@ -179,13 +181,13 @@ def merge(request: MergeRequest, output: str | Path | None, *, options: MergeOpt
         method = get_method(request.method)
         if method.kind == "batch":
             return _batch(method, request, output, options=options, dtype=dtype, shard_size=shard_size, force=force,
-                          progress=progress, dry_run=dry_run)
+                          progress=progress, dry_run=dry_run, executor=executor)
     return _continual(request, output, options=options, dtype=dtype, shard_size=shard_size, force=force,
-                      progress=progress, dry_run=dry_run)
+                      progress=progress, dry_run=dry_run, executor=executor)
 
 
 def _batch(method, request: MergeRequest, output, *, options: MergeOptions, dtype, shard_size, force, progress,
-           dry_run: bool) -> Result:
+           dry_run: bool, executor: Any = None) -> Result:
     if options.state_dir:
         raise UsageError(f"`state`/`resume` need a continual method ({', '.join(continual_methods())}), not "
                          f"{method.name!r}.")
@@ -225,6 +227,9 @@ def _write_plan(plan, request: MergeRequest, output, *, options: MergeOptions, g
     if request.origin:
         record["recipe"] = request.origin
     tensors = output_tensors(plan, seed=options.seed, device=options.device, options={"trim_ties": options.trim_ties})
+    for t, out in zip(plan.tensors, tensors):     # what each computed tensor reads (work units, task memory)
+        if out.source is None and out.cast_source is None:
+            out.input_bytes = sum(plan.models[s.model].info(s.name).nbytes for s in t.inputs)
     base_key = plan.inputs.key(request.base) if request.base else None
     roles = [("base" if plan.inputs.key(label) == base_key else "model") if j == 0 else "adapter"
              for m, label in zip(plan.models, plan.labels) for j, _ in enumerate(plan.inputs.recorded(m))]
@@ -233,7 +238,7 @@ def _write_plan(plan, request: MergeRequest, output, *, options: MergeOptions, g
                                inputs=recorded, input_roles=roles, input_paths=guarded, dtype=target,
                                shard_size=shard_size, force=force, progress=progress,
                                config_update=plan.config_update or None, tokenizer_files=tokenizer_files,
-                               allow_nonfinite=options.allow_nonfinite)
+                               allow_nonfinite=options.allow_nonfinite, executor=executor)
     if request.slices is None:
         order = [plan.labels[s.model] for s in (plan.tensors[0].models if plan.tensors else [])]
     else:
@@ -254,7 +259,7 @@ def _tokenizer_files(tokenizer: Any, near: str | Path) -> dict[str, bytes]:
 
 
 def _continual(request: MergeRequest, output, *, options: MergeOptions, dtype, shard_size, force, progress,
-               dry_run: bool) -> Result:
+               dry_run: bool, executor: Any = None) -> Result:
     state = state_tensors = None
     if options.resume_dir is not None:
         state, state_tensors, base, request = _resume(request, options)
@@ -312,10 +317,17 @@ def _continual(request: MergeRequest, output, *, options: MergeOptions, dtype, s
     record.update({"decomposition": options.decomposition, "shuffle": options.shuffle,
                    "resume": str(options.resume_dir) if options.resume_dir else None,
                    "state": str(options.state_dir) if options.state_dir else None})
-    runner = StepRunner(method, params, base, models, state, state_tensors,
-                        base_identity=state.base if state is not None else _base_identity(base),
-                        device=options.device, options={"decomposition": options.decomposition},
-                        allow_nonfinite=options.allow_nonfinite, progress=progress)
+    kwargs: dict[str, Any] = dict(base_identity=state.base if state is not None else _base_identity(base),
+                                  device=options.device, options={"decomposition": options.decomposition},
+                                  allow_nonfinite=options.allow_nonfinite, progress=progress)
+    if getattr(executor, "remote", False):
+        from .remote import RemoteStepRunner
+
+        runner: StepRunner = RemoteStepRunner(method, params, base, models, state, state_tensors, executor=executor,
+                                              key_inputs=[state_tensors] if state_tensors is not None else [],
+                                              record=record, **kwargs)
+    else:
+        runner = StepRunner(method, params, base, models, state, state_tensors, **kwargs)
     replace_ok = [Path(options.resume_dir)] if options.resume_dir else []
     state_inputs = [p for ck in [base] + models for p in ck.input_paths()] + [Path(output)] + \
         ([Path(request.origin)] if request.origin else [])

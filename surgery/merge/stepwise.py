@@ -240,6 +240,11 @@ class StepRunner:
 
     # ---- the run -------------------------------------------------------------------------
 
+    def _scratch_root(self, output: str | Path) -> Any:
+        """Where the passes' S_t live: a temporary folder beside the output (a subclass running
+        on Ray keeps a resumable one, :mod:`surgery.merge.remote`)."""
+        return scratch_dir(output)
+
     def _fill_first(self, source: _Source, order: list[dict[str, Any]], first_step: dict[str, Any]) -> None:
         """The first model's norms and scalars, once the pass that computed S_1 on the fly is over."""
         tau_norm = math.sqrt(source.first_sq["tau_sq"])
@@ -259,7 +264,7 @@ class StepRunner:
         prev = _Source(self, self.state_tensors)
         first_step: dict[str, Any] | None = None     # a fresh run's first model, filled after the next pass
 
-        with scratch_dir(output) as scratch_root:
+        with self._scratch_root(output) as scratch_root:
             fold: list[Checkpoint] = []
             for model in self.models:
                 entry = {"label": model.label, "sha256": model.sha256(), "tau_norm": None}

@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -300,3 +301,117 @@ def test_a_new_process_resumes_what_another_left(cluster, tmp_path, adapters):
     assert second.returncode == 0, second.stderr[-2000:]
     assert json.loads(second.stdout)["execution"]["resumed_units"] == 3
     assert_same_folder(tmp_path / "local", tmp_path / "out")
+
+
+# ---- merge --------------------------------------------------------------------------------------
+
+def _merge(method: str, models: list[str], out: Path, *, executor=None, state=None, resume=None, **params):
+    from surgery.merge import MergeOptions, MergeRequest, ModelEntry, merge
+
+    request = MergeRequest(method if resume is None else "", str(LLAMA / "base") if resume is None else None,
+                           [ModelEntry(str(LLAMA / m), {}) for m in models], params)
+    options = MergeOptions(seed=3, state_dir=state, resume_dir=resume)
+    return merge(request, out, options=options, executor=executor)
+
+
+def _twice(tmp_path: Path, run: Callable[[Any], Any], names: tuple[str, ...] = ("out",)) -> tuple[Any, Any]:
+    """Run once plainly and once on Ray with the same paths (records name them), keeping the plain
+    run's folders as NAME-local; returns both results."""
+    local = run(None)
+    for n in names:
+        (tmp_path / n).rename(tmp_path / f"{n}-local")
+    remote = run(executor())
+    for n in names:
+        assert_same_folder(tmp_path / f"{n}-local", tmp_path / n)
+    return local, remote
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.5}), ("dare_ties", {"density": 0.6}),
+                                           ("slerp", {"t": 0.3})])
+def test_batch_merges(cluster, tmp_path, method, params):
+    models = ["ft-a"] if method == "slerp" else ["ft-a", "ft-b", "ft-c"]
+    local, remote = _twice(tmp_path, lambda ex: _merge(method, models, tmp_path / "out", executor=ex, **params))
+    assert remote.written.execution["units"] > 3
+
+
+def test_opcm_with_a_state_then_resumed_with_one_more_model(cluster, tmp_path):
+    state, state2 = tmp_path / "state", tmp_path / "state2"
+    local, remote = _twice(tmp_path, lambda ex: _merge("opcm", ["ft-a", "ft-b"], tmp_path / "out", executor=ex,
+                                                       state=state), ("out", "state"))
+    assert remote.report["lambda"] == local.report["lambda"] and remote.report["steps"] == local.report["steps"]
+    shutil.rmtree(tmp_path / "state-local")
+    (tmp_path / "state").rename(tmp_path / "state-first")
+
+    def resumed(ex):
+        shutil.copytree(tmp_path / "state-first", state)
+        try:
+            return _merge("opcm", ["ft-c"], tmp_path / "out2", executor=ex, state=state2, resume=state)
+        finally:
+            shutil.rmtree(state)
+
+    local, remote = _twice(tmp_path, resumed, ("out2", "state2"))
+    assert [s["step"] for s in remote.report["steps"]] == [1, 2, 3]
+    assert not list(tmp_path.glob(".*surgery-steps-*")) and not list(tmp_path.glob(".*surgery-run-*"))
+
+
+@pytest.mark.parametrize("method,models", [("opcm", ["ft-a"]), ("continual_task_arithmetic", ["ft-a", "ft-b"]),
+                                           ("magmax", ["ft-b", "ft-c"])])
+def test_continual_single_pass_methods_with_a_state(cluster, tmp_path, method, models):
+    """The paths where S_T is computed in the output pass (a fresh first model, folded models):
+    on Ray it is materialised first so the state can be copied."""
+    local, remote = _twice(tmp_path, lambda ex: _merge(method, models, tmp_path / "out", executor=ex,
+                                                       state=tmp_path / "state"), ("out", "state"))
+    assert remote.report["steps"] == local.report["steps"]
+    _twice(tmp_path, lambda ex: _merge(method, models, tmp_path / "plain", executor=ex), ("plain",))
+
+
+def test_an_interrupted_opcm_resumes_at_its_last_step(cluster, tmp_path, monkeypatch):
+    from surgery.merge import remote
+
+    models = ["ft-a", "ft-b", "ft-c"]                       # passes for steps 2 and 3, then the output
+    _merge("opcm", models, tmp_path / "local")
+    ran: list[tuple[str, int]] = []
+    real = remote.RemoteStepRunner._run_plan
+
+    def counting(self, folder, plan, description):
+        stats = real(self, folder, plan, description)
+        journal = [json.loads(x) for x in (folder / ".surgery-run.jsonl").read_text().splitlines()]
+        ran.append((folder.name, len(journal)))
+        return stats
+
+    monkeypatch.setattr(remote.RemoteStepRunner, "_run_plan", counting)
+    ex = executor(max_in_flight=1)
+    from surgery.core.executor import plan_units
+
+    n_units = len(plan_units(sorted(_opcm_like_plan(), key=lambda o: o.name), ex.unit_bytes))
+    with pytest.raises(KeyboardInterrupt):
+        from surgery.merge import MergeOptions, MergeRequest, ModelEntry, merge
+
+        request = MergeRequest("opcm", str(LLAMA / "base"), [ModelEntry(str(LLAMA / m), {}) for m in models], {})
+        merge(request, tmp_path / "out", options=MergeOptions(seed=3), executor=ex, progress=_StopAfter(n_units + 2))
+    (root,) = tmp_path.glob(".out.surgery-steps-*")
+    assert json.loads((root / "steps.json").read_text()).keys() == {"2"}
+    assert len((root / "step-3" / ".surgery-run.jsonl").read_text().splitlines()) == 2
+    ran.clear()
+    _merge("opcm", models, tmp_path / "out", executor=ex)
+    assert [name for name, _ in ran] == ["step-3"]            # step 2 was not run again
+    assert_same_folder(tmp_path / "local", tmp_path / "out")
+    assert not list(tmp_path.glob(".out.surgery-*"))
+
+
+def _opcm_like_plan():
+    """One float32 entry per floating base tensor: the units of one OPCM pass."""
+    ckpt = open_checkpoint(LLAMA / "base")
+    return [OutputTensor(n, ckpt.info(n).shape, torch.float32, compute=lambda: None,
+                         input_bytes=ckpt.info(n).nbytes * 5) for n in ckpt.names if ckpt.info(n).dtype.is_floating_point]
+
+
+def test_cli_merge_with_ray(cluster, cli, tmp_path):
+    args = ["merge", "-m", "ties", "--base", LLAMA / "base", LLAMA / "ft-a", LLAMA / "ft-b", "-p", "density=0.4",
+            "-o", tmp_path / "out", "--json"]
+    assert cli(*args).code == 0
+    (tmp_path / "out").rename(tmp_path / "out-local")
+    r = cli(*args, "--ray")
+    assert r.code == 0, r.stderr
+    assert r.json()["execution"]["kind"] == "ray"
+    assert_same_folder(tmp_path / "out-local", tmp_path / "out")
