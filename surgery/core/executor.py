@@ -210,21 +210,23 @@ class UnitOutcome:
 
 @dataclass
 class Execution:
-    """How a write ran (``WriteResult.execution``): where, how many units, how many resumed."""
+    """How a write ran (``WriteResult.execution``): where, how many units, how many resumed, units
+    per node, and the seconds each computed unit took in its task (keyed by its largest tensor)."""
 
     kind: str
     threads: int | None = None
     units: int = 0
     resumed_units: int = 0
     nodes: dict[str, int] = field(default_factory=dict)
-    unit_seconds: list[float] = field(default_factory=list)
+    unit_seconds: dict[str, float] = field(default_factory=dict)   # the unit's largest tensor -> seconds
 
     def to_json(self) -> dict[str, Any]:
-        secs = sorted(self.unit_seconds)
+        secs = sorted(self.unit_seconds.values())
         return {"kind": self.kind, "threads_per_task": self.threads, "units": self.units,
                 "resumed_units": self.resumed_units,
                 "nodes": dict(sorted(self.nodes.items())),
-                "unit_seconds_median": secs[len(secs) // 2] if secs else None}
+                "unit_seconds_median": secs[len(secs) // 2] if secs else None,
+                "unit_seconds": {k: round(v, 4) for k, v in self.unit_seconds.items()}}
 
 
 class LocalExecutor:
@@ -234,7 +236,8 @@ class LocalExecutor:
     resumable = False
 
     def write(self, writer: "ShardedWriter", plan: Sequence["OutputTensor"], progress: Progress,
-              journal: "Journal | None" = None, finite: Any = None) -> tuple[dict[str, dict[str, float]], Execution]:
+              journal: "Journal | None" = None, finite: Any = None,
+              threads: int | None = None) -> tuple[dict[str, dict[str, float]], Execution]:
         from .engine import NO_CHECK, TensorSpec, _Scratch, _write_one
 
         stats: dict[str, dict[str, float]] = {}
@@ -594,14 +597,21 @@ class RayExecutor:
                                f"same command to resume.") from exc
 
     def write(self, writer: "ShardedWriter", plan: Sequence["OutputTensor"], progress: Progress,
-              journal: Journal | None = None, finite: Any = None) -> tuple[dict[str, dict[str, float]], Execution]:
-        """Write ``plan`` into ``writer``'s pre-sized files with one task per work unit."""
+              journal: Journal | None = None, finite: Any = None,
+              threads: int | None = None) -> tuple[dict[str, dict[str, float]], Execution]:
+        """Write ``plan`` into ``writer``'s pre-sized files with one task per work unit.
+
+        ``finite``: the engine's non-finite check (run in the tasks). ``threads``: torch threads
+        (and CPUs) per task for a plan whose bytes do not depend on the thread count (continual
+        passes, whose steps run on one thread by design); default: the driver's count (see
+        :class:`RayExecutor`).
+        """
         from surgery import __version__
 
         from .engine import TensorSpec
 
         ray = self.connect()
-        threads = self._threads(ray)
+        threads = threads or self._threads(ray)
         execution = Execution("ray", threads=threads)
         stats: dict[str, dict[str, float]] = {}
         units = plan_units(plan, self.unit_bytes)
@@ -619,10 +629,11 @@ class RayExecutor:
                 return self._remote_unit.options(**self._options(ray, memory, threads)).remote(
                     payload, placements, expected, __version__, threads, finite)
 
-            return (key, names, sum(TensorSpec(o.name, o.shape, o.dtype).nbytes for o in unit)), start
+            largest = max(unit, key=input_bytes).name
+            return (key, names, sum(TensorSpec(o.name, o.shape, o.dtype).nbytes for o in unit), largest), start
 
         def on_done(tag, outcome: UnitOutcome) -> None:
-            key, names, nbytes = tag
+            key, names, nbytes, largest = tag
             if outcome.skipped:
                 execution.resumed_units += 1
                 outcome.stats = journal.stats(key) if journal is not None else {}
@@ -630,7 +641,8 @@ class RayExecutor:
                 journal.record(key, outcome)
             if outcome.node:
                 execution.nodes[outcome.node] = execution.nodes.get(outcome.node, 0) + 1
-            execution.unit_seconds.append(outcome.seconds)
+            if not outcome.skipped:
+                execution.unit_seconds[largest] = outcome.seconds
             stats.update(outcome.stats)
             writer.mark_written(names)
             progress.advance(nbytes)

@@ -155,6 +155,7 @@ class RemoteStepRunner(StepRunner):
         self._key = run_key("merge-steps", record, 0, [], [self.base, *self.models, *key_inputs])
         self._done: dict[str, Any] = {}
         self._root: Path | None = None
+        self.passes: list[dict[str, Any]] = []      # each pass's execution (units, seconds per unit)
 
     # ---- plumbing ------------------------------------------------------------------------
 
@@ -178,8 +179,12 @@ class RemoteStepRunner(StepRunner):
         journal = Journal(folder)
         self.progress.start(sum(s.nbytes for s in specs), description)
         try:
-            stats, _ = self.executor.write(writer, sorted(plan, key=lambda o: o.name), self.progress, journal)
+            # the local pass runs every step on one thread (merge/stepwise._Pool): so can the tasks
+            one = 1 if (self.method.threaded and str(self.dev) == "cpu") else None
+            stats, execution = self.executor.write(writer, sorted(plan, key=lambda o: o.name), self.progress,
+                                                   journal, threads=one)
             writer.finish({"format": "pt"})
+            self.passes.append({"pass": description, **execution.to_json()})
         finally:
             writer.close()
             journal.close()
@@ -289,4 +294,4 @@ class RemoteStepRunner(StepRunner):
                                            scalars=dict(self.scalars)))
         lam = self.scalars.get("lambda") if method.uses_totals else None
         return Result({"method": method.name, "order": [o["label"] for o in order], "lambda": lam, "steps": steps,
-                       "state": str(state_dir) if state_dir else None}, written)
+                       "state": str(state_dir) if state_dir else None, "passes": self.passes}, written)

@@ -29,7 +29,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "fixtures"
 LLAMA = FIX / "llama-tiny"
-sys.path.insert(0, str(ROOT / "tests" / "unit" / "fuse"))
 
 
 @pytest.fixture(scope="module")
