@@ -35,9 +35,10 @@ import os
 import pickle
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from .errors import ClusterError, SurgeryError, UsageError
 from .progress import Progress, ensure
@@ -103,21 +104,13 @@ def _itemsize(dtype: Any) -> int:
 def plan_units(plan: Sequence["OutputTensor"], unit_bytes: int = UNIT_BYTES) -> list[list["OutputTensor"]]:
     """Consecutive plan entries (in plan order) grouped so that each group reads at most
     ``unit_bytes`` of input; an entry larger than that forms a group of its own."""
-    units: list[list[OutputTensor]] = []
-    used = 0
-    for out in plan:
-        b = input_bytes(out)
-        if units and units[-1] and used + b <= unit_bytes:
-            units[-1].append(out)
-            used += b
-        else:
-            units.append([out])
-            used = b
-    return units
+    groups = _weighted_units([input_bytes(o) for o in plan], unit_bytes)
+    return [[plan[i] for i in g] for g in groups]
 
 
-def _weighted_units(items: Sequence[Any], weights: Sequence[int], unit_bytes: int) -> list[list[int]]:
-    """Indices of ``items`` grouped like :func:`plan_units`."""
+def _weighted_units(weights: Sequence[int], unit_bytes: int) -> list[list[int]]:
+    """Indices of consecutive items grouped so that each group weighs at most ``unit_bytes``
+    (an item heavier than that is a group of its own)."""
     groups: list[list[int]] = []
     used = 0
     for i, w in enumerate(weights):
@@ -128,6 +121,22 @@ def _weighted_units(items: Sequence[Any], weights: Sequence[int], unit_bytes: in
             groups.append([i])
             used = w
     return groups
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block on ``n`` torch intra-op threads (None: unchanged), restoring the setting after."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def dumps_unit(obj: Any) -> bytes:
@@ -663,7 +672,7 @@ class RayExecutor:
         threads = self._threads(ray)
         progress = ensure(progress)
         weights = list(weights) if weights is not None else [1] * len(items)
-        groups = _weighted_units(items, weights, self.unit_bytes)
+        groups = _weighted_units(weights, self.unit_bytes)
         results: list[Any] = [None] * len(items)
 
         def start_for(group: list[int]):

@@ -329,6 +329,16 @@ def _claim(folder: Path, prefix: str, output: Path, *, require: bool, fresh: boo
     return lock, resumed
 
 
+def _abandon(folder: Path, output: Path, exc: BaseException) -> None:
+    """A resumable run ended with ``exc``: keep its folder when resuming makes sense, and re-raise
+    (an OS failure as an OutputError line)."""
+    if not _resumable(exc):
+        shutil.rmtree(folder, ignore_errors=True)
+    if isinstance(exc, OSError):
+        raise _output_error(output, exc) from exc
+    raise exc
+
+
 @contextmanager
 def resumable_output(output: str | os.PathLike, *, key: str, force: bool, inputs: Iterable[str | os.PathLike] = (),
                      require: bool = False, fresh: bool = False) -> Iterator[tuple[Path, bool]]:
@@ -362,11 +372,7 @@ def resumable_output(output: str | os.PathLike, *, key: str, force: bool, inputs
         _commit(folder, output, force)
         _fsync_dir(output.parent)
     except BaseException as exc:
-        if not _resumable(exc):
-            shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise _output_error(output, exc) from exc
-        raise
+        _abandon(folder, output, exc)
     finally:
         os.close(lock)
 
@@ -387,11 +393,7 @@ def resumable_scratch(near: str | os.PathLike, *, key: str, fresh: bool = False)
     try:
         yield folder, resumed
     except BaseException as exc:
-        if not _resumable(exc):
-            shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise _output_error(near, exc) from exc
-        raise
+        _abandon(folder, near, exc)
     else:
         shutil.rmtree(folder, ignore_errors=True)
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from ..checkpoint.reader import Checkpoint, open_checkpoint
 from ..core.engine import OutputTensor, cast_tensor, copy_tensor, dtype_name, parse_dtype, write_checkpoint
 from ..core.device import check_device
 from ..core.errors import IncompatibleCheckpointsError, UsageError
+from ..core.executor import torch_threads as _threads
 from ..core.progress import Progress
 from ..core.result import Result
 from .base import PEFT_PREFIX, Adapter, Update, header_problem, open_adapter
@@ -176,20 +176,6 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
         return _fuse(base, adapters, output, dtype=dtype, shard_size=shard_size, force=force, device=device,
                      check=check, progress=progress, auto_threads=threads is None, allow_nonfinite=allow_nonfinite,
                      executor=executor)
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
-def _threads(n: int | None):
-    """Run the block on ``n`` intra-op threads (None: unchanged), restoring the setting after."""
-    if n is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
     finally:
         torch.set_num_threads(previous)
 

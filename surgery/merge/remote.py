@@ -30,7 +30,7 @@ import torch
 from ..checkpoint.reader import Checkpoint, open_local
 from ..checkpoint.writer import ShardedWriter, TensorSpec, write_text
 from ..core.engine import Computed, OutputTensor, copy_tensor, run_key, write_checkpoint
-from ..core.executor import Journal
+from ..core.executor import Journal, torch_threads
 from ..core.output import resumable_scratch
 from ..core.result import Result
 from .method import Continual, StepContext, sum_sq
@@ -38,20 +38,6 @@ from .state import ContinualState
 from .stepwise import BLOCK_ELEMENTS, StepRunner, _mean_info, _sum_norms
 
 STEPS_FILE = "steps.json"
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Torch intra-op threads for the block (None: unchanged), restored after."""
-    if n is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class _Prev:
@@ -109,7 +95,7 @@ def _step(job: _Job, prev: _Prev, model: Checkpoint, t: int, n: str, *rows: int)
     """S_t of tensor ``n`` (or rows ``[a, e)``) from S_{t−1} and τ_t, with ‖τ_t‖², ‖S_t‖² and
     (whole tensors) the step's info as statistics; as :meth:`StepRunner._pass` computes it."""
     span = tuple(rows) if rows else None
-    with _threads(job.one_thread):
+    with torch_threads(job.one_thread):
         tau = _read(job, model, n, span)
         tau = tau.sub_(_read(job, job.base, n, span)) if span is None else tau - _read(job, job.base, n, span)
         s_prev, stats = prev.read(job, n, span)
