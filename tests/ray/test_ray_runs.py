@@ -414,3 +414,67 @@ def test_cli_merge_with_ray(cluster, cli, tmp_path):
     assert r.code == 0, r.stderr
     assert r.json()["execution"]["kind"] == "ray"
     assert_same_folder(tmp_path / "out-local", tmp_path / "out")
+
+
+# ---- recipes ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def recipe_inputs(tmp_path_factory):
+    """llama-tiny variants with different vocabularies, and a LoRA on ft-a."""
+    peft = pytest.importorskip("peft")
+    from adapter_helpers import make_adapter
+    from make_vocab_variants import build
+
+    root = tmp_path_factory.mktemp("recipes")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    return {"vocab": build(root / "vocab"), "lora": make_adapter(LLAMA / "ft-a", cfg, root / "lora", seed=3)}
+
+
+RECIPES = {
+    "slices": """merge_method: linear
+slices:
+  - sources:
+      - {{model: {L}/ft-a, layer_range: [0, 1], parameters: {{weight: 3.0}}}}
+      - {{model: {L}/ft-b, layer_range: [1, 2]}}
+    parameters: {{weight: 2.0}}
+  - sources:
+      - {{model: {L}/ft-a, layer_range: [1, 2]}}
+      - {{model: {L}/ft-b, layer_range: [0, 1], parameters: {{weight: [{{filter: layers.0.mlp, value: 5.0}}, {{value: [0.0, 4.0]}}]}}}}
+parameters: {{weight: 1.0, normalize: true}}
+""",
+    "tokenizer-union": """merge_method: ties
+base_model: {V}/base
+models:
+  - model: {V}/base
+  - model: {V}/chatml
+    parameters: {{weight: 0.7, density: 0.6}}
+parameters: {{density: 0.5}}
+tokenizer_source: union
+""",
+    "model+lora": """merge_method: task_arithmetic
+base_model: {L}/base
+models:
+  - model: {L}/ft-a+{A}
+    parameters: {{weight: 0.5}}
+  - model: {L}/ft-b
+    parameters: {{weight: 0.5}}
+""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECIPES))
+def test_recipes(cluster, cli, tmp_path, recipe_inputs, case):
+    text = RECIPES[case].format(L=LLAMA, V=recipe_inputs["vocab"]["base"].parent, A=recipe_inputs["lora"])
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(text)
+    r = cli("merge", recipe, tmp_path / "out", "--json", "--quiet")
+    assert r.code == 0, r.stderr
+    (tmp_path / "out").rename(tmp_path / "out-local")
+    os.environ["SURGERY_RAY_UNIT_BYTES"] = "24KB"
+    try:
+        r = cli("merge", recipe, tmp_path / "out", "--json", "--quiet", "--ray")
+    finally:
+        del os.environ["SURGERY_RAY_UNIT_BYTES"]
+    assert r.code == 0, r.stderr
+    assert r.json()["execution"]["units"] > 3
+    assert_same_folder(tmp_path / "out-local", tmp_path / "out")
