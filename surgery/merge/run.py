@@ -204,11 +204,11 @@ def _batch(method, request: MergeRequest, output, *, options: MergeOptions, dtyp
         check_output(output, force=force, inputs=plan.inputs.input_paths() + guarded)
         plan.materialize()
         return _write_plan(plan, request, output, options=options, guarded=guarded, shard_size=shard_size,
-                           force=force, progress=progress)
+                           force=force, progress=progress, executor=executor)
 
 
 def _write_plan(plan, request: MergeRequest, output, *, options: MergeOptions, guarded: list[Path], shard_size,
-                force: bool, progress) -> Result:
+                force: bool, progress, executor: Any = None) -> Result:
     method = plan.method
     recorded = [ck for m in plan.models for ck in plan.inputs.recorded(m)]
     target = plan.dtype
