@@ -104,7 +104,7 @@ def test_resume_with_wrong_base_exits_3(cli, tmp_path):
     (["-m", "ties", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a"), str(LLAMA / "ft-b"), "-w", "1", "-w", "2",
       "-w", "3"], 2, "--weight was given 3 times for 2 model"),
     (["-m", "ties", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a"), "--alpha", "0.3"], 2,
-     "does not take --alpha; it takes: weight, density, lambda, normalize, int8_mask"),
+     "does not take --alpha; it takes: weight, density, lambda, normalize, rescale, int8_mask"),
     (["-m", "ties", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a"), "--density", "-0.5"], 2,
      "--density = -0.5 is out of range; it takes (0, 1]"),
     (["-m", "ties", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a"), "--density", "1.5"], 2,
