@@ -51,7 +51,8 @@ def methods_help() -> str:
     lines = ["[bold]Methods[/] (-m) and their parameters (-p NAME=VALUE, or -p MODEL:NAME=VALUE for one model, "
              "counted from 1; a list of numbers is interpolated across the layers):"]
     for m in METHODS.values():
-        params = "; ".join(f"{p.name}={_value(p.default)} ({'per model, ' if p.per_model else ''}{p.range_text()})"
+        params = "; ".join(f"{p.name}={'(required)' if p.required else _value(p.default)} "
+                           f"({'per model, ' if p.per_model else ''}{p.range_text()})"
                            for p in m.params)
         lines.append(f"[bold]{m.name}[/] ({m.kind}) {m.summary}." + (f" {params}" if params else ""))
     return "\n\n".join(line.replace("[", "\\[").replace("\\[bold]", "[bold]").replace("\\[/]", "[/]")
