@@ -31,6 +31,8 @@ EXAMPLES = [
     "surgery merge --resume out/opcm-state fixtures/llama-tiny/ft-c --state out/opcm-state -o out/opcm-abc",
     "surgery merge recipe.yml out/merged      # a mergekit recipe, as mergekit-yaml takes it (same as --config)",
     "surgery merge recipe.yml --dry-run --json   # validate from headers and print the plan; writes nothing",
+    "surgery merge -m della --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
+    "-p density=0.5 -p epsilon=0.1 --seed 3 -o out/della",
 ]
 
 
@@ -130,7 +132,7 @@ def merge(
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="OPCM's split-rank threshold (alias of -p alpha).")] = None,
     scaling: Annotated[Optional[float], typer.Option("--scaling", help="Scale of continual_task_arithmetic and magmax (alias of -p scaling).")] = None,
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Divide by the sum of the weights (alias of -p normalize).")] = None,
-    rescale: Annotated[Optional[bool], typer.Option("--rescale/--no-rescale", help="DARE: divide survivors by the density (alias of -p rescale).")] = None,
+    rescale: Annotated[Optional[bool], typer.Option("--rescale/--no-rescale", help="Task-vector methods (ties, dare_*, breadcrumbs*, della*): keep each sparsified task vector's L1 norm (alias of -p rescale).")] = None,
     keep_diagonal: Annotated[bool, typer.Option("--keep-diagonal", help="OPCM: keep τ's diagonal in the (U, V) basis (alias of -p keep_diagonal=true).")] = False,
     project_embeddings: Annotated[bool, typer.Option("--project-embeddings", help="OPCM: project embeddings too (alias of -p project_embeddings=true).")] = False,
     decomposition: Annotated[Decomposition, typer.Option("--decomposition", help="Continual methods' SVD: gram (eigh of the smaller Gram matrix, fast) or svd (LAPACK).")] = Decomposition.gram,

@@ -4,15 +4,15 @@ exit codes, and the mergekit anchor (same recipes through `mergekit-yaml`)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from surgery.checkpoint import open_checkpoint
+
+from mergekit_helpers import bf16_steps, mergekit_python, run_mergekit  # tests/helpers (on sys.path)
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA = ROOT / "fixtures" / "llama-tiny"
@@ -168,10 +168,6 @@ def test_existing_output_refused(cli, tmp_path):
 
 # ---- anchor: mergekit ------------------------------------------------------------------------
 
-from mergekit_helpers import bf16_steps as _bf16_steps  # noqa: E402  (tests/helpers)
-from mergekit_helpers import mergekit_python as _mergekit_python  # noqa: E402
-
-
 RECIPES = {
     "linear": "merge_method: linear\nmodels:\n  - model: {F}/ft-a\n    parameters: {{weight: 0.7}}\n"
               "  - model: {F}/ft-b\n    parameters: {{weight: [0.2, 0.5]}}\n",
@@ -186,42 +182,15 @@ RECIPES = {
              "parameters:\n  t: [0.1, 0.6, 0.9]\n",
 }
 
-# Outputs named *-stable run with torch.argsort, torch.sort and torch.topk made stable: mergekit's
-# trims (TIES), outlier cuts (breadcrumbs) and variance selection (SCE) then break equal values
-# by flat index, surgery's documented rules (torch's own CPU sorts are not stable, so which tied
-# entries they keep is unspecified). The other outputs run mergekit as shipped; a recipe named
-# *-seeded seeds torch's global RNG first (mergekit's random methods draw from it).
-MERGEKIT_DRIVER = """
-import sys, torch, yaml
-from mergekit.config import MergeConfiguration
-from mergekit.merge import MergeOptions, run_merge
-shipped = torch.sort, torch.argsort, torch.topk
-_sort = shipped[0]
-def sort(x, dim=-1, descending=False, stable=None, **kw):
-    return _sort(x, dim=dim, descending=descending, stable=True, **kw)
-def argsort(x, dim=-1, descending=False, **kw):
-    return _sort(x, dim=dim, descending=descending, stable=True).indices
-def topk(x, k, dim=-1, largest=True, sorted=True, **kw):
-    r = _sort(x, dim=dim, descending=largest, stable=True)
-    return torch.return_types.topk((r.values.narrow(dim, 0, k), r.indices.narrow(dim, 0, k)))
-for cfg, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    torch.sort, torch.argsort, torch.topk = (sort, argsort, topk) if out.endswith("-stable") else shipped
-    torch.manual_seed(0)
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(cfg))), out,
-              options=MergeOptions(copy_tokenizer=False, quiet=True))
-"""
-
-
 def _run_mergekit(runs: list[tuple[Path, Path]]) -> None:
     """Every (recipe, output) pair through mergekit's run_merge in one interpreter (what the
-    `mergekit-yaml` entry point runs); skips the test when mergekit is not installed."""
-    py = _mergekit_python()
+    `mergekit-yaml` entry point runs; outputs named *-stable with stable sorts, see
+    tests/helpers/mergekit_helpers.py); skips the test when mergekit is not installed."""
+    py = mergekit_python()
     if py is None:
         pytest.skip("mergekit is not installed (pip install mergekit==0.1.5)")
-    args = [str(x) for run in runs for x in run]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([py, "-c", MERGEKIT_DRIVER, *args], capture_output=True, text=True, timeout=1800, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    cache = runs[0][1].parent / "lora-cache"
+    run_mergekit(py, runs, cache, timeout=1800)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +225,7 @@ def test_mergekit_anchor(cli, mergekit_outputs, family, name):
     assert set(ours.names) == set(theirs.names)
     for n in ours.names:
         assert ours.info(n).dtype == theirs.info(n).dtype == torch.bfloat16, n
-        worst = float(_bf16_steps(ours.get(n), theirs.get(n)).max())
+        worst = float(bf16_steps(ours.get(n), theirs.get(n)).max())
         assert worst <= 1.0, (n, worst)
 
 
@@ -275,7 +244,7 @@ def test_ties_differs_from_plain_mergekit_only_at_threshold_ties(cli, mergekit_o
     models = [(open_checkpoint(fx / "ft-a"), 0.5), (open_checkpoint(fx / "ft-b"), 0.7)]   # the recipe's densities
     differing = 0
     for n in ours.names:
-        far = _bf16_steps(ours.get(n), theirs.get(n)) > 1.0
+        far = bf16_steps(ours.get(n), theirs.get(n)) > 1.0
         if not far.any():
             continue
         at_tie = torch.zeros_like(far)
@@ -300,7 +269,7 @@ def test_trim_ties_argsort_reproduces_stock_mergekit(cli, mergekit_outputs, fami
     assert r.code == 0, r.stderr
     ours, theirs = open_checkpoint(out), open_checkpoint(root / f"mk-{family}-ties")
     for n in ours.names:
-        assert float(_bf16_steps(ours.get(n), theirs.get(n)).max()) <= 1.0, n
+        assert float(bf16_steps(ours.get(n), theirs.get(n)).max()) <= 1.0, n
     assert json.loads(open_checkpoint(out).metadata["surgery"])["parameters"]["trim_ties"] == "argsort"
 
 
@@ -422,8 +391,8 @@ def _within_one_bf16_step(ours: Path, theirs: Path, inputs: list[Path]) -> None:
         assert a.info(n).dtype == b.info(n).dtype == torch.bfloat16, n
         x, y = a.get(n), b.get(n)
         scale = max(float(s.get(n).abs().max()) for s in srcs if n in s)
-        bad = (_bf16_steps(x, y) > 1.0) & ((x - y).abs() > scale * 2.0 ** -20)
-        assert not bad.any(), (n, float(_bf16_steps(x, y).max()), int(bad.sum()))
+        bad = (bf16_steps(x, y) > 1.0) & ((x - y).abs() > scale * 2.0 ** -20)
+        assert not bad.any(), (n, float(bf16_steps(x, y).max()), int(bad.sum()))
 
 
 @pytest.mark.anchor

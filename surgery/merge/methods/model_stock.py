@@ -14,7 +14,6 @@ one row), computed block by block.
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Sequence
 
 import torch

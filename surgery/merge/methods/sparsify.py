@@ -47,8 +47,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..method import WEIGHT, Param, TensorContext, flag, unit
-from .select import KEEP_ALL, Keeper, Threshold, _bits, magnitude_thresholds
+from ..method import Param, TensorContext, flag, unit
+from .select import Threshold, _bits, magnitude_thresholds
 from .streaming import Inputs, OrderedRows, as64, sum64
 from .task_arithmetic import INT8_MASK, LAMBDA  # noqa: F401  (the family's shared declarations)
 
@@ -260,6 +260,7 @@ class GtaRows(OrderedRows):
         self.thresholds: list[list[Threshold]] = [[] for _ in self.rules]
         self.factors = [1.0] * len(self.rules)
         self.maskers: list[_Masker] = []
+        self.cached: dict[int, torch.Tensor] | None = None
 
     def _maskers(self) -> list[_Masker]:
         inp = self.inputs
@@ -283,18 +284,26 @@ class GtaRows(OrderedRows):
 
             for i, t in zip(owner, magnitude_thresholds(chunks, targets)):
                 self.thresholds[i].append(t)
-        live = [i for i, r in enumerate(self.rules) if r.active] if self.rescale else []
-        if live:
+        active = [i for i, r in enumerate(self.rules) if r.active]
+        live = active if self.rescale else []
+        # a held tensor keeps its masks (one byte per entry): drawn, ranked and counted once
+        hold = inp.held and active
+        if hold:
+            self.cached = {i: torch.empty(self.shape, dtype=torch.bool, device=inp.ctx.device) for i in active}
+        if live or hold:
             maskers = self._maskers()
             total, kept = dict.fromkeys(live, 0.0), dict.fromkeys(live, 0.0)
             for a, e in self.blocks:
                 base = inp.base(a, e)
-                for i in live:
+                for i in active if hold else live:
                     tau = inp.tau(i, a, e, base).abs_()      # the masks depend on |τ| only
-                    mag = as64(tau)
-                    total[i] += sum64(mag)
                     mask = maskers[i](tau, a)
-                    kept[i] += sum64(mag * as64(mask)) if mask is not None else sum64(mag)
+                    if hold:
+                        self.cached[i][a:e] = mask
+                    if i in total:
+                        mag = as64(tau)
+                        total[i] += sum64(mag)
+                        kept[i] += sum64(mag * as64(mask))
             for i in live:
                 self.factors[i] = l1_factor(total[i], kept[i])
 
@@ -302,11 +311,21 @@ class GtaRows(OrderedRows):
         self.maskers = self._maskers()
 
     def advance(self, a: int, e: int) -> None:
+        if self.cached is not None:
+            return
         inp = self.inputs
         base = inp.base(a, e)
         for i, rule in enumerate(self.rules):
             if rule.active and rule.kind in ("magnitude", "outliers"):
                 self.maskers[i](inp.tau(i, a, e, base).abs_(), a)
+
+    def drop(self) -> None:
+        self.cached = None
+
+    def _mask(self, i: int, tau: torch.Tensor, a: int, e: int) -> torch.Tensor | None:
+        if self.cached is not None:
+            return self.cached[i][a:e] if i in self.cached else None
+        return self.maskers[i](tau, a)
 
     def block(self, a: int, e: int) -> torch.Tensor:
         inp = self.inputs
@@ -314,7 +333,7 @@ class GtaRows(OrderedRows):
         weighted = []
         for i in range(len(self.rules)):
             tau = inp.tau(i, a, e, base)
-            mask = self.maskers[i](tau, a)
+            mask = self._mask(i, tau, a, e)
             if mask is not None:
                 tau.mul_(mask)
                 if self.factors[i] != 1.0:

@@ -208,4 +208,8 @@ class OrderedRows:
         if e >= self.shape[0]:
             self.next_row = -1
             self.inputs.release()       # nothing is held between tensors
+            self.drop()
         return out
+
+    def drop(self) -> None:
+        """Free what :meth:`prepare` held for the output pass (the tensor is done)."""
