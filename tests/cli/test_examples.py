@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from command_tree import leaf_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -91,33 +92,13 @@ def doc_examples(path: Path) -> list[Example]:
     return examples
 
 
-def _leaf_commands():
-    import typer
-
-    from surgery.commands.app import app
-
-    root = typer.main.get_command(app)
-
-    def walk(cmd, path):
-        subs = getattr(cmd, "commands", None)
-        if subs:
-            for name, sub in subs.items():
-                yield from walk(sub, path + [name])
-        else:
-            yield path, cmd
-
-    yield from walk(root, [])
-
-
 def help_examples() -> dict[str, list[Example]]:
     """Each command's ``Examples:`` lines as ``--help`` prints them."""
     import click
 
-    from surgery.commands.app import app  # noqa: F401  (registers every command)
-
     found: dict[str, list[Example]] = {}
-    for path, cmd in _leaf_commands():
-        name = "surgery " + " ".join(path)
+    for path, cmd in leaf_commands().items():
+        name = f"surgery {path}"
         with click.Context(cmd, info_name=name, terminal_width=80) as ctx:
             text = cmd.get_help(ctx)
         lines = text.splitlines()

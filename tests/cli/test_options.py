@@ -10,26 +10,19 @@ import re
 from pathlib import Path
 
 import pytest
+from command_tree import leaf_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch):
+    """The commands below name fixtures as the documentation does, relative to the repository."""
+    monkeypatch.chdir(ROOT)
+
+
 def _commands():
-    import typer
-
-    from surgery.commands.app import app
-
-    root = typer.main.get_command(app)
-
-    def walk(cmd, path):
-        subs = getattr(cmd, "commands", None)
-        if subs:
-            for name, sub in subs.items():
-                yield from walk(sub, path + [name])
-        else:
-            yield " ".join(path), cmd
-
-    return dict(walk(root, []))
+    return leaf_commands()
 
 
 def _opts(cmd) -> set[str]:
@@ -281,3 +274,40 @@ def test_library_message_becomes_the_invoked_commands_flag(cli, tmp_path):
     assert r.code == 2 and "--check-every must be at least 1" in r.stderr and "`" not in r.stderr
     r = cli("grow", "fixtures/tokenformer-tiny", "-o", tmp_path / "g", "--qkv-tokens", "24")
     assert r.code == 2 and "--init tile repeats" in r.stderr and "use --init gram" in r.stderr
+
+
+# ---------------------------------------------------------------- what outputs look like on disk
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_honour_the_umask(cli, tmp_path, umask):
+    """safetensors creates files 0600; outputs get what a plain open() would give."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        edit = tmp_path / "e.safetensors"
+        assert cli("edit", "extract", "fixtures/llama-tiny/base", "fixtures/llama-tiny/ft-a", "-o", edit, "--rank", "1",
+                   "-q").code == 0
+        assert cli("edit", "to-peft", edit, "-o", tmp_path / "lora", "--base", "fixtures/llama-tiny/base",
+                   "--drop-vectors", "-q").code == 0
+    finally:
+        os.umask(old)
+    files = [edit, tmp_path / "lora" / "adapter_model.safetensors", tmp_path / "lora" / "adapter_config.json"]
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
+    assert stat.S_IMODE((tmp_path / "lora").stat().st_mode) == 0o777 & ~umask
+
+
+def test_to_peft_records_a_local_base_absolute(cli, tmp_path):
+    """PEFT resolves base_model_name_or_path from wherever the adapter is loaded, so a relative
+    --base is recorded as the absolute path it named."""
+    import json
+
+    edit = tmp_path / "e.safetensors"
+    assert cli("edit", "extract", "fixtures/llama-tiny/base", "fixtures/llama-tiny/ft-a", "-o", edit, "--rank", "1",
+               "-q").code == 0
+    assert cli("edit", "to-peft", edit, "-o", tmp_path / "lora", "--base", "fixtures/llama-tiny/../llama-tiny/base",
+               "--drop-vectors", "-q").code == 0
+    recorded = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(ROOT / "fixtures" / "llama-tiny" / "base")
