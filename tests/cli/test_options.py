@@ -93,6 +93,7 @@ def test_choice_values_reach_the_library_as_plain_strings(cli, tmp_path):
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
 
+@pytest.mark.slow
 def test_deprecated_spellings_still_work(cli, tmp_path):
     r = cli("check", "fixtures/llama-tiny/base", "--config", "--no-integrity", "--json")
     assert r.code == 0 and "use --shapes" in r.stderr
@@ -108,11 +109,12 @@ def test_convert_takes_o_and_the_old_positional_output(cli, tmp_path):
     assert a.code == 0 and b.code == 0
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
     r = cli("convert", "fixtures/gpt2-tiny/base", tmp_path / "c", "-o", tmp_path / "d")
-    assert r.code == 2 and "two outputs" in r.stderr and not (tmp_path / "c").exists()
+    assert r.code == 2 and "give the output once" in r.stderr and not (tmp_path / "c").exists()
     r = cli("convert", "fixtures/gpt2-tiny/base")
     assert r.code == 2 and "-o" in r.stderr
 
 
+@pytest.mark.slow
 def test_quiet_hides_progress_messages(cli, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text((ROOT / "fixtures/notes.txt").read_text())
@@ -249,7 +251,8 @@ def test_library_errors_name_parameters_not_flags():
     """The library speaks Python (`density`); the command layer turns that into --density.
     surgery/merge/ is being rewritten by the merge interface work and checked after it lands."""
     flags = [f"{rel}:{line}: {m}" for rel, p in _library_files(skip=("surgery/merge/",))
-             for line, s in _raise_strings(p) for m in re.findall(r"(?<![\w-])--[a-z][a-z-]+", s)]
+             for line, s in _raise_strings(p)  # naming a whole command (`surgery convert --to gguf`) is fine
+             for m in re.findall(r"(?<![\w-])--[a-z][a-z-]+", re.sub(r"`surgery [^`]*`", "", s))]
     assert not flags, "library errors naming CLI flags:\n" + "\n".join(flags)
 
 
@@ -279,7 +282,7 @@ def test_library_message_becomes_the_invoked_commands_flag(cli, tmp_path):
 # ---------------------------------------------------------------- what outputs look like on disk
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
 def test_outputs_honour_the_umask(cli, tmp_path, umask):
     """safetensors creates files 0600; outputs get what a plain open() would give."""
     import os
