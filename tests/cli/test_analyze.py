@@ -79,6 +79,7 @@ def test_plot_path_errors(cli, fx, tmp_path):
     assert r.code == 2 and "is not a folder" in r.stderr
 
 
+@pytest.mark.slow
 def test_plot_folder_is_created_like_every_output(cli, fx, tmp_path):
     pytest.importorskip("matplotlib")
     fig = tmp_path / "new" / "deeper" / "fig.png"
