@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import _common, _render
+from . import _common
 from ._params import JsonOpt, QuietOpt, add_examples
 
 EXAMPLES = [
