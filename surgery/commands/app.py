@@ -156,7 +156,9 @@ def flagify(message: str, command: Any) -> str:
     - `` `init='tile'` `` becomes ``--init tile``;
     - `` `verify=False` `` becomes ``--no-verify`` and `` `force=True` `` ``--force``.
 
-    Names the command does not take lose their backticks."""
+    A merge-method parameter without a flag of its own (`` `epsilon` ``) becomes
+    ``-p epsilon`` on the commands that take ``-p``; other names the command does not take lose
+    their backticks."""
     params: dict[str, Any] = {}
     for p in getattr(command, "params", []):
         if p.name:
@@ -170,6 +172,8 @@ def flagify(message: str, command: Any) -> str:
         name, value = m.group(1), m.group(2)
         param = params.get(name)
         if param is None:
+            if "param" in params and name in _method_params():
+                return f"-p {name}" if value is None else f"-p {name}={value.strip(chr(39) + chr(34))}"
             return name if value is None else f"{name}={value}"
         if getattr(param, "param_type_name", "") != "option":
             return param.metavar or param.name.upper()
@@ -185,6 +189,13 @@ def flagify(message: str, command: Any) -> str:
         return f"{longs[0]} {value.strip().strip(chr(39) + chr(34))}"
 
     return _PARAM_REF.sub(flag, message)
+
+
+def _method_params() -> set[str]:
+    """Every parameter name some merge method declares (for `-p NAME` in messages)."""
+    from surgery.merge.registry import METHODS
+
+    return {p.name for m in METHODS.values() for p in m.params}
 
 
 def _console_script() -> None:
