@@ -2,9 +2,15 @@
 
 Runs, each as a whole process with wall time and peak RSS (``/usr/bin/time -v``):
 
-1. ``task_arithmetic`` and ``ties`` of base + 3 fine-tunes: ``mergekit-yaml`` and
-   ``surgery merge --config`` on the same recipe (float32 math, bfloat16 output in both),
-   plus how far the outputs are apart (in bf16 rounding steps).
+1. ``batch``: every method mergekit 0.1.5 registers (``BATCH_METHODS``: the 20 of them, on
+   base + the 3 fine-tunes unless the method takes fewer): ``mergekit-yaml`` and
+   ``surgery merge --config`` on the same recipe (float32 math, bfloat16 output in both), how
+   far the outputs are apart (in bf16 rounding steps; random methods are compared in
+   distribution by the anchor tests instead), and ``surgery eval ppl`` of surgery's output on
+   each domain's held-out text (``--skip-ppl`` leaves it out).
+1b. ``synthetic``: the same recipes on a 2 GB Llama-7B-shaped checkpoint (benchmarks/io.py's,
+   plus three noisy copies as the models, generated once): surgery's peak RSS against its
+   SmolLM2 run (flat in model size: within 1.2×).
 2. ``opcm`` over the 3 fine-tunes: surgery with the Gram eigendecomposition and with the
    exact SVD (their per-tensor relative difference), and FusionBench's own OPCM class
    (``fusion_bench.method.opcm.opcm_general.OPCM``) from the venv /work/venvs/fusionbench
@@ -14,7 +20,8 @@ Runs, each as a whole process with wall time and peak RSS (``/usr/bin/time -v``)
 
 Prints the ratios and writes docs/benchmarks/merge.md.
 
-    python benchmarks/merge.py [--stages batch,opcm,growth] [--skip-fusionbench] [--keep DIR]
+    python benchmarks/merge.py [--stages batch,synthetic,opcm,growth] [--batch-methods ties,sce]
+                               [--skip-ppl] [--skip-fusionbench] [--keep DIR]
 
 Each stage's numbers are kept in ~/.cache/surgery/bench-merge.json, so stages can be run
 separately; the page is rendered from the latest numbers of every stage.
@@ -100,41 +107,198 @@ def relative_per_tensor(a_dir: Path, b_dir: Path) -> dict:
     return {"max_rel": worst, "tensor": where}
 
 
-def batch(work: Path, base: Path, fts: list[Path], only: list[str] | None = None) -> list[dict]:
+# Every mergekit method on the workload: the recipe both tools run (float32 math, bf16 output).
+# "models" picks fine-tunes by index (0 code, 1 license, 2 prose) with per-model parameters;
+# "base" is the SmolLM2 base, a fine-tune index, or None.
+THIRD = 1.0 / 3
+BATCH_METHODS: dict[str, dict] = {
+    "linear": {"base": None, "models": [(i, {"weight": 1.0}) for i in range(3)], "parameters": {}},
+    "task_arithmetic": {"models": [(i, {"weight": THIRD}) for i in range(3)], "parameters": {"lambda": 1.0}},
+    "ties": {"models": [(i, {"weight": 1.0, "density": 0.5}) for i in range(3)],
+             "parameters": {"lambda": 1.0, "normalize": True}},
+    "dare_linear": {"models": [(i, {"weight": THIRD, "density": 0.5}) for i in range(3)], "parameters": {}},
+    "dare_ties": {"models": [(i, {"weight": 1.0, "density": 0.5}) for i in range(3)], "parameters": {}},
+    "breadcrumbs": {"models": [(i, {"weight": THIRD, "density": 0.9, "gamma": 0.01}) for i in range(3)],
+                    "parameters": {}},
+    "breadcrumbs_ties": {"models": [(i, {"weight": 1.0, "density": 0.9, "gamma": 0.01}) for i in range(3)],
+                         "parameters": {"normalize": True}},
+    "della": {"models": [(i, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}) for i in range(3)], "parameters": {}},
+    "della_linear": {"models": [(i, {"weight": THIRD, "density": 0.5, "epsilon": 0.1}) for i in range(3)],
+                     "parameters": {}},
+    "sce": {"models": [(i, {}) for i in range(3)], "parameters": {"select_topk": 0.5}},
+    "ram": {"models": [(i, {}) for i in range(3)], "parameters": {}},
+    "ramplus_tl": {"models": [(i, {}) for i in range(3)], "parameters": {}},
+    "slerp": {"base": 0, "models": [(0, {}), (2, {})], "parameters": {"t": 0.5}},
+    "nuslerp": {"models": [(0, {"weight": 0.5}), (2, {"weight": 0.5})], "parameters": {}},
+    "multislerp": {"models": [(i, {"weight": 1.0}) for i in range(3)], "parameters": {}},
+    "karcher": {"base": None, "models": [(i, {}) for i in range(3)], "parameters": {}},
+    "model_stock": {"models": [(i, {}) for i in range(3)], "parameters": {}},
+    "nearswap": {"models": [(0, {})], "parameters": {"t": 0.0001}},
+    "arcee_fusion": {"models": [(0, {})], "parameters": {}},
+    "passthrough": {"base": None, "models": [(0, {})], "parameters": {}},
+}
+RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
+DOMAINS = ("code", "license", "prose")
+
+
+def write_recipe(path: Path, method: str, base: Path, fts: list[Path]) -> Path:
+    """The benchmark recipe of ``method`` (BATCH_METHODS) as mergekit YAML."""
+    spec = BATCH_METHODS[method]
+    which = spec.get("base", "base")
+    lines = [f"merge_method: {method}"]
+    if which is not None:
+        lines.append(f"base_model: {base if which == 'base' else fts[which]}")
+    lines.append("models:")
+    for i, params in spec["models"]:
+        lines.append(f"  - model: {fts[i]}")
+        if params:
+            lines.append(f"    parameters: {json.dumps(params)}")
+    if spec["parameters"]:
+        lines.append(f"parameters: {json.dumps(spec['parameters'])}")
+    lines += ["dtype: float32", "out_dtype: bfloat16"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def heldout_texts(work: Path, base: Path) -> dict[str, Path]:
+    """Each domain's held-out windows (never trained on, benchmarks/workload.py) as a text file."""
+    from transformers import AutoTokenizer
+    from workload import chunks, domain_text
+
+    tok = AutoTokenizer.from_pretrained(base)
+    out = {}
+    for name in DOMAINS:
+        _, held = chunks(tok, domain_text(name))
+        out[name] = work / f"heldout-{name}.txt"
+        out[name].write_text(tok.decode(held.reshape(-1).tolist()))
+    return out
+
+
+def heldout_ppl(ckpt: Path, texts: dict[str, Path]) -> dict[str, float]:
+    """`surgery eval ppl` on each domain's held-out text (disjoint 128-token windows)."""
+    res = {}
+    for name, text in texts.items():
+        p = subprocess.run([*surgery_cmd(), "eval", "ppl", str(ckpt), "--text", str(text), "--ctx", "128",
+                            "--stride", "128", "--json", "--quiet"], capture_output=True, text=True)
+        res[name] = json.loads(p.stdout)["perplexity"] if p.returncode == 0 else float("nan")
+    return res
+
+
+def batch(work: Path, base: Path, fts: list[Path], only: list[str] | None = None, ppl: bool = True) -> list[dict]:
     rows = []
-    recipes = {
-        "task_arithmetic": {"parameters": {"lambda": 1.0}, "model": {"weight": 1.0 / 3}},
-        "ties": {"parameters": {"lambda": 1.0, "normalize": True}, "model": {"weight": 1.0, "density": 0.5}},
-    }
-    for method, spec in recipes.items():
+    texts = heldout_texts(work, base) if ppl else {}
+    for method in BATCH_METHODS:
         if only and method not in only:
             continue
-        recipe = work / f"{method}.yml"
-        lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
-        for f in fts:
-            lines += [f"  - model: {f}", f"    parameters: {json.dumps(spec['model'])}"]
-        lines += [f"parameters: {json.dumps(spec['parameters'])}", "dtype: float32", "out_dtype: bfloat16"]
-        recipe.write_text("\n".join(lines) + "\n")
+        recipe = write_recipe(work / f"{method}.yml", method, base, fts)
         load_before = os.getloadavg()[0]
         mk = measured([shutil.which("mergekit-yaml"), str(recipe), str(work / f"mk-{method}")])
         ours = measured([*surgery_cmd(), "merge", "--config", str(recipe), "-o", str(work / f"s-{method}"), "--quiet"])
         diff = bf16_steps(work / f"s-{method}", work / f"mk-{method}")
-        extra = {}
-        if method == "ties":
-            # mergekit's trim through torch.argsort, which is not stable on CPU: which of the entries
-            # tied at the threshold it keeps is unspecified. Re-run it (untimed) with a stable sort,
-            # the tie rule surgery documents, and compare again.
-            subprocess.run([sys.executable, "-c", STABLE_MERGEKIT, str(recipe), str(work / "mk-ties-stable")], check=True)
-            stable = bf16_steps(work / f"s-{method}", work / "mk-ties-stable")
-            extra = {"stable_max_bf16_steps": stable["max_bf16_steps"], "stable_share_differing": stable["share_differing"]}
-            shutil.rmtree(work / "mk-ties-stable", ignore_errors=True)
+        extra: dict = {"random": method in RANDOM_METHODS}
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "sce"):
+            # mergekit keeps entries through torch.argsort / sort / topk, which are not stable on CPU:
+            # which of the entries tied at a threshold it keeps is unspecified. Re-run it (untimed)
+            # with stable sorts, the tie rule surgery documents, and compare again.
+            subprocess.run([sys.executable, "-c", STABLE_MERGEKIT, str(recipe), str(work / "mk-stable")], check=True)
+            stable = bf16_steps(work / f"s-{method}", work / "mk-stable")
+            extra.update({"stable_max_bf16_steps": stable["max_bf16_steps"],
+                          "stable_share_differing": stable["share_differing"]})
+            shutil.rmtree(work / "mk-stable", ignore_errors=True)
+        if ppl:
+            extra["ppl"] = heldout_ppl(work / f"s-{method}", texts)
         rows.append({"method": method, "surgery": ours, "mergekit": mk, **diff, **extra,
                      "load_before": round(load_before, 2),
                      "wall_ratio": ours["wall_s"] / mk["wall_s"], "rss_ratio": ours["rss_mb"] / mk["rss_mb"]})
         print(f"{method:16s} surgery {ours['wall_s']:6.1f} s {ours['rss_mb']:7.0f} MB | mergekit {mk['wall_s']:6.1f} s "
               f"{mk['rss_mb']:7.0f} MB | wall x{rows[-1]['wall_ratio']:.2f} rss x{rows[-1]['rss_ratio']:.2f} | "
-              f"max {diff['max_bf16_steps']:.2f} bf16 step(s), {100 * diff['share_differing']:.4f}% entries differ")
-        shutil.rmtree(work / f"mk-{method}", ignore_errors=True)
+              + ("random: compared in distribution by the anchor tests" if extra["random"] else
+                 f"max {diff['max_bf16_steps']:.2f} bf16 step(s), {100 * diff['share_differing']:.4f}% entries differ")
+              + (" | ppl " + " ".join(f"{k} {v:.2f}" for k, v in extra["ppl"].items()) if ppl else ""))
+        for d in (f"mk-{method}", f"s-{method}"):
+            shutil.rmtree(work / d, ignore_errors=True)
+        for r in (ours, mk):
+            r.pop("stdout", None)
+    return rows
+
+
+def inputs_ppl(work: Path, base: Path, fts: list[Path]) -> dict[str, dict[str, float]]:
+    """Held-out perplexity of the base and of each fine-tune (the reference rows of the table)."""
+    texts = heldout_texts(work, base)
+    return {("base" if i == 0 else p.name): heldout_ppl(p, texts) for i, p in enumerate([base, *fts])}
+
+
+# ---- RSS flat in model size: the same recipes on a 2 GB Llama-7B-shaped checkpoint --------------
+
+def _bench_io():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_io", HERE / "io.py")    # benchmarks/io.py (not stdlib io)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def synthetic_models(n: int = 3, scale: float = 2e-3) -> tuple[Path, list[Path]]:
+    """The 2 GB Llama-7B-shaped bf16 checkpoint of benchmarks/io.py as the base, and ``n``
+    "fine-tunes" of it (base + seeded Gaussian noise of std ``scale``, bf16), generated once and
+    streamed to disk one row block at a time."""
+    import torch
+
+    from surgery.checkpoint import open_checkpoint
+
+    bio = _bench_io()
+    base = bio.synthetic_checkpoint("bfloat16")
+    src = open_checkpoint(base)
+    header = json.loads((base / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (base / "model.safetensors").read_bytes()[:8], "little")])
+    outs = []
+    for i in range(n):
+        dest = base.with_name(f"{base.name}-ft{i}")
+        outs.append(dest)
+        if (dest / "model.safetensors").is_file():
+            continue
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        gen = torch.Generator().manual_seed(100 + i)
+        raw = (base / "model.safetensors").open("rb")
+        hlen = int.from_bytes(raw.read(8), "little")
+        with open(tmp / "model.safetensors", "wb") as fh:
+            fh.write(hlen.to_bytes(8, "little"))
+            fh.write(raw.read(hlen))
+            for name in sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]):
+                rows, cols = header[name]["shape"]
+                step = max(1, (32 << 20) // (cols * 4))
+                for a in range(0, rows, step):
+                    x = src.get_rows(name, a, min(rows, a + step), dtype=torch.float32)
+                    x.add_(torch.randn(x.shape, generator=gen), alpha=scale)
+                    fh.write(x.to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        raw.close()
+        shutil.copy(base / "config.json", tmp / "config.json")
+        tmp.rename(dest)
+    return base, outs
+
+
+def synthetic(work: Path, smollm2_rows: list[dict], only: list[str] | None = None) -> list[dict]:
+    """Every method's recipe on the 7B-shaped checkpoint: surgery's peak RSS against its SmolLM2 run."""
+    base, fts = synthetic_models()
+    by_method = {r["method"]: r for r in smollm2_rows}
+    rows = []
+    for method in BATCH_METHODS:
+        if only and method not in only:
+            continue
+        recipe = write_recipe(work / f"syn-{method}.yml", method, base, fts)
+        r = measured([*surgery_cmd(), "merge", "--config", str(recipe), "-o", str(work / f"syn-{method}"), "--quiet"])
+        r.pop("stdout", None)
+        shutil.rmtree(work / f"syn-{method}", ignore_errors=True)
+        small = by_method.get(method, {}).get("surgery", {}).get("rss_mb")
+        rows.append({"method": method, "synthetic": r, "smollm2_rss_mb": small,
+                     "rss_growth": r["rss_mb"] / small if small else None})
+        print(f"{method:16s} 7B-shaped: {r['wall_s']:6.1f} s {r['rss_mb']:7.0f} MB"
+              + (f" | x{rows[-1]['rss_growth']:.2f} the SmolLM2 run's peak RSS" if small else ""))
     return rows
 
 
@@ -142,7 +306,13 @@ STABLE_MERGEKIT = r'''
 import sys, torch, yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
-torch.argsort = lambda x, dim=-1, descending=False, **kw: torch.sort(x, dim=dim, descending=descending, stable=True).indices
+_sort = torch.sort
+torch.sort = lambda x, dim=-1, descending=False, stable=None, **kw: _sort(x, dim=dim, descending=descending, stable=True, **kw)
+torch.argsort = lambda x, dim=-1, descending=False, **kw: _sort(x, dim=dim, descending=descending, stable=True).indices
+def _topk(x, k, dim=-1, largest=True, sorted=True, **kw):
+    r = _sort(x, dim=dim, descending=largest, stable=True)
+    return torch.return_types.topk((r.values.narrow(dim, 0, k), r.indices.narrow(dim, 0, k)))
+torch.topk = _topk
 run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1]))), sys.argv[2],
           options=MergeOptions(copy_tokenizer=False, quiet=True))
 '''
@@ -263,37 +433,68 @@ def machine() -> str:
             f"python {platform.python_version()}, torch {torch.__version__}")
 
 
+def _ppl_cells(ppl: dict | None) -> str:
+    return " | ".join(f"{ppl[d]:.2f}" if ppl and d in ppl else "–" for d in DOMAINS)
+
+
 def write_doc(results: dict) -> None:
-    b = results.get("batch", [])
+    b = [r for r in results.get("batch", []) if "surgery" in r]
     lines = ["# `surgery merge` benchmark", "",
              "Produced by `python benchmarks/merge.py` (SmolLM2-135M-Instruct in bf16 as the base, the three "
-             "full fine-tunes of `benchmarks/workload.py`). Every tool runs as a whole process; wall time and "
-             "peak RSS come from `/usr/bin/time -v`; within a section both tools ran back to back in the same "
-             "invocation (sections may come from separate invocations: `--stages`).", "",
+             "full fine-tunes of `benchmarks/workload.py`: code, license, prose). Every tool runs as a whole "
+             "process; wall time and peak RSS come from `/usr/bin/time -v`; within a section both tools ran back "
+             "to back in the same invocation (sections may come from separate invocations: `--stages`).", "",
              f"Machine: {results['machine']}. On 2 cores, other processes slow the multi-threaded tools far more "
              "than surgery, so each section records the 1-minute load average before it started; "
              "ratios come from runs made back to back.", "",
              f"Last updated {results['when']}.", "",
-             "## Batch methods vs mergekit-yaml (base + 3 fine-tunes)", "",
-             "Same recipe for both tools: float32 math (`dtype: float32`), bfloat16 output (`out_dtype: bfloat16`).", "",
-             "| method | surgery wall | surgery peak RSS | mergekit wall | mergekit peak RSS | wall ratio | RSS ratio | max diff | entries differing | load before |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "## Every mergekit method vs mergekit-yaml (SmolLM2 base + fine-tunes)", "",
+             "Same recipe for both tools (`BATCH_METHODS` in benchmarks/merge.py: the three fine-tunes unless the "
+             "method takes fewer): float32 math (`dtype: float32`), bfloat16 output (`out_dtype: bfloat16`). "
+             "Perplexity is `surgery eval ppl` of surgery's output on each domain's held-out windows (never "
+             "trained on; disjoint 128-token windows); lower is better.", "",
+             "| method | surgery wall | surgery peak RSS | mergekit wall | mergekit peak RSS | wall ratio | RSS ratio "
+             "| max diff vs mergekit | entries differing | ppl code | ppl license | ppl prose | load before |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in b:
+        if r.get("random"):
+            diff = "random: in distribution (anchor tests)", "–"
+        else:
+            diff = f"{r['max_bf16_steps']:.2f} bf16 step(s)", f"{100 * r['share_differing']:.4f}%"
         lines.append(f"| {r['method']} | {r['surgery']['wall_s']:.1f} s | {r['surgery']['rss_mb']:.0f} MB | "
                      f"{r['mergekit']['wall_s']:.1f} s | {r['mergekit']['rss_mb']:.0f} MB | {r['wall_ratio']:.2f}× | "
-                     f"{r['rss_ratio']:.2f}× | {r['max_bf16_steps']:.2f} bf16 step(s) | {100 * r['share_differing']:.4f}% | "
+                     f"{r['rss_ratio']:.2f}× | {diff[0]} | {diff[1]} | {_ppl_cells(r.get('ppl'))} | "
                      f"{r.get('load_before', float('nan')):.2f} |")
+    for name, ppl in results.get("inputs_ppl", {}).items():
+        lines.append(f"| *{name}* (input) | | | | | | | | | {_ppl_cells(ppl)} | |")
     commits = sorted({r.get("commit", "?") for r in b})
-    lines += ["", f"Targets from the issue: wall ≤ 0.5×, peak RSS ≤ 0.4× mergekit's. (surgery commit {', '.join(commits)}.)"]
-    for r in b:
-        if "stable_max_bf16_steps" in r:
-            lines += ["", f"`{r['method']}`: mergekit keeps the top-k magnitudes through `torch.argsort`, which is not "
-                      "stable on CPU, so which of the entries tied at the threshold survive is unspecified (bf16 "
-                      "fine-tunes have many equal magnitudes). surgery keeps tied entries lowest flat index first. "
-                      "With mergekit re-run (untimed) using a stable sort, the outputs differ by at most "
-                      f"{r['stable_max_bf16_steps']:.2f} bf16 step(s) in {100 * r['stable_share_differing']:.4f}% of "
-                      "the entries; the differences above are all threshold ties (the CI anchor test checks this "
-                      "entry by entry on the fixtures)."]
+    miss = [r["method"] for r in b if r["wall_ratio"] > 0.5 or r["rss_ratio"] > 0.4]
+    lines += ["", f"Targets from the issue: wall ≤ 0.5×, peak RSS ≤ 0.4× mergekit's"
+              + (f" (missed by: {', '.join(miss)})" if miss else " (met by every method in this run)")
+              + f". (surgery commit {', '.join(commits)}.)"]
+    stable = [r for r in b if "stable_max_bf16_steps" in r]
+    if stable:
+        lines += ["", "mergekit keeps entries through `torch.argsort` (ties), `torch.sort` (breadcrumbs) and "
+                  "`torch.topk` (sce), which are not stable on CPU, so which of the entries tied at a threshold "
+                  "survive is unspecified (bf16 fine-tunes have many equal magnitudes). surgery breaks such ties by "
+                  "flat index (docs/merge.md). With mergekit re-run (untimed) using stable sorts, the outputs "
+                  "differ by at most: " + "; ".join(
+                      f"`{r['method']}` {r['stable_max_bf16_steps']:.2f} bf16 step(s) in "
+                      f"{100 * r['stable_share_differing']:.4f}% of the entries" for r in stable)
+                  + ". The CI anchor tests check every method entry by entry on the fixtures."]
+    syn = results.get("synthetic", [])
+    if syn:
+        lines += ["", "## Peak memory flat in model size (2 GB Llama-7B-shaped checkpoint)", "",
+                  "The same recipes on benchmarks/io.py's synthetic checkpoint (5 layers of 4096×4096 attention "
+                  "and 4096×11008 MLP matrices, bf16) as the base and three noisy copies of it as the models, "
+                  "against surgery's run on SmolLM2 above (target: within 1.2×).", "",
+                  "| method | 7B-shaped wall | 7B-shaped peak RSS | SmolLM2 peak RSS | ratio |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in syn:
+            ratio = f"{r['rss_growth']:.2f}×" if r.get("rss_growth") else "–"
+            small = f"{r['smollm2_rss_mb']:.0f} MB" if r.get("smollm2_rss_mb") else "–"
+            lines.append(f"| {r['method']} | {r['synthetic']['wall_s']:.1f} s | {r['synthetic']['rss_mb']:.0f} MB | "
+                         f"{small} | {ratio} |")
     if "opcm" in results:
         lines += _opcm_lines(results["opcm"])
     if "growth" in results:
@@ -361,7 +562,9 @@ def _commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stages", default="batch,opcm,growth", help="Comma-separated: batch, opcm, growth.")
+    ap.add_argument("--stages", default="batch,synthetic,opcm,growth",
+                    help="Comma-separated: batch, synthetic, opcm, growth.")
+    ap.add_argument("--skip-ppl", action="store_true", help="Batch stage: no held-out perplexity (faster).")
     ap.add_argument("--skip-fusionbench", action="store_true")
     ap.add_argument("--batch-methods", default="", help="Only these batch methods (the others keep their cached rows).")
     ap.add_argument("--render-only", action="store_true", help="Rewrite the page from the cached numbers.")
@@ -381,13 +584,20 @@ def main() -> None:
         results.update({"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         only = [m for m in args.batch_methods.split(",") if m]
 
-        def run_batch() -> list[dict]:
-            new = [{**r, "commit": _commit()} for r in batch(work, base, fts, only or None)]
-            kept = [r for r in results.get("batch", []) if r["method"] not in {n["method"] for n in new}]
-            order = ["task_arithmetic", "ties"]
+        def merged(stage: str, new: list[dict]) -> list[dict]:
+            new = [{**r, "commit": _commit()} for r in new]
+            kept = [r for r in results.get(stage, []) if r["method"] not in {n["method"] for n in new}
+                    and r["method"] in BATCH_METHODS]
+            order = list(BATCH_METHODS)
             return sorted(kept + new, key=lambda r: order.index(r["method"]))
 
+        def run_batch() -> list[dict]:
+            if not args.skip_ppl:
+                results["inputs_ppl"] = inputs_ppl(work, base, fts)
+            return merged("batch", batch(work, base, fts, only or None, ppl=not args.skip_ppl))
+
         stages = {"batch": run_batch,
+                  "synthetic": lambda: merged("synthetic", synthetic(work, results.get("batch", []), only or None)),
                   "opcm": lambda: opcm(work, base, fts, not args.skip_fusionbench),
                   "growth": lambda: memory_growth(work, base, fts)}
         for stage in args.stages.split(","):

@@ -33,7 +33,7 @@ def _pickle_files(path: Path) -> list[Path] | None:
         if idx.is_file():
             wm = read_json(idx, what="pickle index", error=CorruptCheckpointError).get("weight_map")
             if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
-                raise CorruptCheckpointError(f"{idx} is not a valid index: it needs a non-empty `weight_map` object "
+                raise CorruptCheckpointError(f"{idx} is not a valid index: it needs a non-empty 'weight_map' object "
                                              f"mapping tensor names to shard file names.", path=idx)
             names = sorted(set(wm.values()))
             for n in names:

@@ -82,11 +82,11 @@ def summarize(rows: Iterable[dict[str, Any]], key: str, fields: list[str]) -> di
     return out
 
 
-def check_energy(energy: float, flag: str = "--energy") -> None:
+def check_energy(energy: float) -> None:
     if not (0.0 < energy <= 1.0):
-        raise UsageError(f"{flag} must be in (0, 1], got {energy}: it is the share of Σσ² to keep, e.g. 0.9.")
+        raise UsageError(f"`energy` must be in (0, 1], got {energy}: it is the share of Σσ² to keep, e.g. 0.9.")
 
 
 def check_top(top: int) -> None:
     if top < 0:
-        raise UsageError(f"--top must be 0 or more, got {top}.")
+        raise UsageError(f"`top` must be 0 or more, got {top}.")

@@ -140,7 +140,7 @@ def analyze_gain(ckpt: Checkpoint, *, vs: Checkpoint | None = None, tolerance: f
         IncompatibleCheckpointsError: ``vs`` given but no tensor pairs up.
     """
     if not (tolerance > 0 and math.isfinite(tolerance)):
-        raise UsageError(f"--tolerance must be a positive number, got {tolerance}.")
+        raise UsageError(f"`tolerance` must be a positive number, got {tolerance}.")
     names = matrix_names(ckpt)
     pairs: list[tuple[str, str]] = []
     unpaired: list[str] = []
@@ -150,7 +150,7 @@ def analyze_gain(ckpt: Checkpoint, *, vs: Checkpoint | None = None, tolerance: f
         if not pairs:
             raise IncompatibleCheckpointsError(
                 f"no 2-D tensor of {ckpt.label} pairs with one of {vs.label} by name and relative depth: "
-                "--vs needs a proxy of the same architecture family.", path=vs.label)
+                "`vs` needs a proxy of the same architecture family.", path=vs.label)
     proxy_of = dict(pairs)
     d_t = model_width(ckpt)
     d_p = model_width(vs) if vs is not None else None

@@ -41,15 +41,15 @@ def importance_fraction(importance: float, mrr: float = MRR, trr: float = TRR) -
 def check_options(rank: int | None, energy: float | None, fraction: float, mrr: float, trr: float) -> None:
     """Raise UsageError for conflicting or out-of-range subspace options."""
     if rank is not None and energy is not None:
-        raise UsageError("give either --rank or --energy, not both: one chooses k for every tensor, the other per tensor.")
+        raise UsageError("give either `rank` or `energy`, not both: one chooses k for every tensor, the other per tensor.")
     if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}.")
+        raise UsageError(f"`rank` must be at least 1, got {rank}.")
     if energy is not None:
         check_energy(energy)
     if not (0.0 <= fraction <= 1.0):
-        raise UsageError(f"--frozen-fraction must be in [0, 1], got {fraction}.")
+        raise UsageError(f"`frozen_fraction` must be in [0, 1], got {fraction}.")
     if not (0.0 <= mrr <= trr <= 1.0):
-        raise UsageError(f"need 0 ≤ --mrr ≤ --trr ≤ 1, got mrr={mrr}, trr={trr}.")
+        raise UsageError(f"need 0 ≤ `mrr` ≤ `trr` ≤ 1, got mrr={mrr}, trr={trr}.")
 
 
 def _svd(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

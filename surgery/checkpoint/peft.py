@@ -261,8 +261,8 @@ def lora_modules(cfg: LoraConfig, tensors: Checkpoint) -> tuple[dict[str, LoraMo
                       f"belong together.", p["B"])
         r = cfg.rank(module)
         if a.shape[0] != r:
-            raise bad(f"{p['A']} has rank {a.shape[0]} but the config says r={r} for {module!r} (`r` / "
-                      f"`rank_pattern`).", p["A"])
+            raise bad(f"{p['A']} has rank {a.shape[0]} but the config says r={r} for {module!r} ('r' / "
+                      f"'rank_pattern').", p["A"])
         if cfg.use_dora and "magnitude" not in p:
             raise bad(f"the config sets use_dora but module {module!r} has no lora_magnitude_vector; the DoRA "
                       f"magnitudes are missing.", module)

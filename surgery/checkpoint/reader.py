@@ -364,10 +364,10 @@ def _open_index(root: Path, index_path: Path, label: str) -> Checkpoint:
     index = read_json(index_path, what="safetensors index", error=CorruptCheckpointError)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
-        raise CorruptCheckpointError(f"{index_path} is not a valid safetensors index: it has no `weight_map` object "
+        raise CorruptCheckpointError(f"{index_path} is not a valid safetensors index: it has no 'weight_map' object "
                                      f"mapping tensor names to shard files.", path=index_path)
     if not weight_map:
-        raise CorruptCheckpointError(f"{index_path} has an empty `weight_map`: it names no tensors, so it is not a "
+        raise CorruptCheckpointError(f"{index_path} has an empty 'weight_map': it names no tensors, so it is not a "
                                      f"model; regenerate the index.", path=index_path)
     shard_names: list[str] = []
     for tensor, shard in weight_map.items():

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+_QUIET = False
+
+
+def set_quiet(value: bool) -> None:
+    """``-q/--quiet``: no progress bars and no progress messages for the rest of this run."""
+    global _QUIET
+    _QUIET = bool(value)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -30,8 +40,12 @@ def _jsonable(obj: Any) -> Any:
 def stdout_console():
     from rich.console import Console
 
-    # Piped output is not cut to 80 columns: long tensor names stay whole for grep.
-    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+    # Piped output is 240 columns wide unless COLUMNS says otherwise: tables stay whole for grep.
+    width = None
+    if not sys.stdout.isatty():
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdigit() and int(columns) >= 20 else 240
+    return Console(soft_wrap=True, width=width)
 
 
 def stderr_console():
@@ -97,9 +111,91 @@ class RichProgress:
 
 
 def progress(quiet: bool = False) -> RichProgress:
-    return RichProgress(quiet=quiet or not sys.stderr.isatty())
+    return RichProgress(quiet=quiet or _QUIET or not sys.stderr.isatty())
 
 
 def log(message: str) -> None:
-    """One line of information on stderr."""
-    stderr_console().print(message, highlight=False)
+    """One line of information on stderr (hidden by ``-q``)."""
+    if not _QUIET:
+        stderr_console().print(message, highlight=False)
+
+
+@dataclass(frozen=True)
+class Col:
+    """A table column. ``key`` marks the name column, which is never cut; when the console is
+    too narrow, columns with the highest ``drop`` go first (0: always shown), and ``wrap``
+    columns (free text) wrap between words before the name column gives up any room."""
+
+    header: str
+    justify: str = "right"
+    key: bool = False
+    drop: int = 0
+    wrap: bool = False
+
+
+def _cell_len(cell: str, words: bool = False) -> int:
+    from rich.text import Text
+
+    plain = Text.from_markup(cell).plain
+    parts = plain.split() if words else plain.split("\n")
+    return max((Text(p).cell_len for p in parts), default=0)
+
+
+def print_table(console: Any, columns: Sequence[Col], rows: Sequence[Sequence[str]], title: str | None = None) -> None:
+    """Print :func:`fit_table`'s table, then name the columns it left out (wrapped to the console)."""
+    from rich.text import Text
+
+    table, dropped = fit_table(console, columns, rows, title)
+    console.print(table)
+    if dropped:
+        console.print(Text(f"not shown at this width: {', '.join(dropped)} (--json has every column)", style="dim"),
+                      soft_wrap=False)
+
+
+def fit_table(console: Any, columns: Sequence[Col], rows: Sequence[Sequence[str]],
+              title: str | None = None) -> tuple[Any, list[str]]:
+    """A rich Table that fits ``console.width`` and the headers of the columns it leaves out.
+
+    Tensor names stay whole (they fold onto a second line only when nothing else can give
+    room, never turn into ``model…``); the columns with the highest ``drop`` are left out
+    first, headers and ``wrap`` columns wrap."""
+    from rich.table import Table
+
+    cells = [max((_cell_len(str(r[i])) for r in rows), default=0) for i in range(len(columns))]
+    natural = [max(len(c.header), cells[i]) for i, c in enumerate(columns)]
+    # A column can shrink to its longest cell (longest word for wrap columns) and its header's
+    # longest word (headers wrap).
+    least = [max([min(natural[i], max(16, max((_cell_len(str(r[i]), words=True) for r in rows), default=0)))
+                  if c.wrap else cells[i]] + [len(w) for w in c.header.split()]) for i, c in enumerate(columns)]
+    key = [i for i, c in enumerate(columns) if c.key]
+    keep = list(range(len(columns)))
+
+    def needed(idx: list[int], sizes: list[int]) -> int:  # rich's default box: a border and a space either side
+        return sum(natural[i] if i in key else sizes[i] for i in idx) + 3 * len(idx) + 1
+
+    for i in sorted((i for i, c in enumerate(columns) if c.drop), key=lambda i: -columns[i].drop):
+        if needed(keep, least) <= console.width:
+            break
+        keep.remove(i)
+    dropped = [columns[i].header for i in range(len(columns)) if i not in keep]
+    table = Table(title=title)
+    if needed(keep, natural) <= console.width:
+        for i in keep:
+            c = columns[i]
+            table.add_column(c.header, justify="left" if c.key else c.justify, no_wrap=c.key)
+    else:  # explicit widths: rich's own shrinking would split numbers before it wraps headers
+        width = {i: least[i] for i in keep}
+        for i in key:
+            room = console.width - needed([j for j in keep if j != i], least) - 3
+            width[i] = max(12, min(natural[i], room))
+        spare = console.width - sum(width.values()) - 3 * len(keep) - 1
+        for i in keep:
+            grow = min(max(spare, 0), natural[i] - width[i])
+            width[i] += grow
+            spare -= grow
+        for i in keep:
+            c = columns[i]
+            table.add_column(c.header, justify="left" if c.key else c.justify, width=width[i], overflow="fold")
+    for r in rows:
+        table.add_row(*(str(r[i]) for i in keep))
+    return table, dropped

@@ -11,11 +11,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import _common, _render
-from ._params import DeviceOpt, JsonOpt, QuietOpt, RayOpt
+from ._params import DeviceOpt, JsonOpt, QuietOpt, RayOpt, add_examples, base_help, deprecated_alias
 
 EXAMPLES = [
-    "surgery analyze spectrum fixtures/llama-tiny/base --top 4",
-    "surgery analyze spectrum fixtures/llama-tiny/ft-a --base fixtures/llama-tiny/base --energy 0.9 --plot spec.png",
+    "surgery analyze spectrum fixtures/llama-tiny/base --singular-values 4",
+    "surgery analyze spectrum fixtures/llama-tiny/ft-a --base fixtures/llama-tiny/base --energy 0.9 --plot out/spec.png",
     "surgery analyze subspace --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b --rank 4",
     "surgery analyze gain fixtures/llama-tiny/base --json",
     "surgery analyze gain fixtures/llama-wide/base --vs fixtures/llama-tiny/base --expect-exponent 0.5 --tolerance 0.15 --ignore embed --fail-on-drift",
@@ -25,13 +25,13 @@ analyze_app = typer.Typer(
     name="analyze",
     help="SVD analysis: per-tensor spectra and ranks, task-vector subspace overlap, top-singular-value gains.",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
 )
 
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.png",
                                                  help="Also draw a figure (.png/.pdf/.svg; needs matplotlib).")]
 ExactOpt = Annotated[bool, typer.Option("--exact", help="σ_max from a full SVD instead of Lanczos (slower, for checking).")]
-TablesOpt = Annotated[int, typer.Option("--rows", help="Human output: show at most N tensor rows (0 = all; --json lists all).")]
+TablesOpt = Annotated[int, typer.Option("--rows", metavar="N", help="Human output: show at most N tensor rows (0 = all; --json lists all).")]
 
 
 def _read_paths(*specs: Optional[str]) -> list[str]:
@@ -55,20 +55,10 @@ def _num(x: Any, digits: int = 4) -> str:
 
 def _summary_table(console: Any, title: str, summary: dict[str, dict[str, Any]], fields: list[tuple[str, str]],
                    key_label: str) -> None:
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column(key_label)
-    table.add_column("n", justify="right")
-    for _, label in fields:
-        table.add_column(label, justify="right")
-    for key, entry in summary.items():
-        cells = []
-        for f, _ in fields:
-            stats = entry.get(f)
-            cells.append(_num(stats["mean"]) if stats else "-")
-        table.add_row(key, str(entry["count"]), *cells)
-    console.print(table)
+    cols = [_render.Col(key_label, key=True), _render.Col("n")] + [_render.Col(label, drop=1 + i) for i, (_, label) in enumerate(fields)]
+    rows = [(key, str(entry["count"]), *(_num(entry[f]["mean"]) if entry.get(f) else "-" for f, _ in fields))
+            for key, entry in summary.items()]
+    _render.print_table(console, cols, rows, title=title)
 
 
 def _tensor_rows(rows: list[dict[str, Any]], limit: int) -> tuple[list[dict[str, Any]], int]:
@@ -77,10 +67,11 @@ def _tensor_rows(rows: list[dict[str, Any]], limit: int) -> tuple[list[dict[str,
 
 @analyze_app.command("spectrum")
 def spectrum(
-    checkpoint: Annotated[str, typer.Argument(help="Checkpoint to analyze (folder, file or Hub id).")],
-    base: Annotated[Optional[str], typer.Option("--base", metavar="BASE", help="Analyze the task vector CHECKPOINT − BASE instead of the weights.")] = None,
-    energy: Annotated[float, typer.Option("--energy", help="Energy rank: smallest k holding this share of Σσ².")] = 0.9,
-    top: Annotated[int, typer.Option("--top", help="List the K largest singular values of each tensor.")] = 8,
+    checkpoint: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="Checkpoint to analyze (folder, file or Hub id).")],
+    base: Annotated[Optional[str], typer.Option("--base", metavar="BASE", help=base_help("analyze the task vector CHECKPOINT − BASE instead of the weights."))] = None,
+    energy: Annotated[float, typer.Option("--energy", metavar="E", help="Energy rank: smallest k holding this share of Σσ².")] = 0.9,
+    top: Annotated[int, typer.Option("--singular-values", metavar="K", help="List the K largest singular values of each tensor.")] = 8,
+    top_old: Annotated[Optional[int], typer.Option("--top", hidden=True, help="Deprecated spelling of --singular-values.")] = None,
     plot: PlotOpt = None,
     rows: TablesOpt = 0,
     device: DeviceOpt = "cpu",
@@ -92,6 +83,9 @@ def spectrum(
     from surgery.analyze import spectrum as run
     from surgery.core.executor import executor_for
 
+    if top_old is not None:
+        deprecated_alias("--top", "--singular-values")
+        top = top_old
     _check_plot(plot, _read_paths(checkpoint, base))
     with executor_for(ray, device=device) as executor:
         result = run(checkpoint, base=base, energy=energy, top=top, keep_spectra=plot is not None, device=device,
@@ -105,23 +99,23 @@ def spectrum(
     report.pop("spectra", None)
 
     def human(console: Any, report: dict[str, Any]) -> None:
-        from rich.table import Table
-
         what = f"task vector {report['checkpoint']} − {report['base']}" if report["base"] else report["checkpoint"]
         shown, more = _tensor_rows(report["tensors"], rows)
-        table = Table(title=f"spectrum of {what}")
-        for col in ("tensor", "type", "shape", "σ_max", "‖W‖_F", "stable rank", "eff. rank", f"rank@{energy:g}",
-                    f"top {min(top, 4)} σ"):
-            table.add_column(col, justify="left" if col in ("tensor", "type") else "right")
+        cols = [_render.Col("tensor", key=True), _render.Col("type", "left", drop=3), _render.Col("shape", drop=2),
+                _render.Col("σ_max"), _render.Col("‖W‖_F", drop=4), _render.Col("stable rank"),
+                _render.Col("eff. rank", drop=5), _render.Col(f"rank@{energy:g}"),
+                _render.Col(f"top {min(top, 4)} σ", drop=6)]
+        cells = []
         for r in shown:
+            shape = "×".join(map(str, r["shape"]))
             if not r["finite"]:
-                table.add_row(r["name"], r["sublayer"], "×".join(map(str, r["shape"])),
-                              "[bold red]non-finite[/]", "-", "-", "-", "-", str(r["nonfinite"]))
+                cells.append((r["name"], r["sublayer"], shape, "[bold red]non-finite[/]", "-", "-", "-", "-",
+                              str(r["nonfinite"])))
                 continue
-            table.add_row(r["name"], r["sublayer"], "×".join(map(str, r["shape"])), _num(r["sigma_max"]),
-                          _num(r["frobenius"]), _num(r["stable_rank"]), _num(r["effective_rank"]), str(r["energy_rank"]),
-                          " ".join(_num(v, 3) for v in r["top_singular_values"][:4]))
-        console.print(table)
+            cells.append((r["name"], r["sublayer"], shape, _num(r["sigma_max"]), _num(r["frobenius"]),
+                          _num(r["stable_rank"]), _num(r["effective_rank"]), str(r["energy_rank"]),
+                          " ".join(_num(v, 3) for v in r["top_singular_values"][:4])))
+        _render.print_table(console, cols, cells, title=f"spectrum of {what}")
         if more:
             console.print(f"... {more} more tensors (--rows 0 or --json lists all)")
         fields = [("sigma_max", "σ_max"), ("stable_rank", "stable rank"), ("effective_rank", "eff. rank"),
@@ -140,15 +134,15 @@ def spectrum(
 
 @analyze_app.command("subspace")
 def subspace(
-    a: Annotated[str, typer.Argument(help="First fine-tuned checkpoint.")],
-    b: Annotated[str, typer.Argument(help="Second fine-tuned checkpoint.")],
-    base: Annotated[str, typer.Option("--base", metavar="BASE", help="The common base; task vectors are A − BASE and B − BASE.")],
+    a: Annotated[str, typer.Argument(metavar="A", help="First fine-tuned checkpoint.")],
+    b: Annotated[str, typer.Argument(metavar="B", help="Second fine-tuned checkpoint.")],
+    base: Annotated[str, typer.Option("--base", metavar="BASE", help=base_help("the task vectors are A − BASE and B − BASE."))],
     rank: Annotated[Optional[int], typer.Option("--rank", metavar="K", help="Compare the top-K singular subspaces of every tensor.")] = None,
     energy: Annotated[Optional[float], typer.Option("--energy", metavar="E", help="K per task vector = its energy rank at E (default 0.9 when --rank is not given).")] = None,
     frozen_fraction: Annotated[Optional[float], typer.Option("--frozen-fraction", metavar="F", help="Fixed-fraction rule: the base's frozen rank is F·min(m,n) (default (mrr+trr)/2 = 0.45).")] = None,
     text: Annotated[Optional[Path], typer.Option("--text", metavar="FILE", help="Text to run the base on: per-block importance sets the frozen ranks (importance rule).")] = None,
-    mrr: Annotated[float, typer.Option("--mrr", help="Importance rule: minimum retention ratio.")] = 0.1,
-    trr: Annotated[float, typer.Option("--trr", help="Importance rule: target retention ratio.")] = 0.8,
+    mrr: Annotated[float, typer.Option("--mrr", metavar="R", help="Importance rule: minimum retention ratio.")] = 0.1,
+    trr: Annotated[float, typer.Option("--trr", metavar="R", help="Importance rule: target retention ratio.")] = 0.8,
     rows: TablesOpt = 0,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
@@ -157,30 +151,30 @@ def subspace(
     """Overlap (principal angles, mean cos²) of two task vectors' top singular subspaces, their leakage into the base's top subspace, and suggested frozen ranks."""
     from surgery.analyze import subspace as run
 
-    if text is not None and not as_json and not quiet:
+    if text is not None and not as_json:
         _render.log(f"computing per-block importance on {text} ...")
     result = run(a, b, base=base, rank=rank, energy=energy, frozen_fraction=frozen_fraction, text=text, mrr=mrr,
                  trr=trr, device=device, progress=_render.progress(quiet))
 
     def human(console: Any, report: dict[str, Any]) -> None:
-        from rich.table import Table
-
         k_desc = f"k = {report['rank']}" if report["rank"] else f"k = energy rank at {report['energy']:g}"
-        table = Table(title=f"{report['a']} vs {report['b']} (task vectors vs {report['base']}, {k_desc})")
-        for col in ("tensor", "type", "k_A", "k_B", "cos² left", "cos² right", "chance", "min angle°",
-                    "frozen r", "leak A", "leak B"):
-            table.add_column(col, justify="left" if col in ("tensor", "type") else "right")
+        cols = [_render.Col("tensor", key=True), _render.Col("type", "left", drop=5), _render.Col("k_A", drop=3),
+                _render.Col("k_B", drop=3), _render.Col("cos² left"), _render.Col("cos² right", drop=2),
+                _render.Col("chance", drop=6), _render.Col("min angle°", drop=7), _render.Col("frozen r", drop=4),
+                _render.Col("leak A", drop=1), _render.Col("leak B", drop=1)]
+        cells = []
         shown, more = _tensor_rows(report["tensors"], rows)
         for r in shown:
             if not r["finite"]:
-                table.add_row(r["name"], r["sublayer"], "-", "-", "[bold red]non-finite[/] in " + ",".join(r["non_finite_in"]),
-                              "-", "-", "-", str(r["frozen_rank"]), "-", "-")
+                cells.append((r["name"], r["sublayer"], "-", "-", "[bold red]non-finite[/] in " + ",".join(r["non_finite_in"]),
+                              "-", "-", "-", str(r["frozen_rank"]), "-", "-"))
                 continue
             angles = r["left"]["angles_deg"]
-            table.add_row(r["name"], r["sublayer"], str(r["k_a"]), str(r["k_b"]), _num(r["overlap_left"], 3),
+            cells.append((r["name"], r["sublayer"], str(r["k_a"]), str(r["k_b"]), _num(r["overlap_left"], 3),
                           _num(r["overlap_right"], 3), _num(r["left"]["chance"], 2), _num(min(angles), 3) if angles else "-",
-                          str(r["frozen_rank"]), _num(r["leakage_a"]["total"], 3), _num(r["leakage_b"]["total"], 3))
-        console.print(table)
+                          str(r["frozen_rank"]), _num(r["leakage_a"]["total"], 3), _num(r["leakage_b"]["total"], 3)))
+        _render.print_table(console, cols, cells,
+                            title=f"{report['a']} vs {report['b']} (task vectors vs {report['base']}, {k_desc})")
         if more:
             console.print(f"... {more} more tensors (--rows 0 or --json lists all)")
         fields = [("overlap_left", "cos² left"), ("overlap_right", "cos² right"), ("leakage_a", "leak A"),
@@ -200,7 +194,7 @@ def subspace(
 
 @analyze_app.command("gain")
 def gain(
-    checkpoint: Annotated[str, typer.Argument(help="Checkpoint to analyze (the target width with --vs).")],
+    checkpoint: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="Checkpoint to analyze (the target width with --vs).")],
     vs: Annotated[Optional[str], typer.Option("--vs", metavar="PROXY", help="Proxy checkpoint of another width: pair tensors by name and relative depth.")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", metavar="T", help="A pair drifts when its σ_max ratio leaves [expected/(1+T), expected·(1+T)].")] = 0.1,
     expect_exponent: Annotated[float, typer.Option("--expect-exponent", metavar="X", help="Expected ratio is (d_target/d_proxy)^X; 0 = width-invariant gains.")] = 0.0,
@@ -233,21 +227,19 @@ def gain(
         report["plot"] = str(plot_gain(report, plot, _read_paths(checkpoint, vs)))
 
     def human(console: Any, report: dict[str, Any]) -> None:
-        from rich.table import Table
-
         if proxy is None:
-            table = Table(title=f"gains of {report['checkpoint']} (σ_max by {report['method']})")
-            for col in ("tensor", "type", "shape", "σ_max", "RMS", "σ_max/RMS"):
-                table.add_column(col, justify="left" if col in ("tensor", "type") else "right")
+            cols = [_render.Col("tensor", key=True), _render.Col("type", "left", drop=2), _render.Col("shape", drop=1),
+                    _render.Col("σ_max"), _render.Col("RMS"), _render.Col("σ_max/RMS")]
             shown, more = _tensor_rows(report["tensors"], rows)
+            cells = []
             for r in shown:
+                shape = "×".join(map(str, r["shape"]))
                 if not r["finite"]:
-                    table.add_row(r["name"], r["sublayer"], "×".join(map(str, r["shape"])), "[bold red]non-finite[/]",
-                                  "-", str(r["nonfinite"]))
+                    cells.append((r["name"], r["sublayer"], shape, "[bold red]non-finite[/]", "-", str(r["nonfinite"])))
                 else:
-                    table.add_row(r["name"], r["sublayer"], "×".join(map(str, r["shape"])), _num(r["sigma_max"]),
-                                  _num(r["rms"]), _num(r["gain"]))
-            console.print(table)
+                    cells.append((r["name"], r["sublayer"], shape, _num(r["sigma_max"]), _num(r["rms"]), _num(r["gain"])))
+            _render.print_table(console, cols, cells,
+                                title=f"gains of {report['checkpoint']} (σ_max by {report['method']})")
             if more:
                 console.print(f"... {more} more tensors (--rows 0 or --json lists all)")
             fields = [("sigma_max", "σ_max"), ("rms", "RMS"), ("gain", "σ_max/RMS")]
@@ -255,16 +247,19 @@ def gain(
             _summary_table(console, "mean per depth", report["by_depth"], fields, "block")
         else:
             w = report["widths"]
-            table = Table(title=f"{report['checkpoint']} (d={w['target']}) vs proxy {report['proxy']} (d={w['proxy']})")
-            for col in ("tensor", "proxy tensor", "σ_max", "proxy σ_max", "ratio", "exponent", ""):
-                table.add_column(col, justify="left" if "tensor" in col else "right")
+            cols = [_render.Col("tensor", key=True), _render.Col("proxy tensor", "left", drop=4),
+                    _render.Col("σ_max", drop=2), _render.Col("proxy σ_max", drop=3), _render.Col("ratio"),
+                    _render.Col("exponent", drop=1), _render.Col("", "left", wrap=True)]
             shown, more = _tensor_rows(report["pairs"], rows)
+            cells = []
             for p in shown:
                 mark = "[green]ok[/]" if p["within_tolerance"] else f"[bold red]drift[/] {p.get('reason') or ''}"
                 mark = mark if p["judged"] else "[dim]ignored[/]"
-                table.add_row(p["name"], p["proxy_name"], _num(p["sigma_max"]), _num(p["proxy_sigma_max"]),
-                              _num(p["ratio"]), _num(p["exponent"], 3), mark)
-            console.print(table)
+                cells.append((p["name"], p["proxy_name"], _num(p["sigma_max"]), _num(p["proxy_sigma_max"]),
+                              _num(p["ratio"]), _num(p["exponent"], 3), mark))
+            _render.print_table(
+                console, cols, cells,
+                title=f"{report['checkpoint']} (d={w['target']}) vs proxy {report['proxy']} (d={w['proxy']})")
             if more:
                 console.print(f"... {more} more pairs (--rows 0 or --json lists all)")
             fields = [("ratio", "σ_max ratio"), ("exponent", "width exponent")]
@@ -288,7 +283,7 @@ def gain(
 
 
 for _f in (spectrum, subspace, gain):
-    _f.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES if f" {_f.__name__} " in e)  # type: ignore[operator]
+    add_examples(_f, [e for e in EXAMPLES if f" {_f.__name__} " in e])
 
 
 def register(app: typer.Typer) -> None:

@@ -31,16 +31,19 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from surgery.core.errors import SurgeryError
 
-from . import analyze, check, convert, diff, edit, eval, fuse, grow, inspect, merge, pull, push
+from . import _render, analyze, check, convert, diff, edit, eval, fuse, grow, inspect, merge, pull, push
 
 app = typer.Typer(
     name="surgery",
     help="Weight-space surgery on safetensors checkpoints: merge, analyze, edit, grow, fuse, inspect and check.\n\n"
-         "Add --debug anywhere to see tracebacks of expected errors.",
+         "Add --debug anywhere to see tracebacks of expected errors. Shell completion: "
+         "surgery --install-completion (bash, zsh, fish, PowerShell).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    # Plain click help: text is printed as written ("[a, b]" is not eaten as markup) and
+    # examples are never rewrapped, so each line pastes into a shell as printed.
+    rich_markup_mode=None,
 )
 
 # One line per command group: the registry of commands.
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = _debug_requested(argv)
     argv = expand_ray(a for a in argv if a != "--debug")
     as_json = "--json" in argv
+    _render.set_quiet(False)
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="surgery", standalone_mode=False)
@@ -157,7 +161,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()) or "(no message)"
 
 
-_PARAM_REF = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+_PARAM_REF = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`]*))?`")
 
 
 def _invoked(command: Any, argv: list[str]) -> Any:
@@ -172,19 +176,53 @@ def _invoked(command: Any, argv: list[str]) -> Any:
 
 
 def flagify(message: str, command: Any) -> str:
-    """Library messages name parameters in backticks (`density`); on the command line they
-    read as the flag (--density) or the argument's metavar (MODELS) of the invoked command.
-    Names the command does not take lose their backticks."""
-    names: dict[str, str] = {}
-    for param in getattr(command, "params", []):
-        if getattr(param, "param_type_name", "") == "option":
-            longs = [o for o in param.opts if o.startswith("--")]
-            names[param.name] = (longs or param.opts)[0]
-            for opt in longs:   # `lambda` names --lambda although its Python name is lam
-                names.setdefault(opt[2:].replace("-", "_"), opt)
-        elif param.name:
-            names[param.name] = param.name.upper()
-    return _PARAM_REF.sub(lambda m: names.get(m.group(1), m.group(1)), message)
+    """Library messages name parameters in backticks; on the command line they read as the
+    invoked command's flags:
+
+    - `` `density` `` becomes ``--density`` (an argument becomes its metavar, ``MODELS``);
+    - `` `init='tile'` `` becomes ``--init tile``;
+    - `` `verify=False` `` becomes ``--no-verify`` and `` `force=True` `` ``--force``.
+
+    A merge-method parameter without a flag of its own (`` `epsilon` ``) becomes
+    ``-p epsilon`` on the commands that take ``-p``; other names the command does not take lose
+    their backticks."""
+    params: dict[str, Any] = {}
+    for p in getattr(command, "params", []):
+        if p.name:
+            params[p.name] = p
+    for p in getattr(command, "params", []):
+        for opt in getattr(p, "opts", []):  # `lambda` names --lambda although its Python name is lam
+            if opt.startswith("--"):
+                params.setdefault(opt[2:].replace("-", "_"), p)
+
+    def flag(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        param = params.get(name)
+        if param is None:
+            if "param" in params and name in _method_params():
+                return f"-p {name}" if value is None else f"-p {name}={value.strip(chr(39) + chr(34))}"
+            return name if value is None else f"{name}={value}"
+        if getattr(param, "param_type_name", "") != "option":
+            return param.metavar or param.name.upper()
+        longs = [o for o in param.opts if o.startswith("--")] or list(param.opts)
+        if value is None:
+            return longs[0]
+        if getattr(param, "is_flag", False):
+            if value.strip().lower() in ("true", "1"):
+                return longs[0]
+            if param.secondary_opts:
+                return param.secondary_opts[0]
+            return f"no {longs[0]}"
+        return f"{longs[0]} {value.strip().strip(chr(39) + chr(34))}"
+
+    return _PARAM_REF.sub(flag, message)
+
+
+def _method_params() -> set[str]:
+    """Every parameter name some merge method declares (for `-p NAME` in messages)."""
+    from surgery.merge.registry import METHODS
+
+    return {p.name for m in METHODS.values() for p in m.params}
 
 
 def _console_script() -> None:

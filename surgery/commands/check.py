@@ -8,23 +8,24 @@ from typing import Annotated, Optional
 import typer
 
 from . import _common, _render
-from ._params import ForceOpt, JsonOpt, QuietOpt, RayOpt
+from ._params import ForceOpt, JsonOpt, QuietOpt, RayOpt, add_examples, deprecated_alias
 
 EXAMPLES = [
-    "surgery check out/merged                       # headers valid, every tensor readable, no NaN/Inf",
-    "surgery check out/merged --config              # shapes agree with config.json",
-    "surgery check out/merged --against ref --atol 1e-2",
-    "surgery check out/merged --sha256 SHA256SUMS --json",
-    "surgery check out/merged --write-sha256 SHA256SUMS   # make the manifest for a later check",
+    "surgery check fixtures/llama-tiny/ft-a                 # headers valid, every tensor readable, no NaN/Inf",
+    "surgery check fixtures/llama-tiny/ft-a --shapes        # shapes agree with config.json's architecture",
+    "surgery check fixtures/llama-tiny/ft-a --against fixtures/llama-tiny/base --atol 0.05",
+    "surgery check fixtures/llama-tiny/ft-a --write-sha256 out/SHA256SUMS   # make a manifest for a later check",
+    "surgery check fixtures/llama-tiny/ft-a --sha256 out/SHA256SUMS --json",
 ]
 
 
 def check(
-    checkpoint: Annotated[str, typer.Argument(help="Checkpoint to validate.")],
-    config: Annotated[bool, typer.Option("--config", help="Check tensor shapes against config.json's architecture.")] = False,
+    checkpoint: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="Checkpoint to validate.")],
+    shapes: Annotated[bool, typer.Option("--shapes", help="Check tensor shapes against config.json's architecture.")] = False,
+    shapes_old: Annotated[bool, typer.Option("--config", hidden=True, help="Deprecated spelling of --shapes.")] = False,
     against: Annotated[Optional[str], typer.Option("--against", metavar="REF", help="Reference checkpoint: every tensor within tolerance.")] = None,
-    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance for --against.")] = 0.0,
-    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance for --against.")] = 0.0,
+    atol: Annotated[float, typer.Option("--atol", metavar="X", help="Absolute tolerance for --against.")] = 0.0,
+    rtol: Annotated[float, typer.Option("--rtol", metavar="X", help="Relative tolerance for --against.")] = 0.0,
     sha256: Annotated[Optional[Path], typer.Option("--sha256", metavar="FILE", help="Manifest (sha256sum format or JSON) the files must match.")] = None,
     write_sha256: Annotated[Optional[Path], typer.Option("--write-sha256", metavar="FILE", help="Write a sha256 manifest of the shards, then run the checks.")] = None,
     no_integrity: Annotated[bool, typer.Option("--no-integrity", help="Skip reading every tensor for NaN/Inf.")] = False,
@@ -37,10 +38,12 @@ def check(
     from surgery.check import check as run
     from surgery.core.executor import executor_for
 
+    if shapes_old:
+        deprecated_alias("--config", "--shapes")
     with executor_for(ray) as executor:
-        result = run(checkpoint, integrity=not no_integrity, config=config, against=against, atol=atol, rtol=rtol,
-                     manifest=sha256, write_manifest_to=write_sha256, force=force, progress=_render.progress(quiet),
-                     executor=executor)
+        result = run(checkpoint, integrity=not no_integrity, config=shapes or shapes_old, against=against, atol=atol,
+                     rtol=rtol, manifest=sha256, write_manifest_to=write_sha256, force=force,
+                     progress=_render.progress(quiet), executor=executor)
 
     def human(console, report) -> None:
         if report.get("manifest_written"):
@@ -57,7 +60,7 @@ def check(
     _common.finish(result, as_json=as_json, human=human)
 
 
-check.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+add_examples(check, EXAMPLES)
 
 
 def register(app: typer.Typer) -> None:

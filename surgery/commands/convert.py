@@ -11,7 +11,7 @@ import typer
 
 from . import _common, _render
 from ._params import (DEFAULT_SHARD_SIZE, DtypeOpt, ForceOpt, JsonOpt, PrivateOpt, PushOpt, QuietOpt, RayOpt,
-                      ResumeRunOpt, ShardSizeOpt)
+                      ResumeRunOpt, ShardSizeOpt, add_examples, choice)
 
 EXAMPLES = [
     "surgery convert old-model/pytorch_model.bin -o out/model        # pickle -> safetensors, weights only",
@@ -35,9 +35,9 @@ class Quant(str, Enum):
 
 
 def convert(
-    source: Annotated[str, typer.Argument(help="A .bin/.pt file or folder (loaded weights-only), a .gguf file, or a safetensors checkpoint.")],
-    output_arg: Annotated[Optional[Path], typer.Argument(metavar="[OUTPUT]", help="Output (same as -o; kept for older scripts).", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder, or the .gguf file with --to gguf (refused if it exists, unless --force).", show_default=False)] = None,
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="A .bin/.pt file or folder (loaded weights-only), a .gguf file, or a safetensors checkpoint.")],
+    output_arg: Annotated[Optional[Path], typer.Argument(metavar="OUTPUT", help="Output (same as -o; kept for older scripts).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="PATH", help="Output folder, or the .gguf file with --to gguf (refused if it exists, unless --force).", show_default=False)] = None,
     to: Annotated[Format, typer.Option("--to", help="Output format.")] = Format.safetensors,
     quant: Annotated[Optional[Quant], typer.Option("--quant", help="With --to gguf: matrix type (vectors stay f32). [default: f16]", show_default=False)] = None,
     dtype: DtypeOpt = None,
@@ -63,8 +63,9 @@ def convert(
     if push_to_hub and to == Format.gguf:
         raise UsageError("--push-to-hub uploads a checkpoint folder; push a GGUF file with `hf upload` instead.")
     with executor_for(ray, resume_run=resume_run) as executor:
-        result = run(source, out, dtype=dtype, shard_size=shard_size, force=force, progress=_render.progress(quiet),
-                     to=to.value, quant=quant.value if quant else None, executor=executor)
+        result = run(source, out, dtype=choice(dtype), shard_size=shard_size, force=force,
+                     progress=_render.progress(quiet), to=to.value, quant=quant.value if quant else None,
+                     executor=executor)
 
     def human(console, doc) -> None:
         if doc.get("source_format") == "gguf":
@@ -79,7 +80,7 @@ def convert(
     _common.finish(result, as_json=as_json, human=human, push_to_hub=push_to_hub, private=private)
 
 
-convert.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+add_examples(convert, EXAMPLES)
 
 
 def register(app: typer.Typer) -> None:

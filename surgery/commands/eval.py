@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from . import _common, _render
-from ._params import DeviceOpt, JsonOpt, QuietOpt
+from ._params import ComputeDtype, DeviceOpt, JsonOpt, QuietOpt, TextOpt, TokenizerOpt, add_examples, choice
 
 EXAMPLES = [
     "surgery eval ppl fixtures/llama-tiny/base                       # corpus perplexity on the built-in probe",
     "surgery eval ppl fixtures/llama-tiny/base --sentences --json    # per-sentence mean and median",
-    "surgery eval ppl fixtures/gpt2-tiny/base --text notes.txt --ctx 128 --stride 128   # disjoint windows",
+    "surgery eval ppl fixtures/gpt2-tiny/base --text fixtures/notes.txt --ctx 64 --stride 64   # disjoint windows",
 ]
 
 eval_app = typer.Typer(name="eval", help="Evaluate a checkpoint (perplexity).", no_args_is_help=True,
-                       rich_markup_mode="rich")
+                       rich_markup_mode=None)
 
 
 def ppl(
-    checkpoint: Annotated[str, typer.Argument(help="Checkpoint folder, file or Hub id (needs config.json and a tokenizer).")],
-    text: Annotated[Optional[Path], typer.Option("--text", metavar="FILE", help="UTF-8 text to score (default: the built-in 70-sentence probe).")] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Window length in tokens (default: the model's positions, at most 1024).")] = None,
-    stride: Annotated[Optional[int], typer.Option("--stride", help="Corpus mode: window step (default ctx/2; = ctx for disjoint windows).")] = None,
+    checkpoint: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="Checkpoint folder, file or Hub id of a causal LM (needs config.json and a tokenizer).")],
+    text: TextOpt = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", metavar="N", help="Window length in tokens (default: the model's positions, at most 1024).")] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", metavar="N", help="Corpus mode: window step (default ctx/2; = ctx for disjoint windows).")] = None,
     sentences: Annotated[bool, typer.Option("--sentences", help="One sentence per line: per-sentence perplexity, mean and median.")] = False,
-    max_sentences: Annotated[Optional[int], typer.Option("--max-sentences", help="Sentence mode: score only the first N sentences.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 8,
-    model_dtype: Annotated[str, typer.Option("--model-dtype", help="Compute dtype of the forward passes: float32, bfloat16, float16.")] = "float32",
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer folder or Hub id when the checkpoint has none.")] = None,
+    max_sentences: Annotated[Optional[int], typer.Option("--max-sentences", metavar="N", help="Sentence mode: score only the first N sentences.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="B", help="Sequences per forward pass.")] = 8,
+    dtype: Annotated[ComputeDtype, typer.Option("--model-dtype", case_sensitive=False, help="Compute dtype of the forward passes.")] = ComputeDtype.float32,
+    tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -38,7 +37,7 @@ def ppl(
     from surgery.eval import ppl as run
 
     result = run(checkpoint, text=text, sentences=sentences, ctx=ctx, stride=stride, batch_size=batch_size,
-                 device=device, dtype=model_dtype, tokenizer=tokenizer, max_sentences=max_sentences,
+                 device=device, dtype=choice(dtype), tokenizer=tokenizer, max_sentences=max_sentences,
                  progress=_render.progress(quiet))
 
     def human(console, report) -> None:
@@ -63,7 +62,7 @@ def ppl(
     _common.finish(result, as_json=as_json, human=human)
 
 
-ppl.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+add_examples(ppl, EXAMPLES)
 eval_app.command("ppl")(ppl)
 
 

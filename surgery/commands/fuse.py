@@ -8,17 +8,18 @@ import typer
 
 from . import _common, _render
 from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, OutputOpt, PrivateOpt, PushOpt,
-                      QuietOpt, RayOpt, ResumeRunOpt, ShardSizeOpt)
+                      QuietOpt, RayOpt, ResumeRunOpt, ShardSizeOpt, add_examples, choice)
 
 EXAMPLES = [
-    "surgery fuse fixtures/llama-tiny/base my-lora -o out/fused                 # one PEFT adapter",
-    "surgery fuse base code-lora:0.7 style-lora:0.3 -o out/fused --dtype bfloat16   # weighted, in one pass",
-    "surgery fuse base my-lora -o out/fused --check --json                     # compare logits with PEFT",
+    "surgery fuse fixtures/llama-tiny/base fixtures/llama-tiny/lora-a -o out/fused            # one PEFT adapter",
+    "surgery fuse fixtures/llama-tiny/base fixtures/llama-tiny/lora-a:0.7 fixtures/llama-tiny/lora-b:0.3 "
+    "-o out/fused-ab --dtype float32   # weighted, in one pass",
+    "surgery fuse fixtures/llama-tiny/base fixtures/llama-tiny/lora-a -o out/fused-checked --check --json   # logits vs PEFT",
 ]
 
 
 def fuse(
-    base: Annotated[str, typer.Argument(help="Base checkpoint: folder, .safetensors file or Hub id[@rev].")],
+    base: Annotated[str, typer.Argument(metavar="BASE", help="Base checkpoint: folder, .safetensors file or Hub id[@rev].")],
     adapters: Annotated[list[str], typer.Argument(metavar="ADAPTER[:WEIGHT]...",
                                                   help="Adapter folders, applied in order; WEIGHT scales each adapter's change (default 1).")],
     output: OutputOpt,
@@ -26,7 +27,7 @@ def fuse(
     shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
     check: Annotated[bool, typer.Option("--check", help="Before the output appears, compare its logits with PEFT's base + adapter forward pass (needs peft; one PEFT adapter).")] = False,
     device: DeviceOpt = "cpu",
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads for every tensor's math (default: one thread below 4M elements, torch's default above).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="Intra-op threads for every tensor's math (default: one thread below 4M elements, torch's default above).")] = None,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Write fused tensors that hold NaN or Inf (refused by default, naming the input tensor that carried them).")] = False,
     force: ForceOpt = False,
     push_to_hub: PushOpt = None,
@@ -41,7 +42,7 @@ def fuse(
     from surgery.fuse import fuse as run
 
     with executor_for(ray, device=device, resume_run=resume_run) as executor:
-        result = run(base, adapters, output, dtype=dtype, shard_size=shard_size, force=force, device=device,
+        result = run(base, adapters, output, dtype=choice(dtype), shard_size=shard_size, force=force, device=device,
                      check=check, threads=threads, allow_nonfinite=allow_nonfinite,
                      progress=_render.progress(quiet), executor=executor)
 
@@ -52,7 +53,7 @@ def fuse(
         if doc["untied_embeddings"]:
             u = doc["untied_embeddings"]
             console.print(f"untied {u['output']} from {u['input']} (config tie_word_embeddings=false)")
-        cast = f", {doc['tensors_cast']} cast to {dtype}" if doc["tensors_cast"] else ""
+        cast = f", {doc['tensors_cast']} cast to {choice(dtype)}" if doc["tensors_cast"] else ""
         console.print(f"{len(doc['tensors_changed'])} tensor(s) fused, {doc['tensors_copied']} copied untouched{cast}")
         if doc["check"]:
             c = doc["check"]
@@ -62,7 +63,7 @@ def fuse(
     _common.finish(result, as_json=as_json, human=human, push_to_hub=push_to_hub, private=private)
 
 
-fuse.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+add_examples(fuse, EXAMPLES)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from . import _common, _render
-from ._params import JsonOpt
+from ._params import JsonOpt, QuietOpt, add_examples
 
 EXAMPLES = [
     "surgery inspect fixtures/llama-tiny/base",
@@ -17,9 +17,10 @@ EXAMPLES = [
 
 
 def inspect(
-    checkpoint: Annotated[str, typer.Argument(help="Folder, .safetensors file, index JSON, .gguf file, or Hub id org/name[@rev] (headers only, no weights downloaded).")],
-    as_json: JsonOpt = False,
+    checkpoint: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="Folder, .safetensors file, index JSON, .gguf file, or Hub id org/name[@rev] (headers only, no weights downloaded).")],
     tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="List every tensor (human output).")] = True,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Tensors, shapes, dtypes, parameter count, shards and metadata of a checkpoint (headers only)."""
     from surgery.inspect import inspect as run
@@ -27,16 +28,12 @@ def inspect(
     result = run(checkpoint)
 
     def human(console, report) -> None:
-        from rich.table import Table
-
         if tensors:
-            table = Table(title=report["checkpoint"], show_lines=False)
-            for col in ("tensor", "shape", "dtype", "bytes", "file"):
-                table.add_column(col, justify="right" if col == "bytes" else "left")
-            for t in report["tensors"]:
-                table.add_row(t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"],
-                              _render.fmt_bytes(t["bytes"]), t["file"])
-            console.print(table)
+            cols = [_render.Col("tensor", key=True), _render.Col("shape", "left"), _render.Col("dtype", "left", drop=3),
+                    _render.Col("bytes", drop=2), _render.Col("file", "left", drop=4)]
+            rows = [(t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"], _render.fmt_bytes(t["bytes"]),
+                     t["file"]) for t in report["tensors"]]
+            _render.print_table(console, cols, rows, title=report["checkpoint"])
         console.print(f"parameters: [bold]{report['num_parameters']:,}[/]"
                       + (f" (tied, counted once: {', '.join(report['tied_duplicates'])})" if report["tied_duplicates"] else ""))
         console.print(f"tensors: {report['num_tensors']}   size: {_render.fmt_bytes(report['total_bytes'])}   "
@@ -68,7 +65,7 @@ def inspect(
     _common.finish(result, as_json=as_json, human=human)
 
 
-inspect.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+add_examples(inspect, EXAMPLES)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,7 +13,7 @@ from typer.core import TyperCommand
 
 from . import _common, _render
 from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, PrivateOpt, PushOpt, QuietOpt,
-                      RayOpt, ResumeRunOpt, ShardSizeOpt)
+                      RayOpt, ResumeRunOpt, ShardSizeOpt, add_examples)
 
 MergeOutputOpt = Annotated[Optional[Path], typer.Option(
     "-o", "--output", help="Output checkpoint folder (refused if it exists, unless --force); with a recipe it may "
@@ -29,8 +29,10 @@ EXAMPLES = [
     "surgery merge -m opcm --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
     "--state out/opcm-state -o out/opcm-ab",
     "surgery merge --resume out/opcm-state fixtures/llama-tiny/ft-c --state out/opcm-state -o out/opcm-abc",
-    "surgery merge recipe.yml out/merged      # a mergekit recipe, as mergekit-yaml takes it (same as --config)",
-    "surgery merge recipe.yml --dry-run --json   # validate from headers and print the plan; writes nothing",
+    "surgery merge fixtures/recipes/ties.yml out/merged   # a mergekit recipe, as mergekit-yaml takes it (same as --config)",
+    "surgery merge fixtures/recipes/ties.yml --dry-run --json   # validate from headers and print the plan; writes nothing",
+    "surgery merge -m della --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
+    "-p density=0.5 -p epsilon=0.1 --seed 3 -o out/della",
 ]
 
 
@@ -48,14 +50,14 @@ def methods_help() -> str:
     """The methods and their parameters, from the registry (imported only when help is shown)."""
     from surgery.merge.registry import METHODS
 
-    lines = ["[bold]Methods[/] (-m) and their parameters (-p NAME=VALUE, or -p MODEL:NAME=VALUE for one model, "
+    lines = ["Methods (-m) and their parameters (-p NAME=VALUE, or -p MODEL:NAME=VALUE for one model, "
              "counted from 1; a list of numbers is interpolated across the layers):"]
     for m in METHODS.values():
-        params = "; ".join(f"{p.name}={_value(p.default)} ({'per model, ' if p.per_model else ''}{p.range_text()})"
+        params = "; ".join(f"{p.name}={'(required)' if p.required else _value(p.default)} "
+                           f"({'per model, ' if p.per_model else ''}{p.range_text()})"
                            for p in m.params)
-        lines.append(f"[bold]{m.name}[/] ({m.kind}) {m.summary}." + (f" {params}" if params else ""))
-    return "\n\n".join(line.replace("[", "\\[").replace("\\[bold]", "[bold]").replace("\\[/]", "[/]")
-                       for line in lines)
+        lines.append(f"{m.name} ({m.kind}) {m.summary}." + (f" {params}" if params else ""))
+    return "\n\n".join(lines)  # plain click help prints text as written: no markup, nothing to escape
 
 
 def _value(x: Any) -> str:
@@ -129,7 +131,7 @@ def merge(
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="OPCM's split-rank threshold (alias of -p alpha).")] = None,
     scaling: Annotated[Optional[float], typer.Option("--scaling", help="Scale of continual_task_arithmetic and magmax (alias of -p scaling).")] = None,
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Divide by the sum of the weights (alias of -p normalize).")] = None,
-    rescale: Annotated[Optional[bool], typer.Option("--rescale/--no-rescale", help="DARE: divide survivors by the density (alias of -p rescale).")] = None,
+    rescale: Annotated[Optional[bool], typer.Option("--rescale/--no-rescale", help="Task-vector methods (ties, dare_*, breadcrumbs*, della*): keep each sparsified task vector's L1 norm (alias of -p rescale).")] = None,
     keep_diagonal: Annotated[bool, typer.Option("--keep-diagonal", help="OPCM: keep τ's diagonal in the (U, V) basis (alias of -p keep_diagonal=true).")] = False,
     project_embeddings: Annotated[bool, typer.Option("--project-embeddings", help="OPCM: project embeddings too (alias of -p project_embeddings=true).")] = False,
     decomposition: Annotated[Decomposition, typer.Option("--decomposition", help="Continual methods' SVD: gram (eigh of the smaller Gram matrix, fast) or svd (LAPACK).")] = Decomposition.gram,
@@ -256,7 +258,7 @@ def _plan_table(console: Any, doc: dict[str, Any]) -> None:
                      if doc.get("estimated_memory_bytes") else "") + "; nothing written (--dry-run).")
 
 
-merge.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+add_examples(merge, EXAMPLES)
 
 
 def register(app: typer.Typer) -> None:

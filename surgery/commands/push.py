@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import _common, _render
-from ._params import JsonOpt
+from . import _common
+from ._params import JsonOpt, QuietOpt, add_examples
 
 EXAMPLES = [
     "surgery push out/merged my-org/merged-model --private  # needs the Hub",
@@ -18,21 +18,26 @@ EXAMPLES = [
 
 
 def push(
-    folder: Annotated[Path, typer.Argument(help="Checkpoint folder to upload.")],
-    repo_id: Annotated[str, typer.Argument(help="Hub repository id, org/name.")],
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Checkpoint folder to upload.")],
+    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hub repository id, org/name.")],
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to commit to (created if needed); with --create-pr, the branch the pull request targets.")] = None,
-    message: Annotated[Optional[str], typer.Option("--message", "-m", help="Commit message.")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", metavar="BRANCH", help="Branch to commit to (created if needed); with --create-pr, the branch the pull request targets.")] = None,
+    message: Annotated[Optional[str], typer.Option("--message", "-m", metavar="TEXT", help="Commit message.")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="Upload only files matching (repeatable).", show_default=False)] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="GLOB", help="Leave out files matching (repeatable).", show_default=False)] = None,
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing to the branch.")] = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Upload a checkpoint folder to a Hub model repository in one commit (creates the repository if needed)."""
     from surgery.checkpoint import open_checkpoint
     from surgery.checkpoint.hub import push as run
 
     open_checkpoint(str(folder))  # refuse to upload something that is not a valid checkpoint
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     url = run(folder, repo_id, private=private, revision=revision, commit_message=message, include=include,
               exclude=exclude, create_pr=create_pr)
     from surgery.core.result import Result
@@ -42,7 +47,7 @@ def push(
                    as_json=as_json, human=lambda c, doc: c.print(f"{what} {repo_id} from {folder}: {url}"))
 
 
-push.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+add_examples(push, EXAMPLES)
 
 
 def register(app: typer.Typer) -> None:

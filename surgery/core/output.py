@@ -143,7 +143,7 @@ def _check_output(output: str | os.PathLike, *, force: bool, inputs: Iterable[st
             break
     if path.exists() or path.is_symlink():
         if not force:
-            raise OutputExistsError(f"output {text} already exists; pass --force to replace it.", path=text)
+            raise OutputExistsError(f"output {text} already exists; pass `force=True` to replace it.", path=text)
         if kind == "folder" and (path.is_symlink() or not path.is_dir()):
             raise UsageError(f"output {text} exists and is not a folder; remove it or choose another path.", path=text)
         if kind == "file" and path.is_dir():
@@ -180,6 +180,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS says (Linux), else by the
+    set-and-restore dance."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(path: Path) -> None:
+    """Give what was written the permissions a plain ``open()`` would: some writers (the
+    safetensors library among them) create files 0600 whatever the umask."""
+    mask = _umask()
+    entries = [path] if path.is_file() else [path, *path.rglob("*")]
+    for p in entries:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _commit(tmp: Path, output: Path, force: bool) -> None:
     """Move ``tmp`` to ``output``: refuse an output that appeared meanwhile unless ``force``;
     with ``force`` swap atomically and remove the old one."""
@@ -200,7 +226,7 @@ def _commit(tmp: Path, output: Path, force: bool) -> None:
                 return
     if not force:
         raise OutputExistsError(f"output {output} appeared while this command ran (another writer?); nothing was "
-                                f"replaced. Pass --force to replace it.", path=output)
+                                f"replaced. Pass `force=True` to replace it.", path=output)
     old = output.parent / _tmp_name(output, OLD_TAG)
     if output.is_dir() == tmp.is_dir() and not output.is_symlink() and _renameat2(tmp, output, _RENAME_EXCHANGE):
         # tmp now holds the old output
@@ -253,6 +279,7 @@ def atomic_output(output: str | os.PathLike, *, force: bool, inputs: Iterable[st
         raise _output_error(output, exc) from exc
     try:
         yield tmp
+        _honour_umask(tmp)
         _fsync_dir(tmp)
         _commit(tmp, output, force)
         _fsync_dir(parent)
@@ -417,6 +444,7 @@ def atomic_file(path: str | os.PathLike, *, force: bool, inputs: Iterable[str | 
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(errno.ENOENT, "nothing was written", str(tmp))
+        _honour_umask(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -97,7 +97,7 @@ def _verify_bases(ckpt: Checkpoint, edits: Sequence[Edit], force_base: bool) -> 
                 else:
                     raise IncompatibleCheckpointsError(
                         f"{e.label} was made against a different {name!r} (sha256 {want[:12]}..., {ckpt.label} has "
-                        f"{base_sha[name][:12]}...); use the base it was made for, or pass --force-base.",
+                        f"{base_sha[name][:12]}...); use the base it was made for, or pass `force_base=True`.",
                         path=e.label, tensor=name)
         for name, te in e.tensors.items():
             cur = chained[name] if name in chained else ckpt.get(name)

@@ -139,11 +139,11 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
     from ..core.engine import parse_dtype
 
     if rank is not None and energy is not None:
-        raise UsageError("give --rank or --energy, not both.")
+        raise UsageError("give `rank` or `energy`, not both.")
     if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}.")
+        raise UsageError(f"`rank` must be at least 1, got {rank}.")
     if energy is not None and not 0.0 < energy <= 1.0:
-        raise UsageError(f"--energy must be in (0, 1], got {energy}.")
+        raise UsageError(f"`energy` must be in (0, 1], got {energy}.")
     fdtype = parse_dtype(factor_dtype) or torch.float32
     out = Path(output)
     b = base if isinstance(base, Checkpoint) else open_checkpoint(str(base))

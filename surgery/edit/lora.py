@@ -174,7 +174,7 @@ def to_peft(edit: str | Path | Edit, output: str | Path, *, base: str | Path | C
     from ..core.output import atomic_output, check_output
 
     if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}.")
+        raise UsageError(f"`rank` must be at least 1, got {rank}.")
     e = edit if isinstance(edit, Edit) else load_edit(edit)
     ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(str(base))
     out = Path(output)
@@ -191,7 +191,7 @@ def to_peft(edit: str | Path | Edit, output: str | Path, *, base: str | Path | C
                 dropped.append(name)
                 continue
             raise UsageError(f"{e.label} has a {len(te.shape)}-D delta for {name!r}, which LoRA cannot express; "
-                             f"pass --drop-vectors to leave such deltas out.", tensor=name)
+                             f"pass `drop_vectors=True` to leave such deltas out.", tensor=name)
         if name not in ckpt or tuple(ckpt.info(name).shape) != te.shape:
             raise IncompatibleCheckpointsError(f"{e.label} edits {name!r} with shape {te.shape}, which {ckpt.label} "
                                                f"does not have.", tensor=name)
@@ -230,8 +230,12 @@ def to_peft(edit: str | Path | Edit, output: str | Path, *, base: str | Path | C
         raise UsageError(f"{e.label} has no matrix delta to convert.")
     r_max = max(ranks.values())
     differing = {re.escape(m): r for m, r in ranks.items() if r != r_max}
+    # A local base is recorded absolute: PEFT resolves the path from wherever the adapter is
+    # loaded, so "../smol" would only work from the folder this command ran in.
+    named = Path(ckpt.label).expanduser()
+    base_path = str(named.resolve()) if named.exists() else ckpt.label
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": ckpt.label,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
         "r": r_max, "lora_alpha": r_max, "rank_pattern": differing, "alpha_pattern": dict(differing),
         "target_modules": sorted(ranks), "fan_in_fan_out": any(kinds.get(m) == "conv1d" for m in ranks),
         "use_rslora": False, "use_dora": False, "lora_dropout": 0.0, "bias": "none", "modules_to_save": None,

@@ -56,9 +56,9 @@ def read_text(path: str | Path | None) -> str:
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read the text file {p} ({exc}); pass a UTF-8 text file to --text.", path=p) from exc
+        raise InputError(f"cannot read the text file {p} ({exc}); pass a UTF-8 text file as `text`.", path=p) from exc
     if not text.strip():
-        raise InputError(f"the text file {p} is empty; pass a file with some text to --text.", path=p)
+        raise InputError(f"the text file {p} is empty; pass a file with some text as `text`.", path=p)
     return text
 
 
@@ -139,9 +139,9 @@ def corpus_windows(num_tokens: int, ctx: int, stride: int) -> list[Window]:
     prediction, so the first window effectively scores ``scored - 1`` tokens.
     """
     if ctx < 2:
-        raise UsageError(f"--ctx must be at least 2 tokens, got {ctx}.")
+        raise UsageError(f"`ctx` must be at least 2 tokens, got {ctx}.")
     if not 1 <= stride <= ctx:
-        raise UsageError(f"--stride must be between 1 and --ctx ({ctx}), got {stride}.")
+        raise UsageError(f"`stride` must be between 1 and `ctx` ({ctx}), got {stride}.")
     windows = []
     prev_end = 0
     for begin in range(0, num_tokens, stride):
@@ -298,14 +298,14 @@ def make_scorer(model: Any, tokenizer: Any, text: str, *, sentences: bool = Fals
         UsageError: Bad ctx / stride / batch size, or a text too short to score.
     """
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}.")
+        raise UsageError(f"`batch_size` must be at least 1, got {batch_size}.")
     limit = _max_positions(model)
     if ctx is None:
         ctx = min(limit or MAX_DEFAULT_CTX, MAX_DEFAULT_CTX)
     if limit is not None and ctx > limit:
-        raise UsageError(f"--ctx {ctx} exceeds the model's {limit} positions; pass --ctx {limit} or less.")
+        raise UsageError(f"`ctx` {ctx} exceeds the model's {limit} positions; pass `ctx={limit}` or less.")
     if ctx < 2:
-        raise UsageError(f"--ctx must be at least 2 tokens, got {ctx}.")
+        raise UsageError(f"`ctx` must be at least 2 tokens, got {ctx}.")
     scorer = Scorer(model=model, mode="sentences" if sentences else "corpus", device=str(device),
                     batch_size=batch_size, ctx=ctx, _keep=_supports_logits_to_keep(model))
     if sentences:
@@ -335,7 +335,7 @@ def make_scorer(model: Any, tokenizer: Any, text: str, *, sentences: bool = Fals
         if saved is not None:
             tokenizer.model_max_length = saved
     if ids.numel() < 2:
-        raise UsageError("the text is shorter than two tokens; give a longer --text.")
+        raise UsageError("the text is shorter than two tokens; give a longer `text`.")
     scorer.ids = ids
     scorer.windows = corpus_windows(int(ids.numel()), ctx, scorer.stride)
     return scorer

@@ -35,12 +35,12 @@ def check_against_peft(base: Checkpoint, adapter: dict[str, Any], fused_dir: str
         CheckFailedError: The logits differ by more than the dtype's tolerance.
     """
     if adapter["kind"] not in PEFT_KINDS or adapter["weight"] != 1.0:
-        raise UsageError(f"--check compares with PEFT, which runs one PEFT adapter ({', '.join(PEFT_KINDS)}) at "
+        raise UsageError(f"`check` compares with PEFT, which runs one PEFT adapter ({', '.join(PEFT_KINDS)}) at "
                          f"weight 1; {adapter['path']} is {adapter['kind']} at weight {adapter['weight']}.")
     try:
         from peft import PeftModel
     except ImportError:
-        raise UsageError("--check needs PEFT (pip install peft).") from None
+        raise UsageError("`check` needs PEFT (pip install peft).") from None
     with warnings.catch_warnings(), quiet_transformers():
         warnings.simplefilter("ignore")
         return _compare(base, adapter, fused_dir, out_dtype, tokens, PeftModel)

@@ -168,7 +168,7 @@ def fuse(base: str | Path, adapters: list[AdapterSpec | str], output: str | Path
         raise UsageError("give at least one adapter to fuse: surgery fuse BASE ADAPTER[:WEIGHT]... -o OUT.")
     check_device(device)
     if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, not {threads}.")
+        raise UsageError(f"`threads` must be at least 1, not {threads}.")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

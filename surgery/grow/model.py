@@ -265,7 +265,7 @@ def check_supported(config: TokenFormerConfig) -> None:
         problems.append(f"hidden_size {config.hidden_size} not divisible by {config.num_attention_heads} heads")
     if problems:
         raise InputError("the reference TokenFormer forward cannot evaluate this config: " + "; ".join(problems)
-                         + "; grow without checking the function with --no-verify.")
+                         + "; grow without checking the function with `verify=False`.")
 
 
 def lm_logits(get: Callable[[str], torch.Tensor], has: Callable[[str], bool], sites: list[PattentionSite],

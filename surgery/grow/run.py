@@ -62,12 +62,12 @@ def plan_targets(current: dict[str, int], *, tokens: int | None = None, qkv_toke
             nothing to grow.
     """
     per_kind = {"qkv": qkv_tokens, "proj": proj_tokens, "ffn": ffn_tokens}
-    given = [name for name, v in (("--tokens", tokens), ("--factor", factor)) if v is not None]
+    given = [name for name, v in (("`tokens`", tokens), ("`factor`", factor)) if v is not None]
     if any(v is not None for v in per_kind.values()):
-        given.append("--qkv-tokens/--proj-tokens/--ffn-tokens")
+        given.append("`qkv_tokens`/`proj_tokens`/`ffn_tokens`")
     if not given:
-        raise UsageError("say how many parameter tokens to grow to: --tokens N, --qkv-tokens/--proj-tokens/"
-                         "--ffn-tokens N, or --factor F.")
+        raise UsageError("say how many parameter tokens to grow to: `tokens`, `qkv_tokens`/`proj_tokens`/"
+                         "`ffn_tokens`, or `factor`.")
     if len(given) > 1:
         raise UsageError(f"give only one of {', '.join(given)}.")
     if factor is not None and not math.isfinite(factor):
@@ -79,7 +79,7 @@ def plan_targets(current: dict[str, int], *, tokens: int | None = None, qkv_toke
         targets = {k: int(tokens) for k in KINDS}
     elif factor is not None:
         if factor < 1:
-            raise UsageError(f"--factor {factor} would shrink the layers; growth needs a factor of at least 1.")
+            raise UsageError(f"`factor` {factor} would shrink the layers; growth needs a factor of at least 1.")
         targets = {k: int(round(factor * current[k])) for k in KINDS}
     else:
         targets = {k: int(per_kind[k]) if per_kind[k] is not None else current[k] for k in KINDS}
@@ -137,7 +137,7 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
         CheckFailedError: an exact init changed the logits beyond tolerance (nothing written).
     """
     if init not in INITS:
-        raise UsageError(f"unknown --init {init!r}; choose one of {', '.join(INITS)}.")
+        raise UsageError(f"unknown `init` {init!r}; choose one of {', '.join(INITS)}.")
     target_dtype = parse_dtype(dtype)
     if verify:
         check_device(device)
@@ -147,7 +147,7 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
     if config_file is not None:
         raw_cfg.update(normalize_keys(load_config_file(config_file)))
     elif ckpt.config is None:
-        raise InputError(f"{ckpt.label} has no config.json; pass the model's GPT-NeoX config with --config "
+        raise InputError(f"{ckpt.label} has no config.json; pass the model's GPT-NeoX config as `config_file` "
                          f"(e.g. configs/tokenformer/150M_eval.yml from the TokenFormer repository).", path=ckpt.root)
     where = str(config_file) if config_file is not None else f"{ckpt.label}/config.json"
     config = TokenFormerConfig.from_dict(raw_cfg, where=where)
@@ -162,12 +162,12 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
     if init == "tile":
         for k in grown_kinds:
             if targets[k] % current[k]:
-                raise UsageError(f"--init tile repeats the {current[k]} old {k} tokens, so {SLOT_FIELDS[k]} must "
-                                 f"become a multiple of {current[k]}, not {targets[k]}; use --init gram for other sizes.")
+                raise UsageError(f"`init='tile'` repeats the {current[k]} old {k} tokens, so {SLOT_FIELDS[k]} must "
+                                 f"become a multiple of {current[k]}, not {targets[k]}; use `init='gram'` for other sizes.")
     if init == "gram" and norm_type != "l2_norm_gelu":
-        raise UsageError(f"--init gram keeps the function only for norm_activation_type l2_norm_gelu (the norm is "
+        raise UsageError(f"`init='gram'` keeps the function only for norm_activation_type l2_norm_gelu (the norm is "
                          f"taken before the GeLU, so matching the key Gram matrix matches ‖A‖); this model uses "
-                         f"{norm_type}: use --init tile, which is exact for every normalisation.")
+                         f"{norm_type}: use `init='tile'`, which is exact for every normalisation.")
     n_eff = {k: float(config.scale_tokens(k) or current[k]) for k in KINDS}
     new_eff = {k: (new_scale_tokens(init, current[k], targets[k], n_eff[k]) if k in grown_kinds else n_eff[k])
                for k in KINDS}
@@ -220,7 +220,7 @@ def grow(source: str | Path, output: str | Path, *, tokens: int | None = None, q
         if exact and not report["verify"]["passed"]:
             v = report["verify"]
             raise CheckFailedError(
-                f"--init {init} should keep the function of {ckpt.label} but the logits moved by {v['max_rel_dev']:.3g} "
+                f"`init='{init}'` should keep the function of {ckpt.label} but the logits moved by {v['max_rel_dev']:.3g} "
                 f"(relative; max abs {v['max_abs_dev']:.3g}), above the tolerance {tol:.3g}; nothing was written.",
                 report={"growth": report}, path=ckpt.root)
     else:
@@ -287,9 +287,9 @@ def _check_gram_ranks(ckpt: Checkpoint, sites: list[PattentionSite], current: di
         r = key_rank(ckpt.get(s.key_name, dtype=torch.float64))
         if m < r:
             raise UsageError(
-                f"--init gram needs at least rank(K) = {r} new tokens for {s.key_name} (K_newᵀK_new must equal a "
+                f"`init='gram'` needs at least rank(K) = {r} new tokens for {s.key_name} (K_newᵀK_new must equal a "
                 f"multiple of K_oldᵀK_old, which has rank {r}), but {SLOT_FIELDS[s.kind]} {current[s.kind]} -> "
-                f"{targets[s.kind]} adds {m}; grow to at least {current[s.kind] + r} or use --init tile.",
+                f"{targets[s.kind]} adds {m}; grow to at least {current[s.kind] + r} or use `init='tile'`.",
                 tensor=s.key_name)
 
 
@@ -320,7 +320,7 @@ def _verify(ckpt: Checkpoint, sites: list[PattentionSite], before: TokenFormerCo
     compute = torch.float32 if str(device).startswith("mps") else torch.float64
     vocab = ckpt.info(EMBEDDING).shape[0] if EMBEDDING in ckpt else None
     if vocab is None:
-        raise InputError(f"{ckpt.label} has no {EMBEDDING}; the reference forward cannot run, use --no-verify.",
+        raise InputError(f"{ckpt.label} has no {EMBEDDING}; the reference forward cannot run, use `verify=False`.",
                          tensor=EMBEDDING)
     max_len = raw_cfg.get("max_position_embeddings") or raw_cfg.get("seq_length") or seq_len
     seq = max(1, min(seq_len, int(max_len)))

@@ -51,6 +51,8 @@ class Param:
         low, high: Valid range (None: unbounded); ``low_open`` / ``high_open`` exclude the bound.
         choices: The valid values of a ``str`` parameter.
         help: One line for ``surgery merge --help``.
+        required: No default: a merge that does not set it is refused (mergekit's required
+            parameters, e.g. nearswap's ``t``); ``default`` is then None.
     """
 
     name: str
@@ -63,6 +65,7 @@ class Param:
     high_open: bool = False
     choices: tuple[str, ...] | None = None
     help: str = ""
+    required: bool = False
 
     def range_text(self) -> str:
         """The valid values in words: ``(0, 1]``, ``≥ 0``, ``true or false``, ``one of a, b``."""
@@ -215,6 +218,9 @@ class Batch:
         base: ``required``, ``optional`` or ``ignored`` (mergekit's base policy; ``ignored``
             also means a listed base is merged as one more model, as mergekit does for linear).
         min_models, max_models: How many models besides the base.
+        check: ``check(ctx)`` for every tensor before any is read (``ctx`` has the resolved
+            parameters, no data): raise UsageError for combinations of values no range can
+            express (DELLA's density ± epsilon inside (0, 1)).
     """
 
     name: str
@@ -226,6 +232,7 @@ class Batch:
     base: str = "required"
     min_models: int = 1
     max_models: int | None = None
+    check: Callable[[TensorContext], None] | None = None
     kind: str = field(default="batch", init=False)
 
 
@@ -309,7 +316,8 @@ def check_declaration(method: Method) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"merge method {method.name!r} declares a parameter twice: {names}")
     for p in method.params:
-        p.check(p.default, f"merge method {method.name!r} default")
+        if not p.required:
+            p.check(p.default, f"merge method {method.name!r} default")
 
 
 # ---- deterministic reductions ----------------------------------------------------------------

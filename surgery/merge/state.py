@@ -67,13 +67,13 @@ class ContinualState:
         base = get("base", dict)
         order = get("order", list)
         if not all(isinstance(v, str) for v in base.values()):
-            raise CorruptCheckpointError(f"{what} {path} has a `base` whose values are not all strings.", path=path)
+            raise CorruptCheckpointError(f"{what} {path} has a 'base' whose values are not all strings.", path=path)
         if not all(isinstance(o, dict) for o in order):
-            raise CorruptCheckpointError(f"{what} {path} has an `order` entry that is not an object.", path=path)
+            raise CorruptCheckpointError(f"{what} {path} has an 'order' entry that is not an object.", path=path)
         count = get("count", int, minimum=0)
         if count != len(order):
-            raise CorruptCheckpointError(f"{what} {path} says `count` = {count} but lists {len(order)} merged "
-                                         f"models in `order`; the state is damaged.", path=path)
+            raise CorruptCheckpointError(f"{what} {path} says 'count' = {count} but lists {len(order)} merged "
+                                         f"models in 'order'; the state is damaged.", path=path)
         lam = float(get("lambda", float, minimum=0, exclusive_minimum=True))
         scalars = get("scalars", dict, default=None) or {"lambda": lam}
         for k in scalars:
@@ -93,7 +93,7 @@ def load_state(folder: str | Path) -> tuple[ContinualState, Checkpoint]:
     meta = folder / STATE_JSON
     if not meta.is_file():
         raise InputError(f"{folder} is not a continual-merge state folder (no {STATE_JSON}); make one with "
-                         f"`surgery merge ... --state {folder}`.", path=folder)
+                         f"`surgery merge ... --state DIR`.", path=folder)
     doc = read_json(meta, what="continual-merge state", error=CorruptCheckpointError)
     state = ContinualState.from_json(doc, meta)
     tensors = open_local(folder / TENSORS_FILE)

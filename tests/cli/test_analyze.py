@@ -74,8 +74,19 @@ def test_plot_without_matplotlib_is_a_usage_error(cli, fx, tmp_path, monkeypatch
 def test_plot_path_errors(cli, fx, tmp_path):
     r = cli("analyze", "spectrum", fx("llama-tiny/base"), "--plot", tmp_path / "fig.txt")
     assert r.code == 2 and "use a .png, .pdf or .svg" in r.stderr
-    r = cli("analyze", "spectrum", fx("llama-tiny/base"), "--plot", tmp_path / "nope" / "fig.png")
-    assert r.code == 2 and "does not exist" in r.stderr
+    (tmp_path / "file").write_text("")
+    r = cli("analyze", "spectrum", fx("llama-tiny/base"), "--plot", tmp_path / "file" / "fig.png")
+    assert r.code == 2 and "is not a folder" in r.stderr
+
+
+@pytest.mark.slow
+def test_plot_folder_is_created_like_every_output(cli, fx, tmp_path):
+    pytest.importorskip("matplotlib")
+    fig = tmp_path / "new" / "deeper" / "fig.png"
+    r = cli("analyze", "spectrum", fx("llama-tiny/base"), "--plot", fig, "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["plot"] == str(fig) and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in fig.parent.iterdir()] == ["fig.png"]  # no temporary left beside it
 
 
 def test_spectrum_nonfinite(cli, fixtures_dir, tmp_path):

@@ -97,7 +97,7 @@ def test_usage_errors_exit_2(cli, tmp_path, gpt2_lora):
     r = cli("fuse", GPT2, f"{gpt2_lora}:inf", "-o", tmp_path / "out")
     assert r.code == 2 and "must be a finite number" in r.stderr
     r = cli("fuse", GPT2, gpt2_lora, "-o", tmp_path / "out", "--dtype", "int3")
-    assert r.code == 2 and "unknown dtype" in r.stderr
+    assert r.code == 2 and "is not one of" in r.stderr and "bfloat16" in r.stderr
     r = cli("fuse", GPT2, gpt2_lora, "-o", tmp_path / "out", "--threads", "0")
     assert r.code == 2 and "--threads must be at least 1, not 0" in r.stderr
     assert not (tmp_path / "out").exists()

@@ -74,7 +74,7 @@ def test_malformed_pickle_index(cli, tmp_path):
 def test_empty_weight_map_fails_check(cli, tmp_path):
     save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00001.safetensors"))
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
-    assert "empty weight_map" in one_line_error(cli("check", tmp_path), 3)
+    assert "empty 'weight_map'" in one_line_error(cli("check", tmp_path), 3)
 
 
 @pytest.mark.parametrize("device, match", [("cuda", "CUDA GPU"), ("gpu0", "not a device name"),

@@ -4,15 +4,15 @@ exit codes, and the mergekit anchor (same recipes through `mergekit-yaml`)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from surgery.checkpoint import open_checkpoint
+
+from mergekit_helpers import bf16_steps, mergekit_python, run_mergekit  # tests/helpers (on sys.path)
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA = ROOT / "fixtures" / "llama-tiny"
@@ -104,7 +104,7 @@ def test_resume_with_wrong_base_exits_3(cli, tmp_path):
     (["-m", "ties", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a"), str(LLAMA / "ft-b"), "-w", "1", "-w", "2",
       "-w", "3"], 2, "--weight was given 3 times for 2 model"),
     (["-m", "ties", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a"), "--alpha", "0.3"], 2,
-     "does not take --alpha; it takes: weight, density, lambda, normalize, int8_mask"),
+     "does not take --alpha; it takes: weight, density, lambda, normalize, rescale, int8_mask"),
     (["-m", "ties", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a"), "--density", "-0.5"], 2,
      "--density = -0.5 is out of range; it takes (0, 1]"),
     (["-m", "ties", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a"), "--density", "1.5"], 2,
@@ -168,10 +168,6 @@ def test_existing_output_refused(cli, tmp_path):
 
 # ---- anchor: mergekit ------------------------------------------------------------------------
 
-from mergekit_helpers import bf16_steps as _bf16_steps  # noqa: E402  (tests/helpers)
-from mergekit_helpers import mergekit_python as _mergekit_python  # noqa: E402
-
-
 RECIPES = {
     "linear": "merge_method: linear\nmodels:\n  - model: {F}/ft-a\n    parameters: {{weight: 0.7}}\n"
               "  - model: {F}/ft-b\n    parameters: {{weight: [0.2, 0.5]}}\n",
@@ -186,42 +182,30 @@ RECIPES = {
              "parameters:\n  t: [0.1, 0.6, 0.9]\n",
 }
 
-# Outputs named *-stable run with torch.argsort replaced by a stable sort: mergekit's trim then
-# breaks equal magnitudes at the threshold lowest index first, surgery's documented rule
-# (torch's own CPU argsort is not stable, so which tied entries it keeps is unspecified).
-MERGEKIT_DRIVER = """
-import sys, torch, yaml
-from mergekit.config import MergeConfiguration
-from mergekit.merge import MergeOptions, run_merge
-unstable = torch.argsort
-def stable(x, dim=-1, descending=False, **kw):
-    return torch.sort(x, dim=dim, descending=descending, stable=True).indices
-for cfg, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    torch.argsort = stable if out.endswith("-stable") else unstable
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(cfg))), out,
-              options=MergeOptions(copy_tokenizer=False, quiet=True))
-"""
+def _run_mergekit(runs: list[tuple[Path, Path]]) -> None:
+    """Every (recipe, output) pair through mergekit's run_merge in one interpreter (what the
+    `mergekit-yaml` entry point runs; outputs named *-stable with stable sorts, see
+    tests/helpers/mergekit_helpers.py); skips the test when mergekit is not installed."""
+    py = mergekit_python()
+    if py is None:
+        pytest.skip("mergekit is not installed (pip install mergekit==0.1.5)")
+    cache = runs[0][1].parent / "lora-cache"
+    run_mergekit(py, runs, cache, timeout=1800)
 
 
 @pytest.fixture(scope="module")
 def mergekit_outputs(tmp_path_factory):
-    """Every anchor recipe on both fixture families through mergekit, in one interpreter
-    (the `mergekit-yaml` entry point runs this same run_merge)."""
-    py = _mergekit_python()
-    if py is None:
-        pytest.skip("mergekit is not installed (pip install mergekit==0.1.5)")
+    """Every anchor recipe on both fixture families through mergekit."""
     root = tmp_path_factory.mktemp("mergekit")
-    args = []
+    runs = []
     for family in ("llama-tiny", "gpt2-tiny"):
         for name, text in RECIPES.items():
             recipe = root / f"{family}-{name}.yml"
             recipe.write_text(text.format(F=ROOT / "fixtures" / family) + "dtype: float32\nout_dtype: bfloat16\n")
-            args += [str(recipe), str(root / f"mk-{family}-{name}")]
+            runs.append((recipe, root / f"mk-{family}-{name}"))
             if name == "ties":
-                args += [str(recipe), str(root / f"mk-{family}-{name}-stable")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([py, "-c", MERGEKIT_DRIVER, *args], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+                runs.append((recipe, root / f"mk-{family}-{name}-stable"))
+    _run_mergekit(runs)
     return root
 
 
@@ -241,7 +225,7 @@ def test_mergekit_anchor(cli, mergekit_outputs, family, name):
     assert set(ours.names) == set(theirs.names)
     for n in ours.names:
         assert ours.info(n).dtype == theirs.info(n).dtype == torch.bfloat16, n
-        worst = float(_bf16_steps(ours.get(n), theirs.get(n)).max())
+        worst = float(bf16_steps(ours.get(n), theirs.get(n)).max())
         assert worst <= 1.0, (n, worst)
 
 
@@ -260,7 +244,7 @@ def test_ties_differs_from_plain_mergekit_only_at_threshold_ties(cli, mergekit_o
     models = [(open_checkpoint(fx / "ft-a"), 0.5), (open_checkpoint(fx / "ft-b"), 0.7)]   # the recipe's densities
     differing = 0
     for n in ours.names:
-        far = _bf16_steps(ours.get(n), theirs.get(n)) > 1.0
+        far = bf16_steps(ours.get(n), theirs.get(n)) > 1.0
         if not far.any():
             continue
         at_tie = torch.zeros_like(far)
@@ -285,7 +269,7 @@ def test_trim_ties_argsort_reproduces_stock_mergekit(cli, mergekit_outputs, fami
     assert r.code == 0, r.stderr
     ours, theirs = open_checkpoint(out), open_checkpoint(root / f"mk-{family}-ties")
     for n in ours.names:
-        assert float(_bf16_steps(ours.get(n), theirs.get(n)).max()) <= 1.0, n
+        assert float(bf16_steps(ours.get(n), theirs.get(n)).max()) <= 1.0, n
     assert json.loads(open_checkpoint(out).metadata["surgery"])["parameters"]["trim_ties"] == "argsort"
 
 
@@ -313,3 +297,218 @@ def test_nonfinite_input_is_refused_unless_allowed(cli, tmp_path, method):
     r = cli(*args, "--allow-nonfinite", "-o", tmp_path / "o")
     assert r.code == 0, r.stderr
     assert not torch.isfinite(open_checkpoint(tmp_path / "o").get(name)).all()
+
+
+# ---- anchor: the other mergekit methods -------------------------------------------------------
+
+# mergekit's own tests (tests/test_basic_merges.py: every method with weights 0.6 / 0.4, which the
+# methods without weights ignore) and examples, plus the cases they leave out. {F} is the fixture
+# family; a recipe that names ft-c runs on llama-tiny only (gpt2-tiny has two fine-tunes).
+_TWO = "models:\n  - model: {F}/ft-a\n    parameters: {{weight: 0.6}}\n  - model: {F}/ft-b\n    parameters: {{weight: 0.4}}\n"
+METHOD_RECIPES = {
+    "passthrough-scale": "merge_method: passthrough\nmodels:\n  - model: {F}/ft-a\n    parameters:\n      scale:\n"
+                         "        - {{filter: o_proj, value: 0}}\n        - {{filter: c_proj, value: 0.5}}\n"
+                         "        - {{value: 1}}\n",
+    "breadcrumbs-default": "merge_method: breadcrumbs\nbase_model: {F}/base\n" + _TWO,
+    "breadcrumbs": "merge_method: breadcrumbs\nbase_model: {F}/base\nmodels:\n"
+                   "  - model: {F}/ft-a\n    parameters: {{weight: 1.0, density: 0.6, gamma: 0.05}}\n"
+                   "  - model: {F}/ft-b\n    parameters: {{weight: 0.5, density: 0.7, gamma: 0.1}}\n",
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {F}/base\nmodels:\n"
+                        "  - model: {F}/ft-a\n    parameters: {{weight: 1.0, density: 0.4, gamma: 0.01}}\n"
+                        "  - model: {F}/ft-b\n    parameters: {{weight: 0.6, density: [0.9, 0.5], gamma: 0.2}}\n"
+                        "parameters: {{lambda: 0.8, normalize: true, rescale: true}}\n",
+    "ties-rescale": "merge_method: ties\nbase_model: {F}/base\nmodels:\n"
+                    "  - model: {F}/ft-a\n    parameters: {{weight: 1.0, density: 0.3}}\n"
+                    "  - model: {F}/ft-b\n    parameters: {{weight: 0.6, density: 0.5}}\n"
+                    "parameters: {{rescale: true, normalize: false, int8_mask: true}}\n",
+    "sce": "merge_method: sce\nbase_model: {F}/base\n" + _TWO + "parameters: {{select_topk: 0.5}}\n",
+    "sce-3": "merge_method: sce\nbase_model: {F}/base\nmodels:\n  - model: {F}/ft-a\n  - model: {F}/ft-b\n"
+             "  - model: {F}/ft-c\nparameters: {{select_topk: 0.3}}\n",
+    "sce-all": "merge_method: sce\nbase_model: {F}/base\n" + _TWO,
+    "ram": "merge_method: ram\nbase_model: {F}/base\n" + _TWO + "parameters: {{epsilon: 0.002}}\n",
+    "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {F}/base\n" + _TWO + "parameters: {{r: 0.05, alpha: 1.0}}\n",
+    "ramplus_tl-eps": "merge_method: ramplus_tl\nbase_model: {F}/base\n" + _TWO +
+                      "parameters: {{r: 0.5, alpha: 0.3, epsilon: 0.002}}\n",
+    "multislerp": "merge_method: multislerp\nbase_model: {F}/base\n" + _TWO,
+    "multislerp-3": "merge_method: multislerp\nmodels:\n  - model: {F}/ft-a\n    parameters: {{weight: 1.0}}\n"
+                    "  - model: {F}/ft-b\n    parameters: {{weight: 2.0}}\n"
+                    "  - model: {F}/ft-c\n    parameters: {{weight: 0.5}}\nparameters: {{normalize_weights: false}}\n",
+    "karcher": "merge_method: karcher\nbase_model: {F}/base\n" + _TWO + "parameters: {{max_iter: 5, tol: 1.0e-5}}\n",
+    "karcher-no-base": "merge_method: karcher\nmodels:\n  - model: {F}/ft-a\n  - model: {F}/ft-b\n",
+    "model_stock": "merge_method: model_stock\nbase_model: {F}/ft-a\n"
+                   "models:\n  - model: {F}/ft-b\n    parameters: {{weight: 0.6}}\n  - model: {F}/base\n"
+                   "    parameters: {{weight: 0.4}}\n",
+    "model_stock-3": "merge_method: model_stock\nbase_model: {F}/base\nmodels:\n  - model: {F}/ft-a\n"
+                     "  - model: {F}/ft-b\n  - model: {F}/ft-c\n",
+    "model_stock-filter_wise": "merge_method: model_stock\nbase_model: {F}/ft-a\nmodels:\n  - model: {F}/ft-b\n"
+                               "  - model: {F}/base\nparameters: {{filter_wise: true}}\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {F}/ft-a\n" + _TWO.replace("ft-b", "base"),
+    "nearswap": "merge_method: nearswap\nbase_model: {F}/base\nmodels:\n  - model: {F}/base\n  - model: {F}/ft-a\n"
+                "parameters: {{t: 0.0001}}\n",
+    "nearswap-gradient": "merge_method: nearswap\nbase_model: {F}/base\nmodels:\n  - model: {F}/ft-b\n"
+                         "parameters: {{t: [0.001, 0.01]}}\n",
+}
+for _base in ("", "base_model: {F}/base\n"):
+    for _rows in (False, True):
+        for _flat in (False, True):
+            METHOD_RECIPES[f"nuslerp{'-base' if _base else ''}{'-rows' if _rows else ''}{'-flat' if _flat else ''}"] = (
+                "merge_method: nuslerp\n" + _base + _TWO +
+                f"parameters: {{{{nuslerp_row_wise: {str(_rows).lower()}, nuslerp_flatten: {str(_flat).lower()}}}}}\n")
+METHOD_RECIPES["nuslerp-zero-sum"] = ("merge_method: nuslerp\nbase_model: {F}/ft-c\nmodels:\n  - model: {F}/ft-a\n"
+                                      "    parameters: {{weight: -0.5}}\n  - model: {F}/ft-b\n"
+                                      "    parameters: {{weight: 0.5}}\n"
+                                      "parameters: {{nuslerp_row_wise: false, nuslerp_flatten: false}}\n")
+
+
+def _family_recipes(root: Path, recipes: dict[str, str], tail: str) -> list[tuple[str, str, Path]]:
+    out = []
+    for family in ("llama-tiny", "gpt2-tiny"):
+        for name, text in recipes.items():
+            if family == "gpt2-tiny" and "ft-c" in text:
+                continue
+            recipe = root / f"{family}-{name}.yml"
+            recipe.write_text(text.format(F=ROOT / "fixtures" / family) + tail)
+            out.append((family, name, recipe))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mergekit_method_outputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mergekit-methods")
+    recipes = _family_recipes(root, METHOD_RECIPES, "dtype: float32\nout_dtype: bfloat16\n")
+    _run_mergekit([(r, root / f"mk-{family}-{name}-stable") for family, name, r in recipes])
+    return root, recipes
+
+
+def _within_one_bf16_step(ours: Path, theirs: Path, inputs: list[Path]) -> None:
+    """Every entry within one bf16 rounding step, or — where the result cancels to almost
+    nothing (θ0 + τ ≈ 0) — within 2^-20 of the inputs' largest magnitude in that tensor (float32
+    rounding of the intermediate values, which relative steps cannot measure)."""
+    a, b = open_checkpoint(ours), open_checkpoint(theirs)
+    assert set(a.names) == set(b.names)
+    srcs = [open_checkpoint(p) for p in inputs]
+    for n in a.names:
+        assert a.info(n).dtype == b.info(n).dtype == torch.bfloat16, n
+        x, y = a.get(n), b.get(n)
+        scale = max(float(s.get(n).abs().max()) for s in srcs if n in s)
+        bad = (bf16_steps(x, y) > 1.0) & ((x - y).abs() > scale * 2.0 ** -20)
+        assert not bad.any(), (n, float(bf16_steps(x, y).max()), int(bad.sum()))
+
+
+@pytest.mark.anchor
+@pytest.mark.slow
+def test_mergekit_methods_anchor(cli, mergekit_method_outputs):
+    """Every deterministic mergekit method on mergekit's own test recipes and edge cases equals
+    `mergekit-yaml` within one bf16 step on both fixture families (mergekit with stable sorts:
+    surgery's documented order among equal magnitudes; it matters for breadcrumbs and SCE)."""
+    root, recipes = mergekit_method_outputs
+    failures = []
+    for family, name, recipe in recipes:
+        out = root / f"s-{family}-{name}"
+        r = cli("merge", "--config", recipe, "-o", out, "--quiet")
+        assert r.code == 0, (name, r.stderr)
+        fx = ROOT / "fixtures" / family
+        try:
+            _within_one_bf16_step(out, root / f"mk-{family}-{name}-stable",
+                                  [fx / m for m in ("base", "ft-a", "ft-b", "ft-c") if (fx / m).exists()])
+        except AssertionError as exc:
+            failures.append((family, name, exc.args))
+    assert not failures, failures
+
+
+# Random methods: mergekit draws from torch's global RNG, surgery by flat position from --seed,
+# so the two agree in distribution. float32 outputs, so task vectors are not lost to bf16 rounding.
+RANDOM_RECIPES = {
+    "dare_linear": "merge_method: dare_linear\nbase_model: {F}/base\nmodels:\n"
+                   "  - model: {F}/ft-a\n    parameters: {{weight: 1.0, density: 0.3}}\n",
+    "della_linear": "merge_method: della_linear\nbase_model: {F}/base\nmodels:\n"
+                    "  - model: {F}/ft-a\n    parameters: {{weight: 1.0, density: 0.5, epsilon: 0.3}}\n",
+    "dare_ties": "merge_method: dare_ties\nbase_model: {F}/base\n" + _TWO + "parameters: {{density: 0.66}}\n",
+    "della": "merge_method: della\nbase_model: {F}/base\n" + _TWO +
+             "parameters: {{density: 0.66, epsilon: 0.05, lambda: 0.5}}\n",
+}
+
+
+def _kept_statistics(out: Path, fx: Path) -> dict[str, float]:
+    """Over every 2-D tensor: the share of entries the merge moved, the share moved among each
+    row's top and bottom third of |τ_a|, the L1 ratio Σ|θ − θ0| / Σ|τ_a|, and the share of moved
+    entries whose sign is the sign of τ_a + τ_b (sign election)."""
+    o, base, a = open_checkpoint(out), open_checkpoint(fx / "base"), open_checkpoint(fx / "ft-a")
+    b = open_checkpoint(fx / "ft-b")
+    moved = total = top = top_n = bottom = bottom_n = agree = 0
+    l1_out = l1_tau = 0.0
+    for n in base.names:
+        if len(base.info(n).shape) != 2:
+            continue
+        t0 = base.get(n).double()
+        delta = o.get(n).double() - t0
+        ta = a.get(n).double() - t0
+        tb = b.get(n).double() - t0
+        m = delta != 0
+        moved += int(m.sum())
+        total += m.numel()
+        ranks = ta.abs().argsort(1).argsort(1)
+        third = ta.shape[1] // 3
+        hi, lo = ranks >= ta.shape[1] - third, ranks < third
+        top, top_n = top + int((m & hi).sum()), top_n + int(hi.sum())
+        bottom, bottom_n = bottom + int((m & lo).sum()), bottom_n + int(lo.sum())
+        l1_out, l1_tau = l1_out + float(delta.abs().sum()), l1_tau + float(ta.abs().sum())
+        agree += int((m & (torch.sign(delta) == torch.sign(ta + tb))).sum())
+    return {"moved": moved / total, "top": top / top_n, "bottom": bottom / bottom_n, "l1": l1_out / l1_tau,
+            "sign": agree / max(moved, 1)}
+
+
+@pytest.mark.anchor
+@pytest.mark.slow
+def test_random_methods_match_mergekit_in_distribution(cli, tmp_path):
+    """DARE and DELLA: the share of entries kept (overall and by magnitude rank within rows),
+    the L1 rescaling and the sign election agree with mergekit's within sampling noise; the
+    merge is reproducible from --seed."""
+    recipes = _family_recipes(tmp_path, RANDOM_RECIPES, "dtype: float32\n")
+    _run_mergekit([(r, tmp_path / f"mk-{family}-{name}") for family, name, r in recipes])
+    for family, name, recipe in recipes:
+        fx = ROOT / "fixtures" / family
+        runs = []
+        for seed in (1, 1, 2):
+            out = tmp_path / f"s-{family}-{name}-{len(runs)}"
+            r = cli("merge", "--config", recipe, "--seed", seed, "-o", out, "--quiet")
+            assert r.code == 0, r.stderr
+            runs.append(out)
+        x, y, z = (open_checkpoint(p) for p in runs)
+        assert all(torch.equal(x.get_raw(n), y.get_raw(n)) for n in x.names), name
+        assert not all(torch.equal(x.get_raw(n), z.get_raw(n)) for n in x.names), name
+        ours, theirs = _kept_statistics(runs[0], fx), _kept_statistics(tmp_path / f"mk-{family}-{name}", fx)
+        for key in ("moved", "top", "bottom", "sign"):
+            assert abs(ours[key] - theirs[key]) < 0.03, (family, name, key, ours, theirs)
+        assert abs(ours["l1"] - theirs["l1"]) < 0.02 * theirs["l1"], (family, name, ours, theirs)
+        if name.endswith("_linear"):           # one model, weight 1: the L1 rescale keeps τ's norm exactly
+            assert ours["l1"] == pytest.approx(1.0, abs=1e-4) and theirs["l1"] == pytest.approx(1.0, abs=1e-4)
+        if name == "della_linear":             # keep probability 0.5 ± 0.3 by rank: top third ≈ 0.7, bottom ≈ 0.3
+            assert ours["top"] > 0.6 > 0.4 > ours["bottom"], ours
+
+
+def test_della_epsilon_out_of_range_exits_2_before_reading(cli, tmp_path):
+    """mergekit's own test: density 0.66 with epsilon 1.35 is refused."""
+    r = cli("merge", "-m", "della", "--base", LLAMA / "base", LLAMA / "ft-a", LLAMA / "ft-b", "-p", "density=0.66",
+            "-p", "epsilon=1.35", "-o", tmp_path / "o")
+    assert r.code == 2 and "epsilon = 1.35 with --density = 0.66" in r.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "nearswap", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a")], "needs --t"),
+    (["-m", "nearswap", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a"), str(LLAMA / "ft-b"), "-p", "t=0.1"],
+     "exactly 1 model"),
+    (["-m", "breadcrumbs", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a"), "-p", "gamma=1.5"],
+     "gamma = 1.5 is out of range; it takes [0, 1]"),
+    (["-m", "sce", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a"), "-p", "select_topk=-0.1"],
+     "select_topk = -0.1 is out of range"),
+    (["-m", "karcher", str(LLAMA / "ft-a"), str(LLAMA / "ft-b"), "-p", "max_iter=2.5"], "must be a whole number"),
+    (["-m", "model_stock", "--base", str(LLAMA / "base"), str(LLAMA / "ft-a")], "at least 2 model"),
+    (["-m", "multislerp", str(LLAMA / "ft-a"), str(LLAMA / "ft-b"), "-p", "1:weight=1", "-p", "2:weight=-1"],
+     "weights sum to zero"),
+    (["-m", "passthrough", str(LLAMA / "ft-a"), str(LLAMA / "ft-b")], "exactly 1 model"),
+])
+def test_method_parameter_errors_exit_2(cli, tmp_path, args, message):
+    r = cli("merge", *args, "-o", tmp_path / "o")
+    assert r.code == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -62,6 +62,18 @@ MERGES = {
     "dare_ties": ["--density", "0.5", "--seed", "3"],
     "opcm": [],
     "magmax": [],
+    "breadcrumbs_ties": ["-p", "density=0.5", "-p", "gamma=0.05", "-p", "rescale=true"],
+    "della": ["-p", "density=0.5", "-p", "epsilon=0.2", "--seed", "3"],
+    "sce": ["-p", "select_topk=0.5"],
+    "ramplus_tl": ["-p", "epsilon=0.002"],
+    "multislerp": [],
+    "karcher": [],
+    "model_stock": ["-p", "filter_wise=true"],
+}
+PAIR_MERGES = {      # methods of exactly two models (or one besides the base)
+    "nuslerp": ["-p", "nuslerp_flatten=false", "-p", "nuslerp_row_wise=true"],
+    "arcee_fusion": [],
+    "nearswap": ["-p", "t=0.001"],
 }
 
 
@@ -69,6 +81,14 @@ MERGES = {
 def test_merge(cli, tmp_path, method):
     _both(cli, tmp_path, "merge", "-m", method, "--base", LLAMA / "base", LLAMA / "ft-a", LLAMA / "ft-b",
           LLAMA / "ft-c", *MERGES[method], "--dtype", "float32")
+    _same_checkpoint(tmp_path / "cpu", tmp_path / "cuda")
+
+
+@pytest.mark.parametrize("method", list(PAIR_MERGES))
+def test_merge_pairs(cli, tmp_path, method):
+    models = [LLAMA / "ft-a"] + ([LLAMA / "ft-b"] if method == "nuslerp" else [])
+    _both(cli, tmp_path, "merge", "-m", method, "--base", LLAMA / "base", *models, *PAIR_MERGES[method],
+          "--dtype", "float32")
     _same_checkpoint(tmp_path / "cpu", tmp_path / "cuda")
 
 
@@ -119,16 +139,16 @@ def test_fuse_lora(cli, tmp_path):
     _same_checkpoint(tmp_path / "cpu", tmp_path / "cuda")
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "sce", "breadcrumbs_ties"])
 def test_merge_in_small_row_blocks(cli, tmp_path, monkeypatch, method):
-    """The streamed row-block paths (TIES' radix passes and tie counting, DARE's chunk draws)
-    on the GPU, forced with tiny blocks, against the CPU."""
+    """The streamed row-block paths (radix passes and tie counting, the chunk draws, the L1
+    and variance passes) on the GPU, forced with tiny blocks, against the CPU."""
     from surgery.core import engine
     from surgery.merge import batch
-    from surgery.merge.methods import ties
+    from surgery.merge.methods import streaming
 
-    monkeypatch.setattr(ties, "IN_MEMORY_BYTES", 0)
-    monkeypatch.setattr(ties, "SUB_ELEMENTS", 40)
+    monkeypatch.setattr(streaming, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(streaming, "SUB_ELEMENTS", 40)
     monkeypatch.setattr(batch, "SUB_BLOCK_ELEMENTS", 40)
     monkeypatch.setattr(engine, "BLOCK_BYTES", 1024)
     _both(cli, tmp_path, "merge", "-m", method, "--base", LLAMA / "base", LLAMA / "ft-a", LLAMA / "ft-b",

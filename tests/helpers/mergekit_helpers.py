@@ -11,19 +11,28 @@ from pathlib import Path
 
 import torch
 
-# Outputs whose name ends in "-stable" run with torch.argsort replaced by a stable sort:
-# mergekit's TIES trim then breaks equal magnitudes at the threshold lowest index first,
-# surgery's documented rule (torch's own CPU argsort is not stable).
+# Outputs whose name ends in "-stable" run with torch.argsort, torch.sort and torch.topk made
+# stable: mergekit's trims (TIES), outlier cuts (breadcrumbs) and variance selection (SCE) then
+# break equal values by flat index, surgery's documented rules (torch's own CPU sorts are not
+# stable, so which tied entries they keep is unspecified). The others run mergekit as shipped.
+# Torch's global RNG, which mergekit's random methods draw from, is seeded before every recipe.
 DRIVER = """
 import sys, torch, yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
-unstable = torch.argsort
-def stable(x, dim=-1, descending=False, **kw):
-    return torch.sort(x, dim=dim, descending=descending, stable=True).indices
+shipped = torch.sort, torch.argsort, torch.topk
+_sort = shipped[0]
+def sort(x, dim=-1, descending=False, stable=None, **kw):
+    return _sort(x, dim=dim, descending=descending, stable=True, **kw)
+def argsort(x, dim=-1, descending=False, **kw):
+    return _sort(x, dim=dim, descending=descending, stable=True).indices
+def topk(x, k, dim=-1, largest=True, sorted=True, **kw):
+    r = _sort(x, dim=dim, descending=largest, stable=True)
+    return torch.return_types.topk((r.values.narrow(dim, 0, k), r.indices.narrow(dim, 0, k)))
 cache = sys.argv[1]
 for cfg, out in zip(sys.argv[2::2], sys.argv[3::2]):
-    torch.argsort = stable if out.endswith("-stable") else unstable
+    torch.sort, torch.argsort, torch.topk = (sort, argsort, topk) if out.endswith("-stable") else shipped
+    torch.manual_seed(0)
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(cfg))), out,
               options=MergeOptions(quiet=True, lora_merge_cache=cache, copy_tokenizer=True))
 """

@@ -100,10 +100,10 @@ def test_spectrum_gpt2_and_bert_types(fixtures_dir):
 
 def test_spectrum_errors(fixtures_dir):
     ckpt = open_checkpoint(fixtures_dir / "llama-tiny/base")
-    with pytest.raises(UsageError, match="--energy must be in") as e:
+    with pytest.raises(UsageError, match="`energy` must be in") as e:
         analyze_spectrum(ckpt, energy=1.5)
     assert e.value.exit_code == 2
-    with pytest.raises(UsageError, match="--top must be 0 or more"):
+    with pytest.raises(UsageError, match="`top` must be 0 or more"):
         analyze_spectrum(ckpt, top=-1)
     with pytest.raises(IncompatibleCheckpointsError, match="share no 2-D tensor of the same shape") as e:
         analyze_spectrum(open_checkpoint(fixtures_dir / "llama-wide/base"), base=ckpt)
@@ -184,13 +184,13 @@ def test_importance_and_frozen_rank_formulas():
 
 def test_subspace_errors(fixtures_dir):
     base, a = open_checkpoint(fixtures_dir / "llama-tiny/base"), open_checkpoint(fixtures_dir / "llama-tiny/ft-a")
-    with pytest.raises(UsageError, match="either --rank or --energy"):
+    with pytest.raises(UsageError, match="either `rank` or `energy`"):
         analyze_subspace(base, a, a, rank=2, energy=0.9)
-    with pytest.raises(UsageError, match="--rank must be at least 1"):
+    with pytest.raises(UsageError, match="`rank` must be at least 1"):
         analyze_subspace(base, a, a, rank=0)
-    with pytest.raises(UsageError, match="--frozen-fraction must be in"):
+    with pytest.raises(UsageError, match="`frozen_fraction` must be in"):
         analyze_subspace(base, a, a, frozen_fraction=1.5)
-    with pytest.raises(UsageError, match="mrr ≤ --trr"):
+    with pytest.raises(UsageError, match="`mrr` ≤ `trr`"):
         analyze_subspace(base, a, a, mrr=0.9, trr=0.2)
     with pytest.raises(IncompatibleCheckpointsError, match="share no 2-D tensor") as e:
         analyze_subspace(base, open_checkpoint(fixtures_dir / "llama-wide/base"), a)
@@ -282,7 +282,7 @@ def test_gain_nonfinite_pair_fails(tmp_path):
 
 def test_gain_errors(fixtures_dir):
     llama, bert = open_checkpoint(fixtures_dir / "llama-tiny/base"), open_checkpoint(fixtures_dir / "bert-tiny/base")
-    with pytest.raises(UsageError, match="--tolerance must be a positive number"):
+    with pytest.raises(UsageError, match="`tolerance` must be a positive number"):
         analyze_gain(llama, tolerance=0)
     with pytest.raises(IncompatibleCheckpointsError, match="pairs with one of") as e:
         analyze_gain(llama, vs=bert)

@@ -128,7 +128,7 @@ def test_empty_weight_map_is_refused(tmp_path):
 
     save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00001.safetensors"))
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
-    with pytest.raises(CorruptCheckpointError, match="empty `weight_map`"):
+    with pytest.raises(CorruptCheckpointError, match="empty 'weight_map'"):
         open_checkpoint(tmp_path)
 
 

@@ -140,7 +140,7 @@ def test_existing_output_refused_then_forced(fixtures_dir, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     plan = lambda: [copy_tensor(src, n) for n in src.names]  # noqa: E731
-    with pytest.raises(OutputExistsError, match="already exists; pass --force"):
+    with pytest.raises(OutputExistsError, match="already exists; pass `force=True`"):
         write_checkpoint(plan(), out, donor=src, operation="x", parameters={}, inputs=[src])
     assert (out / "keep.txt").exists()
     write_checkpoint(plan(), out, donor=src, operation="x", parameters={}, inputs=[src], force=True)

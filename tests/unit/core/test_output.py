@@ -36,7 +36,7 @@ def test_check_output_refuses_overlap_with_inputs(tmp_path):
 def test_check_output_names_and_existing(tmp_path):
     (tmp_path / "exists").mkdir()
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(OutputExistsError, match="already exists; pass --force"):
+    with pytest.raises(OutputExistsError, match="already exists; pass `force=True`"):
         check_output(tmp_path / "exists", force=False)
     assert check_output(tmp_path / "exists", force=True) == tmp_path / "exists"
     for bad, msg in [("", "empty"), (".", "names an existing folder"), (str(tmp_path / "a" / ".."), "names an existing"),

@@ -114,7 +114,7 @@ def test_check_every_isolates_offender_in_group(llama, tmp_path, three_edits, pr
 def test_base_verification(llama, fixtures_dir, tmp_path, make_rank1, probe6):
     other = open_checkpoint(fixtures_dir / "llama-tiny" / "ft-a")
     wrong = make_rank1(other, DOWN, 1e-3, tmp_path / "wrong.safetensors")
-    with pytest.raises(IncompatibleCheckpointsError, match="was made against a different 'model.layers.0.mlp.down_proj.weight'.*--force-base") as exc:
+    with pytest.raises(IncompatibleCheckpointsError, match="was made against a different 'model.layers.0.mlp.down_proj.weight'.*`force_base=True`") as exc:
         apply_edits(llama, [wrong], tmp_path / "out", text=probe6)
     assert exc.value.exit_code == 3
     unrec = make_rank1(llama, DOWN, 1e-3, tmp_path / "unrec.safetensors", record_sha=False)
@@ -139,7 +139,7 @@ def test_usage_and_input_errors(llama, fixtures_dir, tmp_path, make_rank1, probe
         with pytest.raises(UsageError, match=msg):
             apply_edits(llama, [e], tmp_path / "out", text=probe6, **kw)
     (tmp_path / "exists").mkdir()
-    with pytest.raises(OutputExistsError, match="exists; pass --force"):
+    with pytest.raises(OutputExistsError, match="exists; pass `force=True`"):
         apply_edits(llama, [e], tmp_path / "exists", text=probe6)
     gpt2 = open_checkpoint(fixtures_dir / "gpt2-tiny" / "base")
     foreign = make_rank1(gpt2, "transformer.h.0.mlp.c_proj.weight", 1.0, tmp_path / "g.safetensors")

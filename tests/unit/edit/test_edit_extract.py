@@ -87,11 +87,11 @@ def test_extract_full_energy_is_exact_for_float32(fixtures_dir, tmp_path, probe6
 
 def test_extract_errors(fixtures_dir, tmp_path):
     base = fixtures_dir / "llama-tiny" / "base"
-    with pytest.raises(UsageError, match="give --rank or --energy, not both"):
+    with pytest.raises(UsageError, match="give `rank` or `energy`, not both"):
         extract_edit(base, base, tmp_path / "e.safetensors", rank=2, energy=0.5)
-    with pytest.raises(UsageError, match="--energy must be in \\(0, 1\\]"):
+    with pytest.raises(UsageError, match="`energy` must be in \\(0, 1\\]"):
         extract_edit(base, base, tmp_path / "e.safetensors", energy=1.5)
-    with pytest.raises(UsageError, match="--rank must be at least 1"):
+    with pytest.raises(UsageError, match="`rank` must be at least 1"):
         extract_edit(base, base, tmp_path / "e.safetensors", rank=0)
     with pytest.raises(UsageError, match="is identical to .*there is no edit to extract"):
         extract_edit(base, base, tmp_path / "e.safetensors")

@@ -36,7 +36,7 @@ def test_round_trip_and_metadata(tmp_path):
     assert meta["format"] == FORMAT and meta["format_version"] == "1"
     assert json.loads(meta["base_sha256"]) == {"a.weight": "ab" * 32}
     assert keys == ["a.weight.delta_s", "a.weight.delta_u", "a.weight.delta_v", "b.bias.delta"]
-    with pytest.raises(OutputExistsError, match="exists; pass --force"):
+    with pytest.raises(OutputExistsError, match="exists; pass `force=True`"):
         save_edit(e, p)
 
 

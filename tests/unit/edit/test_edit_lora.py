@@ -129,7 +129,7 @@ def test_lora_errors(fixtures_dir, tmp_path):
         from_peft(ad, tmp_path / "e.safetensors", base=base)
     n = "model.norm.weight"
     save_edit(Edit({n: TensorEdit(n, dense=torch.ones(64))}), tmp_path / "v.safetensors")
-    with pytest.raises(UsageError, match="1-D delta for 'model.norm.weight', which LoRA cannot express; pass --drop-vectors"):
+    with pytest.raises(UsageError, match="1-D delta for 'model.norm.weight', which LoRA cannot express; pass `drop_vectors=True`"):
         to_peft(tmp_path / "v.safetensors", tmp_path / "ad2", base=base)
     with pytest.raises(UsageError, match="has no matrix delta to convert"):
         to_peft(tmp_path / "v.safetensors", tmp_path / "ad2", base=base, drop_vectors=True)

@@ -72,9 +72,9 @@ def test_windows_match_hf_docs_loop():
 
 
 def test_window_parameters_are_checked():
-    with pytest.raises(UsageError, match="--stride must be between 1 and --ctx"):
+    with pytest.raises(UsageError, match="`stride` must be between 1 and `ctx`"):
         corpus_windows(10, 4, 5)
-    with pytest.raises(UsageError, match="--ctx must be at least 2"):
+    with pytest.raises(UsageError, match="`ctx` must be at least 2"):
         corpus_windows(10, 1, 1)
 
 
@@ -121,15 +121,15 @@ def test_perplexity_entry_point_reports(fixtures_dir, tmp_path):
 
 def test_errors(fixtures_dir, tmp_path, llama):
     model, tok = llama
-    with pytest.raises(UsageError, match="exceeds the model's 256 positions; pass --ctx 256"):
+    with pytest.raises(UsageError, match="exceeds the model's 256 positions; pass `ctx=256`"):
         make_scorer(model, tok, "hello world", ctx=1000)
-    with pytest.raises(UsageError, match="--batch-size must be at least 1"):
+    with pytest.raises(UsageError, match="`batch_size` must be at least 1"):
         make_scorer(model, tok, "hello world", batch_size=0)
     with pytest.raises(UsageError, match="no sentence of two or more tokens"):
         make_scorer(model, tok, "a\n\n", sentences=True)
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    with pytest.raises(InputError, match="is empty; pass a file with some text to --text"):
+    with pytest.raises(InputError, match="is empty; pass a file with some text as `text`"):
         perplexity(fixtures_dir / "llama-tiny" / "base", text=empty)
     no_tok = tmp_path / "no-tok"
     no_tok.mkdir()

@@ -76,7 +76,7 @@ def test_config_reading():
         TokenFormerConfig.from_dict({"hidden_size": 8, "num_layers": 1, "num_attention_heads": 2, "qkv_slot_num": 4,
                                      "proj_slot_num": 4, "ffn_slot_num": 8, "norm_activation_type": "relu"})
     learned = TokenFormerConfig(8, 1, 2, 4, 4, 8, pos_emb="learned")
-    with pytest.raises(InputError, match="pos_emb 'learned'.*--no-verify"):
+    with pytest.raises(InputError, match="pos_emb 'learned'.*`verify=False`"):
         check_supported(learned)
 
 

@@ -129,14 +129,14 @@ def test_no_verify(tokenformers, tmp_path):
 @pytest.mark.parametrize("kw,message", [
     (dict(init="tile", tokens=20), "ffn_slot_num is 64 and growth only adds tokens, so 20 is too few"),
     (dict(init="tile", qkv_tokens=8), "qkv_slot_num is 16 and growth only adds tokens, so 8 is too few"),
-    (dict(init="tile", qkv_tokens=40), "must become a multiple of 16, not 40; use --init gram"),
+    (dict(init="tile", qkv_tokens=40), "must become a multiple of 16, not 40; use `init='gram'`"),
     (dict(init="tile", factor=1.5), "must become a multiple of 16, not 24"),
     (dict(init="gram", qkv_tokens=24), r"needs at least rank\(K\) = 16 new tokens for sequential.2.attention.query.key_param_tokens"),
     (dict(init="tile"), "say how many parameter tokens"),
-    (dict(init="tile", tokens=64, factor=2.0), "give only one of --tokens, --factor"),
+    (dict(init="tile", tokens=64, factor=2.0), "give only one of `tokens`, `factor`"),
     (dict(init="tile", factor=0.5), "would shrink"),
     (dict(init="tile", qkv_tokens=16), "nothing to grow"),
-    (dict(init="bogus", tokens=64), "unknown --init 'bogus'; choose one of tile, gram, zero, random"),
+    (dict(init="bogus", tokens=64), "unknown `init` 'bogus'; choose one of tile, gram, zero, random"),
     (dict(tokens=64, device="gpu0"), "`device` 'gpu0' is not a device name"),
 ])
 def test_usage_refusals(tokenformers, tmp_path, kw, message):
@@ -163,7 +163,7 @@ def test_input_refusals(fixtures_dir, tokenformers, tmp_path):
     assert e.value.exit_code == 3
     bare = build_tiny_tokenformer(tmp_path / "bare")
     (bare / "config.json").unlink()
-    with pytest.raises(InputError, match="has no config.json; pass the model's GPT-NeoX config with --config"):
+    with pytest.raises(InputError, match="has no config.json; pass the model's GPT-NeoX config as `config_file`"):
         grow(bare, tmp_path / "x", tokens=64)
     wrong = build_tiny_tokenformer(tmp_path / "wrong")
     cfg = json.loads((wrong / "config.json").read_text())

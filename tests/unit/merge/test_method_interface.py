@@ -58,7 +58,7 @@ def test_resolution_precedence_and_gradients():
     p = _params("ties", {"density": 0.4, "lambda": [0.0, 1.0]}, [{"density": 0.9}, {}])
     name = "model.layers.2.mlp.up_proj.weight"          # layer 2 of 5: t = 0.5
     assert p.per_model(name) == [{"weight": 1.0, "density": 0.9}, {"weight": 1.0, "density": 0.4}]
-    assert p.shared(name) == {"lambda": 0.5, "normalize": True, "int8_mask": False}
+    assert p.shared(name) == {"lambda": 0.5, "normalize": True, "rescale": False, "int8_mask": False}
     assert p.shared("model.embed_tokens.weight")["lambda"] == 0.0
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from surgery.core.errors import UsageError
-from surgery.merge.methods import continual, dare, linear, opcm, slerp, task_arithmetic, ties
+from surgery.merge.methods import continual, dare, linear, opcm, slerp, sparsify, streaming, task_arithmetic, ties
 
 
 def _rand(*shape, seed=0):
@@ -104,8 +104,9 @@ def test_magnitude_threshold_is_the_same_for_any_chunking():
 def test_ties_rows_streams_the_same_result(monkeypatch, blocks):
     """Row-block TIES (thresholds from streamed passes, requested in or out of order) equals
     the whole-tensor computation bit for bit."""
-    monkeypatch.setattr(ties, "SUB_ELEMENTS", 40)          # several sub-blocks per request
-    monkeypatch.setattr(ties, "IN_MEMORY_BYTES", 0)        # never the read-once path
+    monkeypatch.setattr(streaming, "SUB_ELEMENTS", 40)       # several sub-blocks per request
+    monkeypatch.setattr(streaming, "STATS_ELEMENTS", 40)     # several blocks per selection pass
+    monkeypatch.setattr(streaming, "IN_MEMORY_BYTES", 0)     # never the read-once path
     g = torch.Generator().manual_seed(5)
     base = (torch.randn(37, 11, generator=g) * 0.1).bfloat16().float()
     models = [(base + (torch.randn(37, 11, generator=g) * 0.01).bfloat16().float()).bfloat16().float() for _ in range(3)]
@@ -118,7 +119,7 @@ def test_ties_rows_streams_the_same_result(monkeypatch, blocks):
         got[a:e] = rows(a, e)
     assert torch.equal(got, expect)
     # and the read-once path
-    monkeypatch.setattr(ties, "IN_MEMORY_BYTES", 1 << 30)
+    monkeypatch.setattr(streaming, "IN_MEMORY_BYTES", 1 << 30)
     once = ties.TiesRows(base.shape, lambda a, e: base[a:e].clone(), lambda i, a, e: models[i][a:e].clone(),
                          3, w, dens, lam=0.9)
     assert torch.equal(once(0, 37), expect)
@@ -184,14 +185,17 @@ def test_dare_drop_is_seeded_and_rescaled():
     kept = a != 0
     assert torch.equal(kept.reshape(-1), _dare_keep_reference(1, "w", 0, d.numel(), 0.3))
     assert abs(kept.double().mean().item() - 0.3) < 0.01
-    assert torch.allclose(a[kept], d[kept] / 0.3, atol=1e-12)
+    # mergekit 0.1.5's rescale: the survivors keep the whole task vector's L1 norm
+    factor = float(d.abs().sum() / d[kept].abs().sum())
+    assert abs(factor - 1 / 0.3) < 0.05
+    assert torch.allclose(a[kept], d[kept] * factor, atol=1e-12)
     assert torch.allclose(drop(1, rescale=False)[kept], d[kept])
     assert dare.dare_drop(d, 1.0, seed=1, tensor_name="w", model_index=0) is d
     # any slice of the flat tensor gets the same decisions as the whole
     flat = d.reshape(-1)
     part = dare.dare_drop(flat[65_000:140_123], 0.3, seed=1, tensor_name="w", model_index=0, start=65_000,
-                          numel=flat.numel())
-    assert torch.equal(part, a.reshape(-1)[65_000:140_123])
+                          numel=flat.numel(), rescale=False)
+    assert torch.equal(part != 0, kept.reshape(-1)[65_000:140_123])
 
 
 def test_dare_seed_depends_on_tensor_model_and_chunk_not_on_order():
@@ -207,7 +211,8 @@ def test_dare_linear_and_ties_match_manual_drop():
     dropped = []
     for i, (m, p) in enumerate(zip(ms, dens)):
         keep = _dare_keep_reference(7, "x", i, base.numel(), p).reshape(base.shape)
-        dropped.append(torch.where(keep, (m - base) / p, torch.zeros_like(base)))
+        tau = m - base
+        dropped.append(torch.where(keep, tau * (tau.abs().sum() / tau[keep].abs().sum()), torch.zeros_like(base)))
     lin = dare.dare_linear(base, ms, w, dens, seed=7, tensor_name="x")
     assert torch.allclose(lin, base + w[0] * dropped[0] + w[1] * dropped[1], atol=1e-12)
     tie = dare.dare_ties(base, ms, w, dens, seed=7, tensor_name="x", normalize=True)
@@ -217,18 +222,21 @@ def test_dare_linear_and_ties_match_manual_drop():
 
 @pytest.mark.parametrize("consensus", [False, True])
 def test_dare_blocks_equal_the_whole_tensor(monkeypatch, consensus):
-    """Blocks of the flat tensor (boundaries inside draw chunks) give the bytes of the
-    whole-tensor computation."""
-    monkeypatch.setattr(dare, "DRAW_CHUNK", 64)
+    """Row blocks (boundaries inside draw chunks, several blocks per L1 pass) give the bytes of
+    the whole-tensor computation."""
+    monkeypatch.setattr(sparsify, "DRAW_CHUNK", 64)
+    monkeypatch.setattr(streaming, "STATS_ELEMENTS", 100)
     base = _rand(41, 13).float()
     ms = [base + 0.1 * _rand(41, 13, seed=i + 1).float() for i in range(3)]
     w, dens = [1.0, 0.5, 0.8], [0.4, 0.6, 1.0]
-    kw = dict(seed=5, tensor_name="t", lam=0.9, normalize=True, consensus=consensus, numel=base.numel())
-    whole = dare.dare_block(base, lambda i: ms[i].clone(), 3, w, dens, start=0, **kw)
-    parts = []
-    for a in range(0, 41, 9):
-        e = min(41, a + 9)
-        parts.append(dare.dare_block(base[a:e].clone(), lambda i: ms[i][a:e].clone(), 3, w, dens, start=a * 13, **kw))
+    rules = [sparsify.Sparsify("random", d) for d in dens]
+    kw = dict(consensus=consensus, normalize=True, lam=0.9, rescale=True, seed=5, name="t")
+    whole = sparsify.whole(rules, base, ms, w, **kw)
+    monkeypatch.setattr(streaming, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(streaming, "SUB_ELEMENTS", 50)
+    rows = sparsify.GtaRows(sparsify.row_inputs(base.shape, lambda a, e: base[a:e].clone(),
+                                                lambda i, a, e: ms[i][a:e].clone(), 3), rules, w, **kw)
+    parts = [rows(a, min(41, a + 9)) for a in range(0, 41, 9)]
     assert torch.equal(torch.cat(parts), whole)
 
 

@@ -73,7 +73,7 @@ def test_scopes_source_then_slice_then_top_level():
                             [("model.layers.3.mlp.up_proj.weight", scopes(1)),
                              ("model.layers.1.mlp.up_proj.weight", scopes(2))])
     # lambda: the slice's gradient at t = 0.25 beats the top level's 3.0; normalize from the top level
-    assert shared == {"lambda": pytest.approx(0.25), "normalize": False, "int8_mask": False}
+    assert shared == {"lambda": pytest.approx(0.25), "normalize": False, "rescale": False, "int8_mask": False}
     # model a: its own density, the slice's weight; model c: its filtered weight, the top level's density
     assert per == [{"weight": 2.0, "density": 0.9}, {"weight": 5.0, "density": 0.5}]
     # a filter list that matches nothing falls through to the next scope (the slice's weight)

@@ -175,14 +175,14 @@ def test_row_blocked_batch_merges_equal_whole_tensor_ones(tmp_path, monkeypatch,
     block per tensor."""
     from surgery.core import engine
     from surgery.merge import batch
-    from surgery.merge.methods import ties
+    from surgery.merge.methods import streaming
 
     req = lambda: _req(method, None if method == "linear" else LLAMA / "base",  # noqa: E731
                        [LLAMA / "ft-a", LLAMA / "ft-b", LLAMA / "ft-c"], **({"density": 0.4} if "ties" in method or "dare" in method else {}))
     merge(req(), tmp_path / "whole", dtype="float32")
     monkeypatch.setattr(batch, "SUB_BLOCK_ELEMENTS", 40)
-    monkeypatch.setattr(ties, "SUB_ELEMENTS", 40)
-    monkeypatch.setattr(ties, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(streaming, "SUB_ELEMENTS", 40)
+    monkeypatch.setattr(streaming, "IN_MEMORY_BYTES", 0)
     monkeypatch.setattr(engine, "BLOCK_BYTES", 1024)
     merge(req(), tmp_path / "blocked", dtype="float32")
     a, b = open_checkpoint(tmp_path / "whole"), open_checkpoint(tmp_path / "blocked")

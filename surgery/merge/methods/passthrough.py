@@ -1,0 +1,25 @@
+"""Passthrough (mergekit's ``passthrough``): the one input model's tensors, unchanged or
+multiplied by a per-tensor ``scale`` (``scale: [{filter: o_proj, value: 0}, {value: 1}]``
+zeroes the attention outputs). The building block of frankenmerges, where every slice takes
+its layers from one model."""
+
+from __future__ import annotations
+
+import torch
+
+from ..method import Batch, Param, TensorContext
+
+SCALE = Param("scale", 1.0, per_model=True, help="multiply the tensor by this (per tensor with filters)")
+
+
+def _merge(ctx: TensorContext) -> torch.Tensor:
+    x = ctx.model(0)
+    scale = float(ctx.model_params[0]["scale"])
+    return x if scale == 1.0 else x.mul_(scale)
+
+
+METHODS = (
+    Batch("passthrough", "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+          "the one model's tensors as they are, or times a per-tensor scale", (SCALE,), _merge, elementwise=True,
+          base="ignored", min_models=1, max_models=1),
+)

@@ -1,0 +1,211 @@
+"""Order statistics of a tensor given as a stream of chunks, without sorting: two-level
+radix selection on float32 bit patterns (histograms of the high and the low 16 bits),
+O(numel), any chunking, so tensors larger than memory are handled in row blocks.
+
+- :func:`magnitude_thresholds`: the threshold that keeps the k largest magnitudes (TIES'
+  trim, breadcrumbs' outlier cut, SCE's variance selection), with a stated rule for entries
+  equal to the threshold: kept lowest flat index first (the order a stable descending sort
+  gives), or highest first (the order a stable *ascending* sort leaves at the top).
+- :func:`order_values`: the values at given ranks of the ascending order (arcee_fusion's
+  quantiles), for values of any sign.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+_INF_BITS = 0x7F800000
+
+
+def _bits(magnitude: torch.Tensor) -> torch.Tensor:
+    """Non-negative values as float32 int32 bit patterns: same order, exact comparisons."""
+    return magnitude.reshape(-1).float().view(torch.int32)
+
+
+def _histogram(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of per-chunk histograms, summed on the chunks' device and returned on the CPU."""
+    total = None
+    for h in parts:
+        total = h if total is None else total.add_(h)
+    return total.cpu()
+
+
+def _first_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin, count strictly above it) for the bin holding the k-th largest entry."""
+    from_top = torch.cumsum(hist.flip(0), 0)
+    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)))
+    b = hist.numel() - 1 - j
+    return b, int(from_top[j]) - int(hist[b])
+
+
+@dataclass
+class Threshold:
+    """The kept set of one trimmed tensor: every magnitude whose bits exceed ``bits``, plus,
+    of the entries whose bits equal it (in flat order), ``quota`` of them after skipping the
+    first ``skip``."""
+
+    bits: int
+    quota: int
+    skip: int = 0
+
+    def keeper(self) -> "Keeper":
+        return Keeper(self.bits, self.quota, self.skip)
+
+
+KEEP_ALL = Threshold(-1, 0)
+KEEP_NONE = Threshold(0x7FFFFFFF, 0)      # no float32 bit pattern is above it
+
+
+class Keeper:
+    """Applies a :class:`Threshold` to consecutive chunks of the flat tensor (in order)."""
+
+    def __init__(self, bits: int, quota: int, skip: int = 0):
+        self.bits, self.left, self.skip = bits, quota, skip
+
+    def apply_(self, flat: torch.Tensor) -> torch.Tensor:
+        """Zero the dropped entries of the next chunk of the flat task vector, in place."""
+        keep = self(_bits(flat.abs().float()))
+        if self.bits < _INF_BITS:          # every dropped entry is finite: a multiply is exact and fast
+            return flat.mul_(keep)
+        return flat.masked_fill_(keep.logical_not_(), 0)
+
+    def __call__(self, bits: torch.Tensor) -> torch.Tensor:
+        """Mask of the kept entries of the next chunk (``bits``: int32 magnitudes, flat)."""
+        keep = bits > self.bits
+        if self.left == 0:
+            return keep
+        tied = bits == self.bits
+        n = int(tied.sum())
+        if self.skip >= n:
+            self.skip -= n
+            return keep
+        if self.skip:
+            tied[:_position(tied, self.skip) + 1] = False
+            n -= self.skip
+            self.skip = 0
+        if n > self.left:
+            tied[_position(tied, self.left) + 1:] = False
+            n = self.left
+        self.left -= n
+        return keep.logical_or_(tied)
+
+
+def _position(mask: torch.Tensor, j: int, block: int = 1 << 14) -> int:
+    """Flat index of the ``j``-th (1-based) True of ``mask``: counts per block, then one block scanned."""
+    whole = mask.numel() // block * block
+    counts = mask[:whole].view(-1, block).sum(1)
+    if mask.numel() > whole:
+        counts = torch.cat([counts, mask[whole:].sum().view(1)])
+    counts = counts.cpu()
+    before = torch.cumsum(counts, 0)
+    b = int(torch.searchsorted(before, torch.tensor([j], dtype=before.dtype)))
+    skip = int(before[b - 1]) if b else 0
+    return b * block + int(torch.nonzero(mask[b * block:(b + 1) * block])[j - skip - 1])
+
+
+def magnitude_threshold(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> Threshold:
+    """The threshold keeping the ``k`` largest magnitudes, ties lowest flat index first.
+
+    Args:
+        chunks: Returns an iterable of the float32 magnitudes (|τ|, any chunking, flat order);
+            called up to twice.
+        k: How many entries to keep (≥ 1).
+    """
+    return magnitude_thresholds(lambda: ([c] for c in chunks()), [(0, k, False)])[0]
+
+
+def magnitude_thresholds(chunks: Callable[[], Iterable[Sequence[torch.Tensor]]],
+                         targets: Sequence[tuple[int, int | Callable[[int, int], int], bool]]) -> list[Threshold]:
+    """Thresholds keeping the k largest magnitudes of several streams, in two shared passes.
+
+    Args:
+        chunks: Returns an iterable over chunks (any chunking, flat order); each chunk is a
+            sequence of float32 magnitudes, one per stream (only the streams some target uses
+            are read). Called once or twice.
+        targets: ``(stream, k, last)``: keep the ``k`` largest magnitudes of that stream; of
+            the entries equal to the k-th largest, keep the lowest flat indices first, or the
+            highest first when ``last``. ``k`` ≤ 0 keeps nothing, ``k`` ≥ numel everything;
+            ``k`` may be a function ``k(numel, zeros)`` of the stream's size and zero count.
+
+    Returns:
+        One :class:`Threshold` per target.
+    """
+    streams = sorted({s for s, _, _ in targets})
+    total = dict.fromkeys(streams, 0)
+    zeros = dict.fromkeys(streams, 0)
+    hi: dict[int, torch.Tensor | None] = dict.fromkeys(streams)
+    for parts in chunks():
+        for s in streams:
+            b = _bits(parts[s])
+            total[s] += b.numel()
+            zeros[s] += b.numel() - int(torch.count_nonzero(b))
+            h = torch.bincount(b >> 16, minlength=1 << 15)      # sign bit is 0
+            hi[s] = h if hi[s] is None else hi[s].add_(h)
+    out: list[Threshold | None] = [None] * len(targets)
+    pending = []
+    targets = [(s, k(total[s], zeros[s]) if callable(k) else k, last) for s, k, last in targets]
+    for j, (s, k, last) in enumerate(targets):
+        nonzero = total[s] - zeros[s]
+        if k >= total[s]:
+            out[j] = KEEP_ALL
+        elif k <= 0:
+            out[j] = KEEP_NONE
+        elif nonzero <= k:   # common for bf16 fine-tunes: most entries never moved, the k-th largest is 0
+            quota = k - nonzero
+            out[j] = Threshold(0, quota, zeros[s] - quota if last else 0)
+        else:
+            b, above = _first_from_top(hi[s].cpu(), k)
+            pending.append((j, s, k, last, b, above))
+    if pending:
+        lo: dict[int, torch.Tensor] = {}
+        for parts in chunks():
+            for j, s, _, _, b, _ in pending:
+                bits = _bits(parts[s])
+                h = torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16)
+                lo[j] = h if j not in lo else lo[j].add_(h)
+        for j, s, k, last, b, above in pending:
+            hist = lo[j].cpu()
+            low, above_lo = _first_from_top(hist, k - above)
+            quota = k - above - above_lo
+            out[j] = Threshold((b << 16) | low, quota, int(hist[low]) - quota if last else 0)
+    return out
+
+
+# ---- values of any sign ------------------------------------------------------------------
+
+def _order_keys(x: torch.Tensor) -> torch.Tensor:
+    """float32 values as int64 keys in [0, 2^32) with the same order (−0 just below +0)."""
+    b = x.reshape(-1).float().view(torch.int32).to(torch.int64)
+    return torch.where(b < 0, (~b) & 0xFFFFFFFF, b | 0x80000000)
+
+
+def _key_value(key: int) -> float:
+    b = key & 0x7FFFFFFF if key >= 0x80000000 else (~key) & 0xFFFFFFFF
+    return float(torch.tensor([b], dtype=torch.int64).to(torch.int32).view(torch.float32))
+
+
+def order_values(chunks: Callable[[], Iterable[torch.Tensor]], ranks: Sequence[int]) -> list[float]:
+    """The values at 0-based ``ranks`` of the ascending order of a stream of float32 values
+    (exactly what ``torch.sort(x).values[rank]`` gives), in two passes over ``chunks()``."""
+    hi = _histogram(torch.bincount(_order_keys(c) >> 16, minlength=1 << 16) for c in chunks())
+    below = torch.cumsum(hi, 0)
+    bins = []
+    for r in ranks:
+        b = int(torch.searchsorted(below, torch.tensor([r], dtype=below.dtype), right=True))
+        bins.append((b, int(below[b - 1]) if b else 0))
+    wanted = sorted({b for b, _ in bins})
+    lo = {b: torch.zeros(1 << 16, dtype=torch.int64) for b in wanted}
+    for c in chunks():
+        keys = _order_keys(c)
+        top = keys >> 16
+        for b in wanted:
+            lo[b] += torch.bincount(keys[top == b] & 0xFFFF, minlength=1 << 16).cpu()
+    out = []
+    for r, (b, before) in zip(ranks, bins):
+        cum = torch.cumsum(lo[b], 0)
+        low = int(torch.searchsorted(cum, torch.tensor([r - before], dtype=cum.dtype), right=True))
+        out.append(_key_value((b << 16) | low))
+    return out

@@ -1,0 +1,392 @@
+"""The generalized task-arithmetic family (mergekit 0.1.5's ``generalized_task_arithmetic.py``
+and ``sparsify.py``): one computation, different arguments, for ``ties``, ``dare_linear``,
+``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della`` and ``della_linear``.
+
+Per tensor, for every model i:
+
+1. τ_i = θ_i − θ0, sparsified by a :class:`Sparsify` rule (none, ``magnitude``, ``random``,
+   ``outliers``, ``della``);
+2. with ``rescale``, multiplied by ‖τ_i‖₁ / ‖kept τ_i‖₁ (mergekit's L1 rescale; skipped
+   when either norm is below 1e-7, or nothing was dropped);
+3. multiplied by w_i; then either summed (divided by Σ w_i with ``normalize``, by 1 when
+   |Σ w_i| < 1e-8) or sign-elected as in TIES (sign of Σ w_i τ_i per entry, 0 counts as +;
+   disjoint sum divided, with ``normalize``, by the weights of the agreeing models);
+4. θ0 + λ · that.
+
+Which entries survive:
+
+- ``magnitude`` (TIES): the k = max(1, int(density · numel)) largest |τ|; of the entries
+  equal to the k-th largest, the lowest flat indices (a stable descending sort; mergekit's
+  ``torch.argsort`` is not stable, so its choice among them is unspecified).
+- ``outliers`` (Model Breadcrumbs): with n = numel, keep = int(density · n),
+  top = int(gamma · n) and bottom = max(0, n − keep − top), the entries at positions
+  [bottom, bottom + keep) of the ascending order of |τ|; equal magnitudes are ordered by flat
+  index (a stable ascending sort; mergekit's ``torch.sort`` is not stable either).
+- ``random`` (DARE): each entry kept with probability ``density``.
+- ``della`` (DELLA): per row (a 1-D tensor is one row) entries are ranked by |τ| (equal
+  magnitudes by index), rank r of m (0-based) is kept with probability
+  density − ε + 2ε · r/(m − 1) (density when m = 1, where mergekit fails).
+
+Random draws are made by flat position (:func:`uniforms`): entry e of tensor T, model i, is
+kept when the e-th draw of a generator seeded from (seed, T, i, e // 65,536) is below its
+probability; so a merge is reproducible bit for bit from ``--seed`` on any device, in any
+tensor order and whatever the row blocks. mergekit draws from torch's global RNG, so its
+random methods agree with these in distribution (kept fraction, rescaling, sign election),
+not entry by entry.
+
+Everything streams (:class:`GtaRows`): thresholds come from radix-selection passes
+(:mod:`.select`) and the L1 sums from a float64 pass over the canonical blocks, then the
+output is produced in row blocks; a small tensor is read once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..method import Param, TensorContext, flag, unit
+from .select import Threshold, _bits, magnitude_thresholds
+from .streaming import Inputs, OrderedRows, as64, sum64
+from .task_arithmetic import INT8_MASK, LAMBDA  # noqa: F401  (the family's shared declarations)
+
+CHUNK = 1 << 23          # sign election runs over flat chunks (32 MB in float32)
+DRAW_CHUNK = 1 << 16     # entries per seeded draw
+RESCALE_EPS = 1e-7       # mergekit's: no rescale when either L1 norm is below this
+KINDS = ("none", "magnitude", "random", "outliers", "della")
+
+
+# ---- seeded draws by flat position ------------------------------------------------------------
+
+def drop_seed(seed: int, tensor_name: str, model_index: int, chunk: int = 0) -> int:
+    """A 63-bit generator seed from the user seed, the tensor name, the model index and the chunk."""
+    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}\0{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def uniforms(seed: int, tensor_name: str, model_index: int, numel: int, start: int, stop: int) -> torch.Tensor:
+    """The float64 uniform draws of the flat entries ``[start, stop)`` of a tensor with
+    ``numel`` entries (on the CPU): chunk j of ``DRAW_CHUNK`` entries is
+    ``torch.rand(len_j, generator=Generator().manual_seed(drop_seed(seed, tensor, i, j)))``;
+    the chunks overlapping the range are drawn whole and sliced."""
+    out = torch.empty(stop - start, dtype=torch.float64)
+    j = start // DRAW_CHUNK
+    while j * DRAW_CHUNK < stop:
+        a, e = j * DRAW_CHUNK, min(numel, (j + 1) * DRAW_CHUNK)
+        g = torch.Generator().manual_seed(drop_seed(seed, tensor_name, model_index, j))
+        draw = torch.rand(e - a, generator=g, dtype=torch.float64)
+        lo, hi = max(a, start), min(e, stop)
+        out[lo - start:hi - start] = draw[lo - a:hi - a]
+        j += 1
+    return out
+
+
+def keep_mask(seed: int, tensor_name: str, model_index: int, numel: int, start: int, stop: int,
+              density: float) -> torch.Tensor:
+    """Which of the flat entries ``[start, stop)`` DARE keeps with probability ``density`` (bool, CPU)."""
+    return uniforms(seed, tensor_name, model_index, numel, start, stop) < density
+
+
+# ---- how each model's task vector is sparsified --------------------------------------------
+
+@dataclass(frozen=True)
+class Sparsify:
+    """One model's sparsification rule (module docstring).
+
+    Attributes:
+        kind: ``none``, ``magnitude``, ``random``, ``outliers`` or ``della``.
+        density: Fraction kept (1 or more: nothing is dropped, whatever the kind).
+        gamma: ``outliers``: fraction of the largest magnitudes removed.
+        epsilon: ``della``: half-width of the keep probabilities around ``density``.
+    """
+
+    kind: str = "none"
+    density: float = 1.0
+    gamma: float = 0.0
+    epsilon: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none" and self.density < 1
+
+    def targets(self, numel: int) -> list[tuple[int, bool]]:
+        """The (k, last) selections the rule needs from the magnitudes."""
+        if not self.active:
+            return []
+        if self.kind == "magnitude":
+            return [(kept_count(self.density, numel), False)]
+        if self.kind == "outliers":
+            keep, top = int(self.density * numel), int(self.gamma * numel)
+            bottom = max(0, numel - keep - top)
+            return [(numel - bottom, True), (numel - bottom - keep, True)]
+        return []
+
+
+def kept_count(density: float, numel: int) -> int:
+    """``max(1, int(density · numel))``: how many entries magnitude trimming keeps (mergekit's count)."""
+    return max(1, int(density * numel))
+
+
+def della_probabilities(magnitudes: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probability of every entry of ``magnitudes`` (rows along dim 1; a 1-D
+    tensor is one row), float64: density − ε + 2ε · rank / (m − 1), ranks 0-based in a stable
+    ascending sort of the row."""
+    x = magnitudes if magnitudes.dim() >= 2 else magnitudes.unsqueeze(0)
+    m = x.shape[1]
+    if m < 2:
+        return torch.full(magnitudes.shape, float(density), dtype=torch.float64, device=magnitudes.device)
+    order = torch.sort(x, dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    shape = [1] * x.dim()
+    shape[1] = m
+    ranks.scatter_(1, order, torch.arange(m, device=x.device).view(shape).expand_as(order))
+    probs = ranks.to(torch.float64).mul_(2 * epsilon / (m - 1)).add_(density - epsilon)
+    return probs.reshape(magnitudes.shape)
+
+
+class _Masker:
+    """The kept entries of one model's τ, block by block in row order."""
+
+    def __init__(self, rule: Sparsify, thresholds: list[Threshold], *, seed: int, name: str, index: int,
+                 numel: int, row_elems: int):
+        self.rule, self.seed, self.name, self.index = rule, seed, name, index
+        self.numel, self.row_elems = numel, row_elems
+        self.keepers = [t.keeper() for t in thresholds]
+
+    def __call__(self, tau: torch.Tensor, a: int) -> torch.Tensor | None:
+        """Bool mask of the kept entries of rows ``a..`` (``tau`` holds them); None keeps all."""
+        r = self.rule
+        if not r.active:
+            return None
+        start = a * self.row_elems
+        if r.kind == "random":
+            keep = keep_mask(self.seed, self.name, self.index, self.numel, start, start + tau.numel(), r.density)
+            return keep.to(tau.device).view(tau.shape)
+        if r.kind == "della":
+            probs = della_probabilities(tau.abs(), r.density, r.epsilon)
+            u = uniforms(self.seed, self.name, self.index, self.numel, start, start + tau.numel())
+            return u.to(probs.device).view(tau.shape) < probs
+        bits = _bits(tau.abs().float())
+        keep = self.keepers[0](bits)
+        if r.kind == "outliers":
+            keep.logical_and_(self.keepers[1](bits).logical_not_())
+        return keep.view(tau.shape)
+
+
+# ---- combining the sparsified task vectors ---------------------------------------------------
+
+def elect_sign(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sign (+1/−1) of Σ of the weighted trimmed task vectors per element (0 counts as +)."""
+    total = weighted[0].clone()
+    for w in weighted[1:]:
+        total.add_(w)
+    return (total >= 0).to(total.dtype).mul_(2).sub_(1)
+
+
+def ties_combine_weighted(weighted: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """Sign election plus disjoint (weighted) mean of already sparsified and weighted task vectors.
+
+    Args:
+        weighted: w_i · sparsified τ_i.
+        weights: w_i.
+        normalize: Divide by the sum of the weights of the models agreeing with the elected
+            sign at each element (1 where none agrees).
+    """
+    shape = weighted[0].shape
+    flats = [w.reshape(-1) for w in weighted]
+    out = torch.empty_like(flats[0])
+    for a in range(0, out.numel(), CHUNK):
+        parts = [f[a:a + CHUNK] for f in flats]
+        sign = elect_sign(parts)
+        mixed = out[a:a + CHUNK].zero_()
+        divisor = torch.zeros_like(mixed)
+        for wd, w in zip(parts, weights):
+            agree = (wd * sign > 0).to(mixed.dtype)     # 1 where nonzero and of the elected sign
+            mixed.addcmul_(wd, agree)
+            divisor.add_(agree, alpha=float(w))
+        if normalize:
+            divisor.add_((divisor == 0).to(divisor.dtype))
+            mixed.div_(divisor)
+    return out.view(shape)
+
+
+def linear_combine(weighted: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """Σ w_i τ_i of already weighted task vectors, divided by Σ w_i with ``normalize`` (by 1
+    when |Σ w_i| < 1e-8, as mergekit does)."""
+    mixed = weighted[0].clone()
+    for w in weighted[1:]:
+        mixed.add_(w)
+    if normalize:
+        total = float(sum(weights))
+        mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+    return mixed
+
+
+def l1_factor(total: float, kept: float) -> float:
+    """mergekit's L1 rescale factor ‖τ‖₁ / ‖kept τ‖₁ (1 when either is below 1e-7)."""
+    return 1.0 if total < RESCALE_EPS or kept < RESCALE_EPS else total / kept
+
+
+# ---- the streamed computation --------------------------------------------------------------
+
+class GtaRows(OrderedRows):
+    """θ0 + λ · combine(w_i · rescale(sparsify(τ_i))) of one tensor, produced in row blocks
+    (the engine's ``rows(start, stop)`` interface; module docstring for the math).
+
+    Statistics passes (thresholds, L1 sums) walk the canonical blocks of :class:`Inputs`;
+    output blocks are produced in any order asked (a block out of order restarts the
+    threshold keepers, whose ties are counted in flat order).
+
+    Args:
+        inputs: Row access to the base and the models.
+        rules: One :class:`Sparsify` per model.
+        weights: w_i.
+        consensus: TIES' sign election (else a weighted sum).
+        normalize, lam, rescale: mergekit's parameters.
+        seed, name: Select the random draws.
+    """
+
+    def __init__(self, inputs: Inputs, rules: Sequence[Sparsify], weights: Sequence[float], *, consensus: bool,
+                 normalize: bool, lam: float, rescale: bool, seed: int, name: str):
+        self.rules = list(rules)
+        # DELLA ranks whole rows; a 1-D tensor is one row, so it is handled in one block
+        self.one_block = len(inputs.shape) == 1 and any(r.kind == "della" and r.active for r in self.rules)
+        super().__init__(inputs)
+        self.weights = [float(w) for w in weights]
+        self.consensus, self.normalize, self.lam, self.rescale = consensus, normalize, float(lam), rescale
+        self.seed, self.name = seed, name
+        self.thresholds: list[list[Threshold]] = [[] for _ in self.rules]
+        self.factors = [1.0] * len(self.rules)
+        self.maskers: list[_Masker] = []
+        self.cached: dict[int, torch.Tensor] | None = None
+
+    def _maskers(self) -> list[_Masker]:
+        inp = self.inputs
+        return [_Masker(rule, self.thresholds[i], seed=self.seed, name=self.name, index=i, numel=inp.numel,
+                        row_elems=inp.row_elems) for i, rule in enumerate(self.rules)]
+
+    def prepare(self) -> None:
+        inp = self.inputs
+        targets, owner = [], []
+        for i, rule in enumerate(self.rules):
+            for k, last in rule.targets(inp.numel):
+                targets.append((i, k, last))
+                owner.append(i)
+        if targets:
+            streams = sorted(set(owner))
+
+            def chunks():
+                for a, e in self.blocks:
+                    base = inp.base(a, e)
+                    yield {i: inp.tau(i, a, e, base).abs_() for i in streams}
+
+            for i, t in zip(owner, magnitude_thresholds(chunks, targets)):
+                self.thresholds[i].append(t)
+        active = [i for i, r in enumerate(self.rules) if r.active]
+        live = active if self.rescale else []
+        # a held tensor keeps its masks (one byte per entry): drawn, ranked and counted once
+        hold = inp.held and active
+        if hold:
+            self.cached = {i: torch.empty(self.shape, dtype=torch.bool, device=inp.ctx.device) for i in active}
+        if live or hold:
+            maskers = self._maskers()
+            total, kept = dict.fromkeys(live, 0.0), dict.fromkeys(live, 0.0)
+            for a, e in self.blocks:
+                base = inp.base(a, e)
+                for i in active if hold else live:
+                    tau = inp.tau(i, a, e, base).abs_()      # the masks depend on |τ| only
+                    mask = maskers[i](tau, a)
+                    if hold:
+                        self.cached[i][a:e] = mask
+                    if i in total:
+                        mag = as64(tau)
+                        total[i] += sum64(mag)
+                        kept[i] += sum64(mag * as64(mask))
+            for i in live:
+                self.factors[i] = l1_factor(total[i], kept[i])
+
+    def reset(self) -> None:
+        self.maskers = self._maskers()
+
+    def advance(self, a: int, e: int) -> None:
+        if self.cached is not None:
+            return
+        inp = self.inputs
+        base = inp.base(a, e)
+        for i, rule in enumerate(self.rules):
+            if rule.active and rule.kind in ("magnitude", "outliers"):
+                self.maskers[i](inp.tau(i, a, e, base).abs_(), a)
+
+    def drop(self) -> None:
+        self.cached = None
+
+    def _mask(self, i: int, tau: torch.Tensor, a: int, e: int) -> torch.Tensor | None:
+        if self.cached is not None:
+            return self.cached[i][a:e] if i in self.cached else None
+        return self.maskers[i](tau, a)
+
+    def block(self, a: int, e: int) -> torch.Tensor:
+        inp = self.inputs
+        base = inp.base(a, e)
+        weighted = []
+        for i in range(len(self.rules)):
+            tau = inp.tau(i, a, e, base)
+            mask = self._mask(i, tau, a, e)
+            if mask is not None:
+                tau.mul_(mask)
+                if self.factors[i] != 1.0:
+                    tau.mul_(self.factors[i])
+            weighted.append(tau.mul_(self.weights[i]))
+        combine = ties_combine_weighted if self.consensus else linear_combine
+        mixed = combine(weighted, self.weights, self.normalize)
+        if self.lam != 1.0:
+            mixed.mul_(self.lam)
+        return mixed.add_(base)
+
+
+# ---- declarations shared by the family -------------------------------------------------------
+
+def density_param(default: float = 1.0) -> Param:
+    """The per-model fraction of each task vector kept, in (0, 1]."""
+    return unit("density", default, per_model=True, low_open=True, help="fraction of each task vector kept")
+
+
+def rescale_param(default: bool) -> Param:
+    return flag("rescale", default, "rescale each sparsified task vector to its L1 norm before the merge")
+
+
+def normalize_param(default: bool) -> Param:
+    return flag("normalize", default, "divide by the sum of the (agreeing) models' weights")
+
+
+def gta_rows(ctx: TensorContext, rules: Sequence[Sparsify], *, consensus: bool) -> GtaRows:
+    """The family's per-tensor function body: GtaRows over ``ctx`` with its parameters."""
+    p = ctx.params
+    return GtaRows(Inputs(ctx), rules, ctx.weights(), consensus=consensus, normalize=bool(p["normalize"]),
+                   lam=float(p["lambda"]), rescale=bool(p.get("rescale", False)), seed=ctx.seed, name=ctx.name)
+
+
+def row_inputs(shape: Sequence[int], base_rows: Callable[[int, int], torch.Tensor] | None,
+               model_rows: Callable[[int, int, int], torch.Tensor], n: int, *, seed: int = 0,
+               name: str = "tensor", device: str = "cpu") -> Inputs:
+    """:class:`Inputs` over row-reading functions (for callers without a merge context)."""
+    ctx = TensorContext(name=name, shape=tuple(shape), n=n, layer=None, depth=0.0, seed=seed, params={},
+                        model_params=[{} for _ in range(n)], rows=None, device=device, _base_rows=base_rows,
+                        _model_rows=model_rows)
+    return Inputs(ctx)
+
+
+def whole(rules: Sequence[Sparsify], base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float], *,
+          consensus: bool, normalize: bool = False, lam: float = 1.0, rescale: bool = False, seed: int = 0,
+          name: str = "tensor") -> torch.Tensor:
+    """The family's computation on in-memory tensors (tests, notebooks): the same bytes as a merge
+    (float64 inputs compute in float64)."""
+    shape = tuple(base.shape) or (1,)
+    flat = [x.reshape(shape) for x in (base, *models)]
+    inputs = row_inputs(shape, lambda a, e: flat[0][a:e].clone(), lambda i, a, e: flat[i + 1][a:e].clone(),
+                        len(models), seed=seed, name=name, device=str(base.device))
+    rows = GtaRows(inputs, rules, weights, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale,
+                   seed=seed, name=name)
+    return rows(0, shape[0]).reshape(base.shape)
