@@ -463,13 +463,13 @@ class RayExecutor:
         dev = str(device)
         if dev.startswith("cuda:"):
             raise UsageError(f"`device` {dev} names one GPU, but with `ray` each task gets the GPU Ray assigns it; "
-                             f"use --device cuda.")
+                             f"use `device='cuda'`.")
         if dev not in ("cpu", "cuda"):
             raise UsageError(f"`device` {dev} is not available on Ray workers; use cpu or cuda.")
         if threads is not None and threads < 1:
             raise UsageError(f"`threads` must be at least 1, not {threads}.")
         if max_in_flight is not None and max_in_flight < 1:
-            raise UsageError(f"`max_in_flight` must be at least 1, not {max_in_flight}.")
+            raise UsageError(f"max_in_flight must be at least 1, not {max_in_flight}.")
         address = address or os.environ.get(ENV_ADDRESS) or None
         if address is not None and not looks_like_address(address):
             raise UsageError(f"`ray` address {address!r} is not host:port, ray://host:port, auto or local.")

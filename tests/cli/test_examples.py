@@ -162,14 +162,14 @@ def test_every_example_parses():
     import click
     import typer
 
-    from surgery.commands.app import app
+    from surgery.commands.app import app, expand_ray
 
     root = typer.main.get_command(app)
     problems = []
     for examples in _all_sources().values():
         for ex in examples:
             for argv in _surgery_invocations(ex.script):
-                cmd, args, name = root, list(argv), ["surgery"]
+                cmd, args, name = root, expand_ray(argv), ["surgery"]  # main()'s own argv step
                 while getattr(cmd, "commands", None) and args and args[0] in cmd.commands:
                     name.append(args[0])
                     cmd = cmd.commands[args.pop(0)]

@@ -209,7 +209,7 @@ def test_executor_options_are_checked_before_any_work(monkeypatch):
     assert executor_for(None) is LOCAL
     with pytest.raises(UsageError, match="`resume_run` continues an interrupted `ray` run"):
         executor_for(None, resume_run=True)
-    with pytest.raises(UsageError, match="use --device cuda"):
+    with pytest.raises(UsageError, match="use `device='cuda'`"):
         RayExecutor(device="cuda:1")
     with pytest.raises(UsageError, match="not host:port"):
         RayExecutor("somewhere")
