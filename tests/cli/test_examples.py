@@ -6,7 +6,8 @@ scratch folder holding a copy of fixtures/ (examples write under out/ there), in
 the real ``surgery`` console script and PYTHONPATH pointing at this checkout. A failure
 names the file and line (or the command's help) and shows the command's stderr.
 
-Not run: lines marked ``# needs the Hub`` (they need the network), ``pip install`` (the
+Not run: lines marked ``# needs the Hub`` (they need the network) or ``# needs a cluster``
+(several machines), ``pip install`` (the
 environment is already installed) and ``python -m pytest`` (this suite). The fast test
 only parses every example's ``surgery`` invocations (unknown flags, bad choices and
 missing arguments fail it); the slow test runs them.
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 NEEDS_HUB = "# needs the Hub"
+NEEDS = (NEEDS_HUB, "# needs a cluster")
 NOT_RUN = ("pip install", "python -m pytest")
 
 
@@ -40,7 +42,7 @@ class Example:
 
     @property
     def skipped(self) -> bool:
-        return NEEDS_HUB in self.script or self.script.lstrip().startswith(NOT_RUN)
+        return any(n in self.script for n in NEEDS) or self.script.lstrip().startswith(NOT_RUN)
 
 
 def _commands(lines: list[tuple[int, str]], where: str) -> list[Example]:
