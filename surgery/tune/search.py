@@ -150,28 +150,29 @@ def search(spaces: list[Space], evaluate: Evaluate, *, seed: int, group_space: C
         if p is not None and (not best or p.value < best[0].value):
             best[:] = [p]
 
+    def tracked(space: Space, x: list[float], phase: str) -> float | None:
+        v = evaluate(space, x, phase)
+        if v is not None:
+            note(Point(space, list(x), v))          # kept even if the budget ends the phase
+        return v
+
     try:
         screened: list[Point] = []
         for s in spaces:
             x = s.point(s.start)
-            v = evaluate(s, x, "screen")
+            v = tracked(s, x, "screen")
             if v is not None:
                 screened.append(Point(s, x, v))
-                note(screened[-1])
         screened.sort(key=lambda p: p.value)
         if not screened:
             return None
         finalists = screened[:2]
         if len(finalists) > 1:
-            finalists = [PatternSearch(evaluate, rng, "refine").run(p, steps=SCREEN_REFINE_TRIALS) for p in finalists]
-            for p in finalists:
-                note(p)
+            finalists = [PatternSearch(tracked, rng, "refine").run(p, steps=SCREEN_REFINE_TRIALS) for p in finalists]
         lead = min(finalists, key=lambda p: p.value)
-        lead = PatternSearch(evaluate, rng, "refine").run(lead)
-        note(lead)
+        lead = PatternSearch(tracked, rng, "refine").run(lead)
         if group_space is not None:
-            grouped = group_space(lead)
-            note(PatternSearch(evaluate, rng, "groups").run(grouped, scale=0.5))
+            PatternSearch(tracked, rng, "groups").run(group_space(lead), scale=0.5)
     except Stop:
         pass
     return best[0] if best else None
