@@ -14,12 +14,13 @@ from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt
 
 EXAMPLES = [
     "surgery tune task_arithmetic --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
-    "--probe a=notes-a.txt --probe b=notes-b.txt -o out/tuned --budget 2m",
-    "surgery tune auto --base BASE code-ft legal-ft --probe code=code.txt --probe legal=legal.txt -o out/tuned "
-    "--budget 10m --groups      # task_arithmetic, ties, tsv, iso_c, iso_cts; weights per layer group",
-    "surgery tune recipe.yml --probe code=code.txt@2 --probe legal=legal.txt --objective weighted -o out/tuned",
-    "surgery tune ties --base BASE A B --probe x=x.txt -o out/tuned --resume out/tuned.tune.jsonl   # after an interruption",
-    "surgery merge --config out/tuned/recipe.yml -o out/again    # the winning merge, re-run",
+    "--probe prose=surgery/data/probe.txt --probe code=surgery/merge/method.py -o out/tuned --trials 6",
+    "surgery tune auto --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
+    "--probe prose=surgery/data/probe.txt -o out/tuned-auto --budget 2m --groups   # 5 methods, weights per layer group",
+    "surgery tune out/tuned/recipe.yml --probe prose=surgery/data/probe.txt@2 --probe code=surgery/merge/method.py "
+    "--objective weighted --trials 4 -o out/tuned-again",
+    "surgery tune ties --base BASE A B --probe x=x.txt -o out/t --resume out/t.tune.jsonl   # after an interruption",
+    "surgery merge --config out/tuned/recipe.yml -o out/merged-again      # the winning merge, re-run",
 ]
 
 

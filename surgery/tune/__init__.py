@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..checkpoint.reader import open_checkpoint
 from ..core.errors import UsageError
 from ..core.output import atomic_output, check_output
 from ..core.progress import Progress, ensure
 from ..core.result import Result
 from ..eval.perplexity import read_text
+from ..merge.inputs import Inputs
 from ..merge.recipe import MergeRequest, ModelEntry, load_recipe
 from ..merge.registry import METHODS, get_method
 from .evaluate import Evaluator, file_identity
@@ -86,13 +86,12 @@ def _template(target: str, base: str | None, models: list[str], dtype: str | Non
     p = Path(target)
     if p.suffix.lower() in (".yml", ".yaml") or p.is_file():
         req = load_recipe(p)
-        if models:
-            req = MergeRequest(req.method, base or req.base, [ModelEntry(m) for m in models], req.parameters,
-                               dtype or req.dtype, origin=req.origin)
-        elif base:
-            req = MergeRequest(req.method, base, req.models, req.parameters, dtype or req.dtype, origin=req.origin)
-        req = MergeRequest(req.method, req.base, [m for m in req.models if m.location != req.base], req.parameters,
-                           dtype or req.dtype, origin=req.origin)
+        if req.slices is not None or req.tokenizer is not None:
+            raise UsageError(f"recipe {p}: tune searches whole-model merges; drop "
+                             f"{'slices' if req.slices is not None else 'the tokenizer settings'} to tune it.", path=p)
+        entries = [ModelEntry(m) for m in models] if models else req.models
+        req = dataclasses.replace(req, base=base or req.base, dtype=dtype or req.dtype,
+                                  models=[m for m in entries if m.location != (base or req.base)])
         return req, [req.method]
     names = list(AUTO_METHODS) if target.strip() == "auto" else [t.strip() for t in target.split(",") if t.strip()]
     if not names:
@@ -180,10 +179,11 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
     texts = [(n, path, read_text(path), w) for n, path, w in parsed]
     weights = {n: w for n, _, w in parsed}
 
-    base_ck = open_checkpoint(template.base)
-    model_cks = [open_checkpoint(m.location) for m in template.models]
+    with Inputs(device) as opened:               # headers only: what the output must not touch
+        for where, text in [("base", template.base)] + [(f"model {m.location}", m.location) for m in template.models]:
+            opened.open(text, where)
+        input_paths = opened.input_paths() + [Path(p[1]) for p in parsed]
     out = Path(output)
-    input_paths = [p for ck in [base_ck, *model_cks] for p in ck.input_paths()] + [Path(p[1]) for p in parsed]
     if template.origin:
         input_paths.append(Path(template.origin))
     check_output(out, force=force, inputs=input_paths)
@@ -194,9 +194,9 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
 
     progress.start(0, "tune: loading the model and the inputs")
     progress.close()
-    ev = Evaluator(base_ck, model_cks, texts, holdout=holdout, ctx=ctx, stride=stride, batch_size=batch_size,
-                   device=device)
-    filters = group_filters(base_ck.names) if groups else None
+    ev = Evaluator(template.base, [m.location for m in template.models], texts, holdout=holdout, ctx=ctx,
+                   stride=stride, batch_size=batch_size, device=device)
+    filters = group_filters(ev.base.names) if groups else None
     spaces = [Space(get_method(n), dataclasses.replace(template, method=n)) for n in method_names]
     setup = {"base": file_identity(template.base), "models": [file_identity(m.location) for m in template.models],
              "probes": [{"name": p.name, "sha256": p.sha256, "tokens": p.tokens, "weight": p.weight}

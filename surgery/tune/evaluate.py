@@ -24,30 +24,33 @@ from typing import Any
 import torch
 
 from ..checkpoint.reader import Checkpoint
-from ..checkpoint.roles import depth_of
-from ..core.engine import parse_dtype
 from ..core.errors import IncompatibleCheckpointsError, UsageError
 from ..eval.perplexity import Scorer, corpus_windows, load_causal_lm, make_scorer
-from ..merge.batch import plan_batch
-from ..merge.params import Params
-from ..merge.recipe import MergeRequest
+from ..merge.batch import output_tensors
+from ..merge.inputs import Inputs
+from ..merge.plan import plan_merge
+from ..merge.recipe import MergeRequest, ModelRef
 from ..merge.registry import get_method
 
 
 class MemoryCheckpoint:
-    """A checkpoint whose tensors are held in memory in their stored dtype; reads return fresh
-    copies, as :class:`~surgery.checkpoint.reader.Checkpoint`'s do (methods modify them)."""
+    """A checkpoint (or a ``model+lora`` fused one) whose tensors are held in memory in their
+    stored dtype; reads return fresh copies, as :class:`~surgery.checkpoint.reader.Checkpoint`'s
+    do (methods modify them). Everything else (names, headers, config, files) is the wrapped
+    checkpoint's."""
 
-    def __init__(self, ckpt: Checkpoint, names: list[str]):
-        self.ckpt, self.label, self.names = ckpt, ckpt.label, list(names)
-        self.config = ckpt.config
-        self._data = {n: ckpt.get_raw(n) for n in names}
+    def __init__(self, ckpt: Any):
+        self.ckpt = ckpt
+        self._data = {n: ckpt.get_raw(n) for n in ckpt.names}
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.ckpt, attr)
 
     def __contains__(self, name: object) -> bool:
         return name in self._data
 
-    def info(self, name: str):
-        return self.ckpt.info(name)
+    def get_raw(self, name: str) -> torch.Tensor:
+        return self._data[name].clone()
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"):
         t = self._data[name]
@@ -61,16 +64,6 @@ class MemoryCheckpoint:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._data.values())
-
-
-def num_layers(ref: Checkpoint | MemoryCheckpoint) -> int:
-    """Layer count for parameter gradients (config.json, else the largest block index + 1)."""
-    cfg = ref.config or {}
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(cfg.get(key), int) and cfg[key] > 0:
-            return cfg[key]
-    depths = [d for d in (depth_of(n) for n in ref.names) if d is not None]
-    return max(depths) + 1 if depths else 1
 
 
 @dataclass
@@ -96,32 +89,42 @@ class Evaluator:
     """The model, the inputs and the probes of one tuning run, ready to score candidates.
 
     Args:
-        base: θ0.
-        models: The models to merge (their tensors must match the base's).
+        base: θ0's reference (path, Hub id; mergekit's string form).
+        models: The references of the models to merge (their tensors must match the base's).
         probes: ``(name, path, text, weight)`` per probe.
         holdout: Share of each probe's tokens kept for the report.
         ctx, stride, batch_size: Corpus windows (default: ``eval ppl``'s ctx, disjoint windows).
         device: Where the forward passes and the merge math run.
     """
 
-    def __init__(self, base: Checkpoint, models: list[Checkpoint], probes: list[tuple[str, str, str, float]], *,
+    def __init__(self, base: str, models: list[str], probes: list[tuple[str, str, str, float]], *,
                  holdout: float = 0.5, ctx: int | None = None, stride: int | None = None, batch_size: int = 8,
                  device: str = "cpu"):
         t0 = time.perf_counter()
-        self.base_ckpt, self.model_ckpts, self.device = base, models, device
-        for m in models:
-            bad = [n for n in base.names if n not in m or m.info(n).shape != base.info(n).shape]
-            extra = [n for n in m.names if n not in base]
+        self.device = device
+        opened = Inputs(device)
+        base_ck = opened.open(base, "base")
+        model_cks = [opened.open(m, f"model {m}") for m in models]
+        self.base_ckpt = base_ck
+        for m in model_cks:
+            bad = [n for n in base_ck.names if n not in m or m.info(n).shape != base_ck.info(n).shape]
+            extra = [n for n in m.names if n not in base_ck]
             if bad or extra:
                 raise IncompatibleCheckpointsError(
-                    f"cannot tune a merge of {m.label} onto {base.label}: tensor {(bad or extra)[0]!r} is missing or "
-                    f"has another shape; tune needs models with the base's tensors.", path=m.label,
+                    f"cannot tune a merge of {m.label} onto {base_ck.label}: tensor {(bad or extra)[0]!r} is missing "
+                    f"or has another shape; tune needs models with the base's tensors.", path=m.label,
                     tensor=(bad or extra)[0])
-        self.model, tok = load_causal_lm(base, device=device)
-        self.targets = self._targets(base.names)
-        self.names = [n for n in base.names if base.info(n).dtype.is_floating_point]
-        self.base = MemoryCheckpoint(base, base.names)
-        self.models = [MemoryCheckpoint(m, base.names) for m in models]
+        self.model, tok = load_causal_lm(base_ck if isinstance(base_ck, Checkpoint) else base_ck.base, device=device)
+        self.names = [n for n in base_ck.names if base_ck.info(n).dtype.is_floating_point]
+        self.targets = self._targets(self.names)
+        # the planner finds every input already open, in memory
+        self.inputs = Inputs(device)
+        self.base = MemoryCheckpoint(base_ck)
+        self.models = [MemoryCheckpoint(m) for m in model_cks]
+        for text, mem in [(base, self.base), *zip(models, self.models)]:
+            ref = ModelRef.parse(text)
+            self.inputs.models[ref.key] = mem
+            self.inputs.refs[ref.key] = ref
         self.probes = [self._probe(tok, name, path, text, weight, holdout, ctx, stride, batch_size)
                        for name, path, text, weight in probes]
         self.setup_seconds = time.perf_counter() - t0
@@ -165,19 +168,14 @@ class Evaluator:
         if method.kind != "batch":
             raise UsageError(f"tune searches batch merge methods; {method.name!r} is continual "
                              f"(merge it with surgery merge).")
-        params = Params(method, request, num_layers(self.base))
-        with_base = method.base != "ignored"
-        ref = self.base if with_base else self.models[0]
-        target = parse_dtype(request.dtype)
-        plan = plan_batch(method, params, self.base if with_base else None, self.models, ref, set(), seed=seed,
-                          device=self.device, options={"trim_ties": "index"})
+        plan = plan_merge(method, request, device=self.device, inputs=self.inputs)
+        target = plan.dtype
         with torch.inference_mode():
-            for out in plan:
+            for out in output_tensors(plan, seed=seed, device=self.device, options={"trim_ties": "index"}):
                 if out.rows is None:
-                    continue                      # copied from the reference unchanged
+                    continue                      # copied from an input unmerged
                 param = self.targets[out.name]
-                rows = out.shape[0] if out.shape else 1
-                merged = out.rows(0, rows)
+                merged = out.rows(0, out.shape[0] if out.shape else 1)
                 param.copy_(merged.to(target or out.dtype).reshape(param.shape))
                 del merged
 

@@ -11,6 +11,7 @@ norms), written as mergekit ``{filter, value}`` lists so the winning recipe re-r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ class Space:
                     entries += [{"filter": f, "value": by_group[g]} for f in self.filters[g]]
                 entries.append({"value": by_group["rest"]})
                 models[i].parameters[param] = entries
-        return MergeRequest(self.method.name, self.template.base, models, top, self.template.dtype)
+        return dataclasses.replace(self.template, method=self.method.name, models=models, parameters=top)
 
     def key(self, x: list[float]) -> str:
         """A canonical text of the candidate (its method and every setting): equal keys, equal merges."""

@@ -48,8 +48,7 @@ def _nll(model, ids, ctx):
 @pytest.mark.slow
 def test_in_memory_candidate_equals_merge_and_eval(cli, tmp_path, probes, one_thread):
     texts = [(p.split("=")[0], p.split("=")[1], Path(p.split("=")[1]).read_text(), 1.0) for p in probes]
-    ev = Evaluator(open_checkpoint(LLAMA / "base"), [open_checkpoint(m) for m in MODELS], texts, holdout=0.5,
-                   ctx=32)
+    ev = Evaluator(str(LLAMA / "base"), [str(m) for m in MODELS], texts, holdout=0.5, ctx=32)
     request = MergeRequest("ties", str(LLAMA / "base"), [ModelEntry(str(m), {"weight": w}) for m, w in
                                                           zip(MODELS, (1.0, 0.5, 1.5))], {"density": 0.4}, None)
     ev.load(request)
