@@ -2,7 +2,7 @@
 
 Entry points (each returns a :class:`~surgery.core.result.Result`): :func:`spectrum`,
 :func:`subspace`, :func:`gain`, :func:`interference`. The analyses themselves live in ``spectra.py``,
-``subspaces.py``, ``gains.py`` and ``interference.py``; ``linalg.py`` holds the linear algebra, ``plot.py`` the
+``subspaces.py``, ``gains.py`` and ``interferences.py``; ``linalg.py`` holds the linear algebra, ``plot.py`` the
 figures (called by the command layer).
 """
 
@@ -89,9 +89,9 @@ def interference(models: "list[str | Checkpoint]", *, base: "str | Checkpoint", 
                  device: str = "cpu", progress: "Progress | None" = None) -> "Result":
     """Per tensor and per layer: task-vector cosines, sign conflicts, subspace overlap, effective
     rank and relative size of two or more fine-tunes of ``base``; see
-    :func:`.interference.analyze_interference`."""
+    :func:`.interferences.analyze_interference`."""
     from ..core.result import Result
-    from .interference import analyze_interference
+    from .interferences import analyze_interference
 
     return Result(analyze_interference(_open(base), [_open(m) for m in models], energy=energy, device=device,
                                        progress=progress))
