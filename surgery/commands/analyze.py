@@ -276,14 +276,10 @@ def gain(
     _common.finish(result, as_json=as_json, human=human, failure=failure)
 
 
-for _f in (spectrum, subspace, gain):
-    add_examples(_f, [e for e in EXAMPLES if f" {_f.__name__} " in e])
-
-
 @analyze_app.command("interference")
 def interference(
     models: Annotated[list[str], typer.Argument(help="Two or more fine-tunes of BASE.")],
-    base: Annotated[str, typer.Option("--base", metavar="BASE", help="The common base; task vectors are MODEL − BASE.")],
+    base: Annotated[str, typer.Option("--base", metavar="BASE", help=base_help("task vectors are MODEL − BASE."))],
     energy: Annotated[float, typer.Option("--energy", help="Subspace rank of each task vector: its energy rank at this share of Σσ².")] = 0.9,
     rows: TablesOpt = 0,
     device: DeviceOpt = "cpu",
@@ -335,3 +331,7 @@ def interference(
 def register(app: typer.Typer) -> None:
     """Add ``surgery analyze spectrum|subspace|gain|interference`` to the app."""
     app.add_typer(analyze_app, name="analyze")
+
+
+for _f in (spectrum, subspace, gain, interference):
+    add_examples(_f, [e for e in EXAMPLES if f" {_f.__name__} " in e])

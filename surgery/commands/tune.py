@@ -9,8 +9,17 @@ from typing import Annotated, List, Optional
 import typer
 
 from . import _common, _render
-from ._params import (DEFAULT_SHARD_SIZE, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, PrivateOpt, PushOpt, QuietOpt,
-                      ShardSizeOpt)
+from ._params import (DEFAULT_SHARD_SIZE, Choice, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, PrivateOpt, PushOpt,
+                      QuietOpt, ShardSizeOpt, add_examples, base_help, choice)
+
+
+class Objective(Choice):
+    """What the search minimises over the probes' log perplexities."""
+
+    mean = "mean"
+    worst = "worst"
+    weighted = "weighted"
+
 
 EXAMPLES = [
     "surgery tune task_arithmetic --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
@@ -19,7 +28,9 @@ EXAMPLES = [
     "--probe prose=surgery/data/probe.txt -o out/tuned-auto --budget 2m --groups   # 5 methods, weights per layer group",
     "surgery tune out/tuned/recipe.yml --probe prose=surgery/data/probe.txt@2 --probe code=surgery/merge/method.py "
     "--objective weighted --trials 4 -o out/tuned-again",
-    "surgery tune ties --base BASE A B --probe x=x.txt -o out/t --resume out/t.tune.jsonl   # after an interruption",
+    "surgery tune task_arithmetic --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
+    "--probe prose=surgery/data/probe.txt --probe code=surgery/merge/method.py -o out/tuned-more --trials 8 "
+    "--resume out/tuned/trials.jsonl   # 2 more trials after the 6 of that log",
     "surgery merge --config out/tuned/recipe.yml -o out/merged-again      # the winning merge, re-run",
 ]
 
@@ -28,20 +39,20 @@ def tune(
     target: Annotated[str, typer.Argument(metavar="METHOD|METHODS|auto|RECIPE",
                                           help="A batch merge method, a comma-separated list of them, `auto`, or a "
                                                "mergekit-style recipe (its method, base, models and fixed settings).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: model/, recipe.yml, report.json, report.md, pareto.png, trials.jsonl.")],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="DIR", help="Output folder: model/, recipe.yml, report.json, report.md, pareto.png, trials.jsonl.")],
     models: Annotated[Optional[List[str]], typer.Argument(help="Models to merge, in order (optional with a recipe).")] = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Base (pretrained) model θ0 (optional with a recipe).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", metavar="BASE", help=base_help("the task vectors are MODEL − BASE (optional with a recipe)."))] = None,
     probe: Annotated[Optional[List[str]], typer.Option("--probe", metavar="NAME=FILE[@WEIGHT]", help="A probe text per domain, e.g. --probe code=code.txt; repeatable. WEIGHT counts in --objective weighted.")] = None,
-    budget: Annotated[str, typer.Option("--budget", help="Wall-time budget of the whole run: 10m, 90s, 1h30m, or `none`.")] = "10m",
-    trials: Annotated[Optional[int], typer.Option("--trials", help="At most this many candidates evaluated.")] = None,
+    budget: Annotated[str, typer.Option("--budget", metavar="TIME", help="Wall-time budget of the whole run: 10m, 90s, 1h30m, or `none`.")] = "10m",
+    trials: Annotated[Optional[int], typer.Option("--trials", metavar="N", help="At most this many candidates evaluated.")] = None,
     groups: Annotated[bool, typer.Option("--groups", help="Also search each model's weight per layer group (attention, MLP, rest).")] = False,
-    objective: Annotated[str, typer.Option("--objective", help="mean, worst or weighted log perplexity over the probes.")] = "mean",
-    holdout: Annotated[float, typer.Option("--holdout", help="Share of each probe's tokens kept out of the search for the report.")] = 0.5,
+    objective: Annotated[Objective, typer.Option("--objective", case_sensitive=False, help="mean, worst or weighted log perplexity over the probes.")] = Objective.mean,
+    holdout: Annotated[float, typer.Option("--holdout", metavar="FRACTION", help="Share of each probe's tokens kept out of the search for the report.")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Orders the search; seeds random methods (DARE).")] = 0,
     resume: Annotated[Optional[Path], typer.Option("--resume", metavar="LOG", help="Continue from a log (OUT.tune.jsonl while running, OUT/trials.jsonl after).")] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Window length in tokens (default: the model's positions, at most 1024).")] = None,
-    stride: Annotated[Optional[int], typer.Option("--stride", help="Window step (default: --ctx, disjoint windows).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 8,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", metavar="N", help="Window length in tokens (default: the model's positions, at most 1024).")] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", metavar="N", help="Window step (default: --ctx, disjoint windows).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Sequences per forward pass.")] = 8,
     no_references: Annotated[bool, typer.Option("--no-references", help="Do not score the base and the models on the report parts.")] = False,
     dtype: DtypeOpt = None,
     shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
@@ -72,8 +83,8 @@ def tune(
 
     result = run(target, base=base, models=list(models or []), probes=list(probe or []), output=output,
                  groups=groups, budget=None if budget.strip().lower() == "none" else budget, trials=trials,
-                 seed=seed, objective_kind=objective, holdout=holdout, ctx=ctx, stride=stride, batch_size=batch_size,
-                 dtype=dtype, shard_size=shard_size, force=force, resume=resume, references=not no_references,
+                 seed=seed, objective_kind=choice(objective), holdout=holdout, ctx=ctx, stride=stride, batch_size=batch_size,
+                 dtype=choice(dtype), shard_size=shard_size, force=force, resume=resume, references=not no_references,
                  device=device, progress=_render.progress(quiet), on_trial=on_trial)
 
     def human(console, doc) -> None:
@@ -100,7 +111,7 @@ def tune(
     _common.finish(result, as_json=as_json, human=human, push_to_hub=push_to_hub, private=private)
 
 
-tune.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+add_examples(tune, EXAMPLES)
 
 
 def register(app: typer.Typer) -> None:

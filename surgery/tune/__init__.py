@@ -95,7 +95,7 @@ def _template(target: str, base: str | None, models: list[str], dtype: str | Non
         return req, [req.method]
     names = list(AUTO_METHODS) if target.strip() == "auto" else [t.strip() for t in target.split(",") if t.strip()]
     if not names:
-        raise UsageError("name a merge method, a comma-separated list of methods, `auto`, or a recipe file to tune.")
+        raise UsageError("name a merge method, a comma-separated list of methods, 'auto', or a recipe file to tune.")
     for n in names:
         get_method(n)
     return MergeRequest(names[0], base, [ModelEntry(m) for m in models], {}, dtype), names
@@ -171,7 +171,7 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
             raise UsageError(f"merge method {n!r} takes {m.min_models}"
                              f"{'' if m.max_models == m.min_models else '+'} model(s); tune got {len(template.models)}.")
     if not probes:
-        raise UsageError("give at least one probe text: --probe NAME=FILE (e.g. --probe code=code.txt).")
+        raise UsageError("give at least one probe text: `probe` NAME=FILE (e.g. `probe` code=code.txt).")
     parsed = [parse_probe(p) for p in probes]
     names = [p[0] for p in parsed]
     if len(set(names)) != len(names):
