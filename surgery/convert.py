@@ -150,7 +150,7 @@ def convert(source: str | Path, output: str | Path, *, dtype: str | None = None,
         out_dtype = target if (target is not None and t.is_floating_point()) else t.dtype
         plan.append(OutputTensor(name, tuple(t.shape), out_dtype, compute=(lambda t=t: t)))
     root = path if path.is_dir() else path.parent
-    src = _FileSource(root, pickles, str(source))
+    src = _FileSource(root, pickles, str(source), guard_root=path.is_dir())  # a named file: its folder is not read
     return Result({}, write_checkpoint(plan, output, donor=src, operation="convert", parameters=params,  # type: ignore[list-item]
                                        inputs=[src], input_roles=["source"], dtype=target, shard_size=shard_size,
                                        force=force, progress=progress))
