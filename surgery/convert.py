@@ -177,7 +177,7 @@ def convert(source: str | Path, output: str | Path, *, dtype: str | None = None,
     if remote:
         del tensors, loaded
     root = path if path.is_dir() else path.parent
-    src = _FileSource(root, pickles, str(source))
+    src = _FileSource(root, pickles, str(source), guard_root=path.is_dir())  # a named file: its folder is not read
     return Result({}, write_checkpoint(plan, output, donor=src, operation="convert", parameters=params,  # type: ignore[list-item]
                                        inputs=[src], input_roles=["source"], dtype=target, shard_size=shard_size,
                                        force=force, progress=progress, executor=executor))

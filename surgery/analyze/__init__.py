@@ -1,8 +1,8 @@
 """``surgery analyze``: SVD analysis of weights and task vectors, one tensor at a time.
 
 Entry points (each returns a :class:`~surgery.core.result.Result`): :func:`spectrum`,
-:func:`subspace`, :func:`gain`. The analyses themselves live in ``spectra.py``,
-``subspaces.py`` and ``gains.py``; ``linalg.py`` holds the linear algebra, ``plot.py`` the
+:func:`subspace`, :func:`gain`, :func:`interference`. The analyses themselves live in ``spectra.py``,
+``subspaces.py``, ``gains.py`` and ``interferences.py``; ``linalg.py`` holds the linear algebra, ``plot.py`` the
 figures (called by the command layer).
 """
 
@@ -87,3 +87,15 @@ def gain(location: "str | Checkpoint", *, vs: "str | Checkpoint | None" = None, 
                           ignore_types=ignore_types, exact=exact, device=device, progress=progress,
                           executor=executor)
     return Result(report, passed=report.get("within_tolerance", True) or not fail_on_drift)
+
+
+def interference(models: "list[str | Checkpoint]", *, base: "str | Checkpoint", energy: float = 0.9,
+                 device: str = "cpu", progress: "Progress | None" = None) -> "Result":
+    """Per tensor and per layer: task-vector cosines, sign conflicts, subspace overlap, effective
+    rank and relative size of two or more fine-tunes of ``base``; see
+    :func:`.interferences.analyze_interference`."""
+    from ..core.result import Result
+    from .interferences import analyze_interference
+
+    return Result(analyze_interference(_open(base), [_open(m) for m in models], energy=energy, device=device,
+                                       progress=progress))

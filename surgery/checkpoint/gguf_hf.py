@@ -534,11 +534,6 @@ def _pre_tokenizer(data: dict) -> str:
     return "default"
 
 
-def token_special_types() -> dict[str, int]:
-    """gguf token types by name (for tests and reports)."""
-    return {"NORMAL": 1, "UNKNOWN": 2, "CONTROL": 3, "USER_DEFINED": 4, "UNUSED": 5, "BYTE": 6}
-
-
 _SAFE_NAME = re.compile(r"[^\w.\- ]+")
 
 

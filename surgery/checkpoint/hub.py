@@ -178,17 +178,24 @@ def pull_files(repo_id: str, revision: str | None = None, *, include: list[str] 
 # ------------------------------------------------------------------------------ header-only reading
 
 def _range(url: str, start: int, stop: int, headers: dict[str, str]) -> bytes:
-    """Bytes ``[start, stop)`` of a Hub file through an HTTP range request (redirects followed)."""
+    """Bytes ``[start, stop)`` of a Hub file through an HTTP range request (redirects
+    followed). A server that ignores the range is read only as far as needed, never whole."""
     from huggingface_hub.utils import get_session, hf_raise_for_status
 
     h = dict(headers)
     h["Range"] = f"bytes={start}-{stop - 1}"
-    r = get_session().get(url, headers=h, follow_redirects=True)
-    hf_raise_for_status(r)
-    data = r.content
-    if r.status_code == 200:  # the server ignored the range: keep what was asked for
-        data = data[start:stop]
-    return bytes(data)
+    with get_session().stream("GET", url, headers=h, follow_redirects=True) as r:
+        if r.status_code >= 400:
+            r.read()  # the error body, for the message
+        hf_raise_for_status(r)
+        skip = start if r.status_code == 200 else 0  # 200: the body starts at byte 0
+        want = skip + (stop - start)
+        buf = bytearray()
+        for chunk in r.iter_bytes():
+            buf += chunk
+            if len(buf) >= want:
+                break
+    return bytes(buf[skip:want])
 
 
 def fetch_headers(repo_id: str, revision: str | None, folder: Path) -> dict[str, Any]:
@@ -258,14 +265,16 @@ def fetch_headers(repo_id: str, revision: str | None, folder: Path) -> dict[str,
                 raise CorruptCheckpointError(
                     f"{repo_id}/{shard} declares a {hlen}-byte header in a {size}-byte file: it is corrupt or not "
                     f"safetensors.", path=f"{repo_id}/{shard}")
+            fetched += len(first)
             data = first[:8 + hlen]
-            if len(data) < 8 + hlen:
-                data += _range(url, len(data), 8 + hlen, headers)
+            if len(data) < 8 + hlen:  # a header longer than the first range: fetch the rest of it
+                rest = _range(url, len(data), 8 + hlen, headers)
+                fetched += len(rest)
+                data += rest
         except (CorruptCheckpointError, HubError):
             raise
         except Exception as exc:
             raise _hub_error(f"file {shard} could not be read", repo_id, revision, exc) from exc
-        fetched += len(first) if len(first) > 8 + hlen else len(data)
         local = folder / shard
         with open(local, "wb") as fh:
             fh.truncate(size)  # sparse: the tensor bytes take no space and are never read

@@ -169,13 +169,15 @@ class Checkpoint:
 
     def input_paths(self) -> list[Path]:
         """Everything reading this checkpoint touches: its weight files, index, config and
-        tokenizer files, and its folder unless the user named a single file in it. An output
-        may be none of these, contain none of them, and lie inside none of them."""
+        tokenizer files, and its folder unless the user named a single file in it (then only
+        that file and the config and tokenizer files beside it are read, so a sibling output
+        such as ``out/gpt2`` for ``out/gpt2.bin`` is fine). An output may be none of these,
+        contain none of them, and lie inside none of them."""
         paths = list(self.files) + self.donor_files()
         if self.index is not None:
             paths.append(self.root / INDEX_NAME)
         named = Path(self.label).expanduser()
-        if not (named.is_file() and named.suffix == ".safetensors"):
+        if not named.is_file():
             paths.append(self.root)
         return paths
 

@@ -18,6 +18,7 @@ EXAMPLES = [
     "surgery analyze spectrum fixtures/llama-tiny/ft-a --base fixtures/llama-tiny/base --energy 0.9 --plot out/spec.png",
     "surgery analyze subspace --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b --rank 4",
     "surgery analyze gain fixtures/llama-tiny/base --json",
+    "surgery analyze interference --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b fixtures/llama-tiny/ft-c",
     "surgery analyze gain fixtures/llama-wide/base --vs fixtures/llama-tiny/base --expect-exponent 0.5 --tolerance 0.15 --ignore embed --fail-on-drift",
 ]
 
@@ -282,10 +283,62 @@ def gain(
     _common.finish(result, as_json=as_json, human=human, failure=failure)
 
 
-for _f in (spectrum, subspace, gain):
-    add_examples(_f, [e for e in EXAMPLES if f" {_f.__name__} " in e])
+@analyze_app.command("interference")
+def interference(
+    models: Annotated[list[str], typer.Argument(help="Two or more fine-tunes of BASE.")],
+    base: Annotated[str, typer.Option("--base", metavar="BASE", help=base_help("task vectors are MODEL − BASE."))],
+    energy: Annotated[float, typer.Option("--energy", help="Subspace rank of each task vector: its energy rank at this share of Σσ².")] = 0.9,
+    rows: TablesOpt = 0,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """What predicts a merge's loss, per layer: task-vector cosine, sign conflicts, subspace overlap, effective rank."""
+    from surgery.analyze import interference as run
+
+    result = run(models, base=base, energy=energy, device=device, progress=_render.progress(quiet))
+
+    def human(console: Any, doc: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        console.print(f"base: {doc['base']}   models: {', '.join(doc['models'])}")
+        pairs = Table(title="whole-model task-vector cosine")
+        pairs.add_column("model A")
+        pairs.add_column("model B")
+        pairs.add_column("cosine", justify="right")
+        for p in doc["pairs"]:
+            pairs.add_row(p["a"], p["b"], _num(p["cosine"]))
+        console.print(pairs)
+        t = doc["totals"]
+        console.print(f"sign conflict over all tensors: {_num(t['sign_conflict'])}   ‖τ‖/‖θ0‖: "
+                      + ", ".join(_num(x) for x in t["relative_norms"]))
+        table = Table(title="per layer (means over the layer's tensors; overlap: mean cos² of principal angles, "
+                            "chance = what random subspaces give)")
+        for col in ("layer", "cosine", "sign conflict", "overlap out", "overlap in", "chance", "eff. rank / min(m,n)",
+                    "‖τ‖/‖θ0‖"):
+            table.add_column(col, justify="right")
+        shown, more = _tensor_rows(doc["layers"], rows)
+        for r in shown:
+            table.add_row(str(r["layer"]), _num(r["cosine"]), _num(r["sign_conflict"]), _num(r["overlap_left"]),
+                          _num(r["overlap_right"]), _num(r["overlap_chance"]), _num(r["effective_rank"]),
+                          _num(r["relative_norm"]))
+        console.print(table)
+        if more:
+            console.print(f"... {more} more layers (--rows 0 or --json for all)")
+        _summary_table(console, "per sublayer type", doc["by_type"],
+                       [("cosine", "cosine"), ("sign_conflict", "sign conflict"), ("overlap_left", "overlap out"),
+                        ("overlap_right", "overlap in"), ("effective_rank", "eff. rank")], "type")
+        if doc["non_finite"]:
+            console.print(f"[red]{len(doc['non_finite'])} tensor(s) hold NaN/Inf and were skipped[/], e.g. "
+                          f"{doc['non_finite'][0]}")
+
+    _common.finish(result, as_json=as_json, human=human)
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``surgery analyze spectrum|subspace|gain`` to the app."""
+    """Add ``surgery analyze spectrum|subspace|gain|interference`` to the app."""
     app.add_typer(analyze_app, name="analyze")
+
+
+for _f in (spectrum, subspace, gain, interference):
+    add_examples(_f, [e for e in EXAMPLES if f" {_f.__name__} " in e])

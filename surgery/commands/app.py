@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from surgery.core.errors import SurgeryError
 
-from . import _render, analyze, check, convert, diff, edit, eval, fuse, grow, inspect, merge, pull, push
+from . import _render, analyze, check, convert, diff, edit, eval, fuse, grow, inspect, merge, pull, push, tune
 
 app = typer.Typer(
     name="surgery",
@@ -47,7 +47,7 @@ app = typer.Typer(
 )
 
 # One line per command group: the registry of commands.
-for _module in (inspect, check, diff, convert, pull, push, merge, analyze, eval, edit, grow, fuse):
+for _module in (inspect, check, diff, convert, pull, push, merge, tune, analyze, eval, edit, grow, fuse):
     _module.register(app)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import _common, _render
-from ._params import ForceOpt, JsonOpt, QuietOpt
+from ._params import ForceOpt, JsonOpt, QuietOpt, add_examples
 
 EXAMPLES = [
     "surgery pull HuggingFaceTB/SmolLM2-135M-Instruct              # into the HF cache  # needs the Hub",
@@ -45,7 +45,7 @@ def pull(
     _common.finish(result, as_json=as_json, human=human)
 
 
-pull.__doc__ += "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in EXAMPLES)  # type: ignore[operator]
+add_examples(pull, EXAMPLES)
 
 
 def register(app: typer.Typer) -> None:

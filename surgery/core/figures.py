@@ -36,13 +36,12 @@ def require_matplotlib() -> None:
 
 
 def check_plot_path(path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
-    """Refuse a plot path whose format matplotlib would not write, whose folder is missing, or
-    that is, contains or lies inside an input (the output policy of every write)."""
+    """Refuse a plot path whose format matplotlib would not write, or that is, contains or lies
+    inside an input (the output policy of every write; a missing folder is created on saving,
+    as for every output)."""
     p = Path(path)
     if p.suffix.lower() not in SUFFIXES:
         raise UsageError(f"`plot` {p}: use a .png, .pdf or .svg file name.")
-    if not p.parent.exists():
-        raise UsageError(f"`plot` {p}: folder {p.parent} does not exist.")
     check_output(p, force=True, inputs=list(inputs), kind="file")
     return p
 

@@ -51,6 +51,15 @@ def choose_rank(sigma: torch.Tensor, *, rank: int | None = None, energy: float |
     return min(r, full)
 
 
+def sum_squares(t: torch.Tensor, block: int = 1 << 20) -> float:
+    """Σ t² accumulated in float64 over blocks of ``block`` elements (no float64 copy of ``t``)."""
+    flat = t.reshape(-1)
+    total = 0.0
+    for i in range(0, flat.numel(), block):
+        total += float(torch.sum(flat[i:i + block].double() ** 2))
+    return total
+
+
 def randomized_svd(a: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS,
                    seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-``rank`` factors (U, S, Vᴴ) of ``a`` from a seeded Gaussian sketch of
@@ -83,7 +92,7 @@ def compress(name: str, delta: torch.Tensor, *, rank: int | None = None, energy:
     """
     rows, cols = delta.shape
     d = delta.float()
-    total = float(d.double().pow(2).sum())
+    total = sum_squares(d)
     sketch = rank is not None and not exact and rank + OVERSAMPLE < min(rows, cols) // 2
     if sketch:
         seed = SEED + zlib.crc32(name.encode())  # deterministic per tensor, whatever the order
@@ -171,10 +180,16 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
         if ib.dtype == ie.dtype and torch.equal(raw_b, raw_e):
             continue
         wb = raw_b.to(torch.float32).to(device)
-        delta = raw_e.to(torch.float32).to(device) - wb
+        delta = raw_e.to(torch.float32).to(device)
+        delta -= wb
         del raw_e
         if not bool(delta.any()):
             continue
+        # the sha256 of the base tensor's stored bytes, from the bytes already in memory
+        sha = hashlib.sha256(raw_b.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+        wn = math.sqrt(sum_squares(wb))
+        del raw_b, wb  # only the delta stays: one tensor in float32 at a time
+        dn = math.sqrt(sum_squares(delta))
         if delta.dim() == 2 and min(delta.shape) > 1:
             te, facts = compress(name, delta, rank=rank, energy=energy, factor_dtype=fdtype, exact=exact)
         else:
@@ -182,10 +197,8 @@ def extract_edit(base: str | Path | Checkpoint, edited: str | Path | Checkpoint,
                                                                    "energy": 1.0, "rel_error": 0.0}
         # Factors go to CPU at once: only the (small) edit stays resident, never two models.
         tensors[name] = TensorEdit(name, *(None if t is None else t.cpu() for t in (te.u, te.v, te.s, te.dense)))
-        # the sha256 of the base tensor's stored bytes, from the bytes already in memory
-        shas[name] = hashlib.sha256(raw_b.reshape(-1).view(torch.uint8).numpy()).hexdigest()
-        dn = float(delta.double().norm())
-        wn = float(wb.double().norm())
+        shas[name] = sha
+        del delta
         rows.append({"name": name, "shape": list(ib.shape), **facts, "delta_norm": dn,
                      "rel_change": dn / wn if wn > 0 else None})
     if not tensors:

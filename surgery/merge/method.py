@@ -53,6 +53,7 @@ class Param:
         help: One line for ``surgery merge --help``.
         required: No default: a merge that does not set it is refused (mergekit's required
             parameters, e.g. nearswap's ``t``); ``default`` is then None.
+        search: The range ``surgery tune`` searches (None: the parameter is not tuned).
     """
 
     name: str
@@ -66,6 +67,7 @@ class Param:
     choices: tuple[str, ...] | None = None
     help: str = ""
     required: bool = False
+    search: tuple[float, float] | None = None
 
     def range_text(self) -> str:
         """The valid values in words: ``(0, 1]``, ``≥ 0``, ``true or false``, ``one of a, b``."""
@@ -102,9 +104,10 @@ class Param:
             raise UsageError(f"{where}: `{self.name}` = {value!r} is not valid; it takes {self.range_text()}.")
 
 
-def unit(name: str, default: float = 1.0, *, per_model: bool = False, low_open: bool = False, help: str = "") -> Param:
+def unit(name: str, default: float = 1.0, *, per_model: bool = False, low_open: bool = False, help: str = "",
+         search: tuple[float, float] | None = None) -> Param:
     """A parameter in [0, 1] (``(0, 1]`` with ``low_open``): densities, interpolation factors."""
-    return Param(name, default, per_model=per_model, low=0.0, high=1.0, low_open=low_open, help=help)
+    return Param(name, default, per_model=per_model, low=0.0, high=1.0, low_open=low_open, help=help, search=search)
 
 
 def flag(name: str, default: bool, help: str = "") -> Param:
@@ -112,7 +115,7 @@ def flag(name: str, default: bool, help: str = "") -> Param:
     return Param(name, default, type="bool", help=help)
 
 
-WEIGHT = Param("weight", 1.0, per_model=True, help="the model's weight")
+WEIGHT = Param("weight", 1.0, per_model=True, help="the model's weight", search=(0.0, 2.0))
 
 
 # ---- batch methods --------------------------------------------------------------------------
@@ -318,6 +321,13 @@ def check_declaration(method: Method) -> None:
     for p in method.params:
         if not p.required:
             p.check(p.default, f"merge method {method.name!r} default")
+        if p.search is not None:
+            lo, hi = p.search
+            p.check(lo, f"merge method {method.name!r} search range")
+            p.check(hi, f"merge method {method.name!r} search range")
+            if not lo < hi or p.type != "float":
+                raise ValueError(f"merge method {method.name!r}: `{p.name}` search range {p.search} is not a float "
+                                 f"interval")
 
 
 # ---- deterministic reductions ----------------------------------------------------------------
@@ -330,7 +340,7 @@ def dot64(a: "torch.Tensor", b: "torch.Tensor") -> float:
     import torch
 
     x = a.detach().reshape(-1).to("cpu", dtype=torch.float64).numpy()
-    y = x if b is a else b.detach().reshape(-1).to("cpu", dtype=x.dtype).numpy()
+    y = x if b is a else b.detach().reshape(-1).to("cpu", dtype=torch.float64).numpy()
     return float(np.add.reduce(x * y)) if x.size else 0.0
 
 

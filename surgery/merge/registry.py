@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from ..core.errors import UsageError
 from .method import Method, check_declaration
-from .methods import (arcee_fusion, breadcrumbs, continual, dare, della, karcher, linear, model_stock, multislerp,
-                      nearswap, nuslerp, opcm, passthrough, ram, sce, slerp, task_arithmetic, ties)
+from .methods import (arcee_fusion, breadcrumbs, continual, dare, della, dop, isotropic, karcher, linear, model_stock,
+                      multislerp, nearswap, nuslerp, opcm, passthrough, ram, sce, slerp, task_arithmetic, ties, tsv, wudi)
 
 _MODULES = (linear, task_arithmetic, ties, dare, breadcrumbs, della, sce, ram, slerp, nuslerp, multislerp, karcher,
-            model_stock, nearswap, arcee_fusion, passthrough, opcm, continual)
+            model_stock, nearswap, arcee_fusion, passthrough, tsv, isotropic, wudi, opcm, continual, dop)
 
 METHODS: dict[str, Method] = {m.name: m for mod in _MODULES for m in mod.METHODS}
 

@@ -7,8 +7,9 @@ the real ``surgery`` console script and PYTHONPATH pointing at this checkout. A 
 names the file and line (or the command's help) and shows the command's stderr.
 
 Not run: lines marked ``# needs the Hub`` (they need the network) or ``# needs a cluster``
-(several machines), ``pip install`` (the
-environment is already installed) and ``python -m pytest`` (this suite). The fast test
+(several machines), ``pip install`` (the environment is already installed), ``python -m pytest``
+(this suite) and ``python benchmarks/`` (benchmarks run for minutes on a quiet machine, not
+inside the suite). The fast test
 only parses every example's ``surgery`` invocations (unknown flags, bad choices and
 missing arguments fail it); the slow test runs them.
 """
@@ -32,7 +33,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 NEEDS_HUB = "# needs the Hub"
 NEEDS = (NEEDS_HUB, "# needs a cluster")
-NOT_RUN = ("pip install", "python -m pytest")
+NOT_RUN = ("pip install", "python -m pytest", "python benchmarks/")
 
 
 @dataclass

@@ -29,6 +29,7 @@ class RepoServer:
         self.repo_id, self.files = repo_id, files
         self.sent: dict[str, int] = {}
         self.ranges: list[tuple[str, str]] = []
+        self.broken: set[str] = set()  # files whose GET fails with 500
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
 
@@ -75,6 +76,11 @@ def _handler(srv: RepoServer):
                 self.end_headers()
                 return
             name = m.group(2)
+            if name in srv.broken and not head:
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             data = srv.files[name]
             start, stop, code = 0, len(data), 200
             rng = self.headers.get("Range")
@@ -277,3 +283,15 @@ def test_missing_repo_is_one_line_without_offline_hint(hub_repo, cli):
         assert r.code == 3, r.stderr
         assert r.stderr.startswith("error: ") and "org/missing" in r.stderr
         assert "HF_HUB_OFFLINE" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_range_errors_are_hub_errors(hub_repo, tmp_path):
+    """A shard the repository lists but the server fails to serve: one HubError naming the file."""
+    from surgery.checkpoint.hub import fetch_headers
+    from surgery.core.errors import HubError
+
+    srv, _, _ = hub_repo
+    srv.broken.add("model.safetensors")
+    (tmp_path / "mirror").mkdir()
+    with pytest.raises(HubError, match=r"^Hub repository org/name file model.safetensors could not be read \("):
+        fetch_headers("org/name", None, tmp_path / "mirror")

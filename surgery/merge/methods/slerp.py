@@ -51,6 +51,6 @@ def _merge(ctx: TensorContext) -> torch.Tensor:
 
 METHODS = (
     Batch("slerp", "https://en.wikipedia.org/wiki/Slerp", "spherical interpolation from the base (t=0) to one model (t=1)",
-          (unit("t", 0.5, help="interpolation factor: 0 = the base, 1 = the model"),), _merge,
+          (unit("t", 0.5, help="interpolation factor: 0 = the base, 1 = the model", search=(0.0, 1.0)),), _merge,
           min_models=1, max_models=1),
 )

@@ -350,7 +350,8 @@ class GtaRows(OrderedRows):
 
 def density_param(default: float = 1.0) -> Param:
     """The per-model fraction of each task vector kept, in (0, 1]."""
-    return unit("density", default, per_model=True, low_open=True, help="fraction of each task vector kept")
+    return unit("density", default, per_model=True, low_open=True, help="fraction of each task vector kept",
+                search=(0.1, 1.0))
 
 
 def rescale_param(default: bool) -> Param:

@@ -15,6 +15,7 @@ the family's shared computation).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
@@ -134,6 +135,8 @@ def _merge(ctx: TensorContext):
 
 
 METHODS = (
+    # normalize divides by the weights, so tune searches the overall scale through lambda
     Batch("ties", "https://arxiv.org/abs/2306.01708", "trim each task vector, elect signs, disjoint mean",
-          (WEIGHT, density_param(), LAMBDA, normalize_param(True), rescale_param(False), INT8_MASK), _merge),
+          (WEIGHT, density_param(), replace(LAMBDA, search=(0.5, 2.0)), normalize_param(True), rescale_param(False),
+           INT8_MASK), _merge),
 )

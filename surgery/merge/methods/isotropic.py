@@ -1,0 +1,114 @@
+"""Isotropic merging, Iso-C and Iso-CTS (Marczak et al. 2025, "No Task Left Behind:
+Isotropic Model Merging with Common and Task-Specific Subspaces",
+https://arxiv.org/abs/2502.04959; reference: FusionBench
+``fusion_bench/method/isotropic_merging/``, ``ISO_C_Merge`` and ``ISO_CTS_Merge``).
+
+Iso-C: for every 2-D tensor, the summed task matrix M = Σ τ_i = U Σ Vᵀ gets a flat spectrum,
+every singular value replaced by their mean:
+
+    Δ = mean(σ) · U Vᵀ
+
+Iso-CTS keeps the top c singular directions of M as the common subspace, with
+c = k − T·round((k − int(k·f)) / T), k = min(m, n), f = ``common_space_fraction``; each task
+adds its top (k − c)/T directions of τ_i with the common subspace projected out
+(τ_i − U_c U_cᵀ τ_i). The k left vectors and the k right vectors are made orthonormal by
+their polar factors, and the spectrum is flattened to the mean of the k singular values:
+
+    Δ = mean(σ_ts, σ_c) · polar([U_ts,1 … U_ts,T  U_c]) · polar([V_ts,1ᵀ; …; V_ts,Tᵀ; V_cᵀ])
+
+Tensors that are not matrices take the mean of the task vectors. The result is θ0 + s Δ
+with s = ``scaling_factor`` (FusionBench's default 1.0; the paper tunes it on validation
+data). Per-model ``weight`` scales τ_i first (1: the reference).
+
+Rules chosen where the reference leaves it open: polar factors ignore directions with σ = 0
+(:mod:`surgery.merge.methods.subspace`), so a rank-deficient sum gives a determined result;
+a tiny matrix whose rounding would make c negative keeps c = k − T·floor(k/T).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..method import WEIGHT, Batch, Param, TensorContext
+from .subspace import polar, single_thread, singular_values, top_svd
+from .tsv import mean_task_vector, weighted_taus
+
+SCALING = Param("scaling_factor", 1.0, help="scale of the merged task vector")
+
+
+def iso_c_matrix(total: torch.Tensor) -> torch.Tensor:
+    """Iso-C's merged task matrix mean(σ) · U Vᵀ of the summed task matrix ``total`` (float32)."""
+    with single_thread():
+        mean = singular_values(total).mean()
+        return (polar(total) * mean).to(total.dtype)
+
+
+def common_rank(k: int, n: int, fraction: float) -> tuple[int, int]:
+    """(c, per-task rank) of Iso-CTS for min(m, n) = k, n tasks and ``common_space_fraction``."""
+    c = int(k * fraction)
+    task_total = round((k - c) / n) * n
+    if task_total > k:                       # only for matrices smaller than a few times n
+        task_total = (k // n) * n
+    c = k - task_total
+    return c, (k - c) // n
+
+
+def iso_cts_matrix(taus: Sequence[torch.Tensor], fraction: float) -> torch.Tensor:
+    """Iso-CTS's merged task matrix (see the module docstring) of the T task matrices ``taus``."""
+    n = len(taus)
+    rows, cols = taus[0].shape
+    c, per = common_rank(min(rows, cols), n, fraction)
+    with single_thread():
+        total = taus[0].clone()
+        for t in taus[1:]:
+            total.add_(t)
+        u_c, s_c, vt_c = top_svd(total, c)
+        del total
+        us, ss, vts = [], [], []
+        for t in taus:
+            specific = t - u_c @ (u_c.mT @ t)          # the common subspace projected out
+            u, s, vt = top_svd(specific, per)
+            us.append(u), ss.append(s), vts.append(vt)
+            del specific
+        u = torch.cat(us + [u_c], 1)
+        vt = torch.cat(vts + [vt_c], 0)
+        mean = torch.cat(ss + [s_c]).double().mean()
+        del us, vts
+        return (polar(u) @ polar(vt) * mean).to(taus[0].dtype)
+
+
+def _iso_c(ctx: TensorContext) -> torch.Tensor:
+    taus = weighted_taus(ctx)
+    if len(ctx.shape) == 2:
+        total = taus[0]
+        for t in taus[1:]:
+            total.add_(t)
+        delta = iso_c_matrix(total)
+    else:
+        delta = mean_task_vector(taus)
+    del taus
+    return delta.mul_(float(ctx.params["scaling_factor"])).add_(ctx.base())
+
+
+def _iso_cts(ctx: TensorContext) -> torch.Tensor:
+    taus = weighted_taus(ctx)
+    if len(ctx.shape) == 2:
+        delta = iso_cts_matrix(taus, float(ctx.params["common_space_fraction"]))
+    else:
+        delta = mean_task_vector(taus)
+    del taus
+    return delta.mul_(float(ctx.params["scaling_factor"])).add_(ctx.base())
+
+
+METHODS = (
+    Batch("iso_c", "https://arxiv.org/abs/2502.04959",
+          "Iso-C: the summed task matrix with its singular values flattened to their mean",
+          (WEIGHT, SCALING), _iso_c),
+    Batch("iso_cts", "https://arxiv.org/abs/2502.04959",
+          "Iso-CTS: common subspace of the sum plus task-specific subspaces, flattened spectrum",
+          (WEIGHT, SCALING,
+           Param("common_space_fraction", 0.8, low=0.0, high=1.0,
+                 help="share of the min(m, n) directions taken from the summed task matrix")), _iso_cts),
+)

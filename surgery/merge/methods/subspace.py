@@ -1,0 +1,104 @@
+"""Linear algebra shared by the subspace merge methods (TSV-M, Iso-C, Iso-CTS): top singular
+triplets, the orthogonal polar factor, and a one-thread section for decompositions.
+
+Every decomposition here goes through the float64 Gram matrix of the smaller side (the rule
+OPCM's ``gram`` decomposition uses, :func:`surgery.merge.methods.opcm.decompose`): squaring
+in float64 keeps singular values down to about 1e-7 of the largest, far below what a task
+matrix of bf16 checkpoints resolves, and the work is one small ``eigh`` instead of a full
+SVD of a tall matrix (an embedding's 49,152 × 576 task vector costs a 576 × 576 ``eigh``).
+
+Directions whose singular value is below :func:`rank_floor` (σ_max · √max(m, n) · eps_float32,
+some 20× above the rounding noise of a float32 sum of task vectors) are treated as absent:
+the polar factor of a rank-deficient matrix is then the partial isometry on its range,
+where an SVD would pick arbitrary vectors for the zero singular values. For full-rank task
+matrices (every real fine-tune) this changes nothing.
+
+Decompositions run on one intra-op thread (:func:`single_thread`): LAPACK and BLAS results
+can differ in the last bits between thread counts, and the merged bytes must not.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block on one intra-op thread (restored after): decompositions whose bits do
+    not depend on the machine's thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def rank_floor(s_max: float, shape: tuple[int, ...]) -> float:
+    """Singular values at or below this are treated as zero (see the module docstring)."""
+    return s_max * math.sqrt(max(shape)) * EPS32
+
+
+def _gram_eigh(m: torch.Tensor, tall: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of the float64 Gram matrix of the
+    smaller side: mᵀm for a tall matrix, m mᵀ for a wide one."""
+    m64 = m.double()
+    gram = m64.mT @ m64 if tall else m64 @ m64.mT
+    evals, evecs = torch.linalg.eigh(gram)
+    return evals.flip(0).clamp_min(0), evecs.flip(1)
+
+
+def singular_values(m: torch.Tensor) -> torch.Tensor:
+    """All min(m, n) singular values of a 2-D tensor, descending, in float64."""
+    evals, _ = _gram_eigh(m, m.shape[0] >= m.shape[1])
+    return evals.sqrt()
+
+
+def top_svd(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``r`` singular triplets of a 2-D float32 tensor: U (rows × r), σ (r), Vᵀ (r × cols).
+
+    Directions below :func:`rank_floor` are returned as zero columns / rows with σ = 0, so the
+    shapes are always r wide (r ≤ min(rows, cols)).
+    """
+    rows, cols = m.shape
+    tall = rows >= cols
+    evals, evecs = _gram_eigh(m, tall)
+    s = evals.sqrt()
+    floor = rank_floor(float(s[0]) if s.numel() else 0.0, (rows, cols))
+    k = min(r, int((s > floor).sum()))
+    s_k, w = s[:k], evecs[:, :k]
+    # the other side from the Gram eigenvectors: m w / σ (float64, then float32)
+    other = (m.double() @ w if tall else m.double().mT @ w) / s_k
+    u = torch.zeros(rows, r, dtype=m.dtype, device=m.device)
+    vt = torch.zeros(r, cols, dtype=m.dtype, device=m.device)
+    sigma = torch.zeros(r, dtype=m.dtype, device=m.device)
+    if tall:
+        u[:, :k], vt[:k] = other.to(m.dtype), w.mT.to(m.dtype)
+    else:
+        u[:, :k], vt[:k] = w.to(m.dtype), other.mT.to(m.dtype)
+    sigma[:k] = s_k.to(m.dtype)
+    return u, sigma, vt
+
+
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor of a 2-D tensor (U Vᵀ of its SVD; on the range of ``a`` when
+    it is rank deficient), in float64.
+
+    Tall ``a``: a (aᵀa)^(−1/2); wide ``a``: (a aᵀ)^(−1/2) a — through the eigendecomposition of
+    the smaller Gram matrix.
+    """
+    rows, cols = a.shape
+    tall = rows >= cols
+    evals, evecs = _gram_eigh(a, tall)
+    s = evals.sqrt()
+    keep = s > rank_floor(float(s[0]) if s.numel() else 0.0, (rows, cols))
+    w = evecs[:, keep]
+    inv_sqrt = (w / s[keep]) @ w.mT
+    a64 = a.double()
+    return a64 @ inv_sqrt if tall else inv_sqrt @ a64

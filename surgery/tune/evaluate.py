@@ -1,0 +1,207 @@
+"""Score a merge candidate without writing a checkpoint.
+
+The base and the models are read once into memory in their stored dtype (a bf16 135M model
+is 270 MB each). A candidate — a :class:`~surgery.merge.recipe.MergeRequest` — is merged by
+the same batch plan ``surgery merge`` runs (:func:`surgery.merge.batch.plan_batch`, the same
+per-tensor functions, blocks and seeds), each merged tensor rounded to the dtype ``merge``
+would write, and copied into one ``transformers`` model built once from the base. The probes
+are tokenized once and split into a search part and a report part; scoring a part is the
+corpus perplexity of ``surgery eval ppl`` (:class:`surgery.eval.perplexity.Scorer`). So a
+trial's numbers are those ``merge`` + ``eval ppl`` would give for the written checkpoint, at a
+fraction of the cost: no checkpoint is written or read back, no model is rebuilt, no text is
+re-tokenized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint.reader import Checkpoint
+from ..core.errors import IncompatibleCheckpointsError, UsageError
+from ..eval.perplexity import Scorer, corpus_windows, load_causal_lm, make_scorer
+from ..merge.batch import output_tensors
+from ..merge.inputs import Inputs
+from ..merge.plan import plan_merge
+from ..merge.recipe import MergeRequest, ModelRef
+from ..merge.registry import get_method
+
+
+class MemoryCheckpoint:
+    """A checkpoint (or a ``model+lora`` fused one) whose tensors are held in memory in their
+    stored dtype; reads return fresh copies, as :class:`~surgery.checkpoint.reader.Checkpoint`'s
+    do (methods modify them). Everything else (names, headers, config, files) is the wrapped
+    checkpoint's."""
+
+    def __init__(self, ckpt: Any):
+        self.ckpt = ckpt
+        self._data = {n: ckpt.get_raw(n) for n in ckpt.names}
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.ckpt, attr)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._data
+
+    def get_raw(self, name: str) -> torch.Tensor:
+        return self._data[name].clone()
+
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"):
+        t = self._data[name]
+        out = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+        return out
+
+    def get_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu"):
+        t = self._data[name][start:stop]
+        return t.to(device=device, dtype=dtype if dtype is not None else t.dtype, copy=True)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._data.values())
+
+
+@dataclass
+class Probe:
+    """One probe text: its name, weight in the objective, and its two scored parts."""
+
+    name: str
+    path: str
+    weight: float
+    sha256: str
+    tokens: int
+    search: Scorer
+    report: Scorer
+
+
+def split_point(num_tokens: int, holdout: float) -> int:
+    """Tokens in the search part: the first (1 − holdout) of the text (at least 2 in each part)."""
+    cut = int(round(num_tokens * (1.0 - holdout)))
+    return max(2, min(num_tokens - 2, cut))
+
+
+class Evaluator:
+    """The model, the inputs and the probes of one tuning run, ready to score candidates.
+
+    Args:
+        base: θ0's reference (path, Hub id; mergekit's string form).
+        models: The references of the models to merge (their tensors must match the base's).
+        probes: ``(name, path, text, weight)`` per probe.
+        holdout: Share of each probe's tokens kept for the report.
+        ctx, stride, batch_size: Corpus windows (default: ``eval ppl``'s ctx, disjoint windows).
+        device: Where the forward passes and the merge math run.
+    """
+
+    def __init__(self, base: str, models: list[str], probes: list[tuple[str, str, str, float]], *,
+                 holdout: float = 0.5, ctx: int | None = None, stride: int | None = None, batch_size: int = 8,
+                 device: str = "cpu"):
+        t0 = time.perf_counter()
+        self.device = device
+        opened = Inputs(device)
+        base_ck = opened.open(base, "base")
+        model_cks = [opened.open(m, f"model {m}") for m in models]
+        self.base_ckpt = base_ck
+        for m in model_cks:
+            bad = [n for n in base_ck.names if n not in m or m.info(n).shape != base_ck.info(n).shape]
+            extra = [n for n in m.names if n not in base_ck]
+            if bad or extra:
+                raise IncompatibleCheckpointsError(
+                    f"cannot tune a merge of {m.label} onto {base_ck.label}: tensor {(bad or extra)[0]!r} is missing "
+                    f"or has another shape; tune needs models with the base's tensors.", path=m.label,
+                    tensor=(bad or extra)[0])
+        self.model, tok = load_causal_lm(base_ck if isinstance(base_ck, Checkpoint) else base_ck.base, device=device)
+        self.names = [n for n in base_ck.names if base_ck.info(n).dtype.is_floating_point]
+        self.targets = self._targets(self.names)
+        # the planner finds every input already open, in memory
+        self.inputs = Inputs(device)
+        self.base = MemoryCheckpoint(base_ck)
+        self.models = [MemoryCheckpoint(m) for m in model_cks]
+        for text, mem in [(base, self.base), *zip(models, self.models)]:
+            ref = ModelRef.parse(text)
+            self.inputs.models[ref.key] = mem
+            self.inputs.refs[ref.key] = ref
+        self.probes = [self._probe(tok, name, path, text, weight, holdout, ctx, stride, batch_size)
+                       for name, path, text, weight in probes]
+        self.setup_seconds = time.perf_counter() - t0
+
+    def _targets(self, names: list[str]) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        params.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise UsageError(f"tune cannot place tensor {missing[0]!r} of {self.base_ckpt.label} into the "
+                             f"transformers model (its name changes on loading); tune a checkpoint saved by "
+                             f"transformers' save_pretrained.", path=self.base_ckpt.label, tensor=missing[0])
+        return {n: params[n] for n in names}
+
+    def _probe(self, tok: Any, name: str, path: str, text: str, weight: float, holdout: float, ctx: int | None,
+               stride: int | None, batch_size: int) -> Probe:
+        whole = make_scorer(self.model, tok, text, ctx=ctx, batch_size=batch_size, device=self.device)
+        stride = whole.ctx if stride is None else stride
+        if not 1 <= stride <= whole.ctx:
+            raise UsageError(f"`stride` must be between 1 and `ctx` ({whole.ctx}), got {stride}.")
+        ids = whole.ids
+        assert ids is not None
+        if ids.numel() < 8:
+            raise UsageError(f"probe {name!r} ({path}) has {ids.numel()} tokens; give at least a few sentences "
+                             f"(both its search and its report part need text).", path=path)
+        cut = split_point(int(ids.numel()), holdout)
+
+        def part(t: torch.Tensor) -> Scorer:
+            return dataclasses.replace(whole, ids=t, stride=stride,
+                                       windows=corpus_windows(int(t.numel()), whole.ctx, stride))
+
+        return Probe(name, path, weight, hashlib.sha256(text.encode()).hexdigest(), int(ids.numel()),
+                     part(ids[:cut]), part(ids[cut:]))
+
+    # ---- candidates ---------------------------------------------------------------------------
+
+    def load(self, request: MergeRequest, *, seed: int = 0) -> None:
+        """Merge ``request`` in memory and put the result into the model (rounded to the dtype
+        ``surgery merge`` would write)."""
+        method = get_method(request.method)
+        if method.kind != "batch":
+            raise UsageError(f"tune searches batch merge methods; {method.name!r} is continual "
+                             f"(merge it with surgery merge).")
+        plan = plan_merge(method, request, device=self.device, inputs=self.inputs)
+        target = plan.dtype
+        with torch.inference_mode():
+            for out in output_tensors(plan, seed=seed, device=self.device, options={"trim_ties": "index"}):
+                if out.rows is None:
+                    continue                      # copied from an input unmerged
+                param = self.targets[out.name]
+                merged = out.rows(0, out.shape[0] if out.shape else 1)
+                param.copy_(merged.to(target or out.dtype).reshape(param.shape))
+                del merged
+
+    def load_checkpoint(self, ckpt: MemoryCheckpoint) -> None:
+        """Put one of the inputs (base or a model) into the model, for reference numbers."""
+        with torch.inference_mode():
+            for n in self.names:
+                self.targets[n].copy_(ckpt.get(n, dtype=None).reshape(self.targets[n].shape))
+
+    def score(self, part: str) -> dict[str, float]:
+        """Mean token NLL of every probe's ``search`` or ``report`` part for the loaded weights."""
+        out = {}
+        for p in self.probes:
+            rep = getattr(p, part).score()
+            out[p.name] = float(rep["mean_nll"])
+        return out
+
+    def tokens(self, part: str) -> int:
+        return sum(int(getattr(p, part).ids.numel()) for p in self.probes)
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """What a log remembers of an input file: its path, size and modification time."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        return {"path": str(p), "size": st.st_size, "mtime": int(st.st_mtime)}
+    except OSError:
+        return {"path": str(p)}
