@@ -326,7 +326,10 @@ def _twice(tmp_path: Path, run: Callable[[Any], Any], names: tuple[str, ...] = (
 
 
 @pytest.mark.parametrize("method,params", [("ties", {"density": 0.5}), ("dare_ties", {"density": 0.6}),
-                                           ("slerp", {"t": 0.3})])
+                                           ("slerp", {"t": 0.3}), ("della", {"density": 0.6, "epsilon": 0.1}),
+                                           ("breadcrumbs_ties", {"density": 0.7, "gamma": 0.05}),
+                                           ("model_stock", {}), ("karcher", {}), ("sce", {"select_topk": 0.5}),
+                                           ("tsv", {}), ("iso_cts", {})])
 def test_batch_merges(cluster, tmp_path, method, params):
     models = ["ft-a"] if method == "slerp" else ["ft-a", "ft-b", "ft-c"]
     local, remote = _twice(tmp_path, lambda ex: _merge(method, models, tmp_path / "out", executor=ex, **params))
@@ -354,7 +357,7 @@ def test_opcm_with_a_state_then_resumed_with_one_more_model(cluster, tmp_path):
 
 
 @pytest.mark.parametrize("method,models", [("opcm", ["ft-a"]), ("continual_task_arithmetic", ["ft-a", "ft-b"]),
-                                           ("magmax", ["ft-b", "ft-c"])])
+                                           ("magmax", ["ft-b", "ft-c"]), ("dop", ["ft-a", "ft-b"])])
 def test_continual_single_pass_methods_with_a_state(cluster, tmp_path, method, models):
     """The paths where S_T is computed in the output pass (a fresh first model, folded models):
     on Ray it is materialised first so the state can be copied."""
