@@ -25,7 +25,7 @@ EXAMPLES = [
     "surgery tune task_arithmetic --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
     "--probe prose=surgery/data/probe.txt --probe code=surgery/merge/method.py -o out/tuned --trials 6",
     "surgery tune auto --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
-    "--probe prose=surgery/data/probe.txt -o out/tuned-auto --budget 2m --groups   # 5 methods, weights per layer group",
+    "--probe prose=surgery/data/probe.txt -o out/tuned-auto --budget 30s --groups   # 5 methods, weights per layer group",
     "surgery tune out/tuned/recipe.yml --probe prose=surgery/data/probe.txt@2 --probe code=surgery/merge/method.py "
     "--objective weighted --trials 4 -o out/tuned-again",
     "surgery tune task_arithmetic --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
