@@ -119,7 +119,7 @@ def report_line(r: dict) -> str:
     v, tv = r["vs_fusionbench"], r["vs_fusionbench_task_vector"]
     return (f"{r['method']:8s} FusionBench {r['fusionbench']['wall_s']:7.1f} s {r['fusionbench']['rss_mb']:6.0f} MB | "
             f"surgery {r['surgery']['wall_s']:7.1f} s {r['surgery']['rss_mb']:6.0f} MB | "
-            f"max rel {v['max_rel']:.2e} ({_ok(v['max_rel'], GOALS['max_rel'])}; task vector {tv['max_rel']:.2e}) | "
+            f"max rel {v['max_rel']:.2e} ({_ok(v['max_rel'], GOALS['max_rel'])}; task vector {tv['max_rel']:.2e} in {tv['tensor']}) | "
             f"wall x{r['wall_ratio']:.2f} ({_ok(r['wall_ratio'], GOALS['wall_ratio'])}) | "
             f"rss x{r['rss_ratio']:.2f} ({_ok(r['rss_ratio'], GOALS['rss_ratio'])})")
 
@@ -144,7 +144,8 @@ def write_doc(results: dict, out: Path) -> None:
             return f"did not finish in {x['wall_s']:.0f} s" if x.get("timed_out") else f"{x[key]:.{1 if unit == 's' else 0}f} {unit}"
         if "wall_ratio" in r:
             rest = (f"{r['wall_ratio']:.2f}× | {r['rss_ratio']:.2f}× | {r['vs_fusionbench']['max_rel']:.2e} "
-                    f"(`{r['vs_fusionbench']['tensor']}`) | {r['vs_fusionbench_task_vector']['max_rel']:.2e}")
+                    f"(`{r['vs_fusionbench']['tensor']}`) | {r['vs_fusionbench_task_vector']['max_rel']:.2e} "
+                    f"(`{r['vs_fusionbench_task_vector']['tensor']}`)")
         else:
             rest = "– | – | – | –"
         fb_rss = "–" if r["fusionbench"].get("timed_out") else cell("fusionbench", "MB", "rss_mb")
