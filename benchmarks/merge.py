@@ -35,6 +35,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,17 +51,28 @@ DOC = ROOT / "docs" / "benchmarks" / "merge.md"
 RESULTS = Path.home() / ".cache" / "surgery" / "bench-merge.json"
 
 
-def measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd`` under /usr/bin/time -v: wall seconds, peak RSS in MB, exit code."""
+def measured(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v: wall seconds, peak RSS in MB, exit code.
+
+    With ``timeout`` (seconds), a run past it is killed with its whole process group and
+    reported as ``{"timed_out": True, "wall_s": ...}`` instead of failing the benchmark."""
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"timed_out": True, "wall_s": round(time.perf_counter() - t0, 2), "rss_mb": float("nan"),
+                "stdout": ""}
     wall = time.perf_counter() - t0
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
     rss = int(m.group(1)) / 1024 if m else float("nan")
     if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        sys.stderr.write(stdout[-3000:] + stderr[-3000:])
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    return {"wall_s": round(wall, 2), "rss_mb": round(rss, 1), "stdout": proc.stdout}
+    return {"wall_s": round(wall, 2), "rss_mb": round(rss, 1), "stdout": stdout}
 
 
 def surgery_cmd() -> list[str]:
@@ -89,19 +101,22 @@ def bf16_steps(a_dir: Path, b_dir: Path) -> dict:
     return {"max_bf16_steps": worst, "share_differing": differ / max(total, 1)}
 
 
-def relative_per_tensor(a_dir: Path, b_dir: Path) -> dict:
-    """Max over tensors of ‖a − b‖ / ‖b‖ (float32)."""
+def relative_per_tensor(a_dir: Path, b_dir: Path, base_dir: Path | None = None) -> dict:
+    """Max over tensors of ‖a − b‖ / ‖b‖ (float32); with ``base_dir``, of ‖a − b‖ / ‖b − base‖
+    (relative to b's task vector: far stricter when the task vectors are small)."""
     import torch
 
     from surgery.checkpoint import open_checkpoint
 
     a, b = open_checkpoint(a_dir), open_checkpoint(b_dir)
+    base = open_checkpoint(base_dir) if base_dir is not None else None
     worst, where = 0.0, None
     for n in b.names:
         if n not in a:
             continue
         x, y = a.get(n), b.get(n)
-        rel = float(torch.linalg.vector_norm(x - y) / torch.linalg.vector_norm(y).clamp_min(1e-30))
+        ref = y if base is None else y - base.get(n)
+        rel = float(torch.linalg.vector_norm(x - y) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
         if rel > worst:
             worst, where = rel, n
     return {"max_rel": worst, "tensor": where}

@@ -23,13 +23,13 @@ class Objective(Choice):
 
 EXAMPLES = [
     "surgery tune task_arithmetic --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
-    "--probe prose=surgery/data/probe.txt --probe code=surgery/merge/method.py -o out/tuned --trials 6",
+    "--probe notes=fixtures/notes.txt --probe code=fixtures/make_fixtures.py -o out/tuned --trials 6",
     "surgery tune auto --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
-    "--probe prose=surgery/data/probe.txt -o out/tuned-auto --budget 2m --groups   # 5 methods, weights per layer group",
-    "surgery tune out/tuned/recipe.yml --probe prose=surgery/data/probe.txt@2 --probe code=surgery/merge/method.py "
+    "--probe notes=fixtures/notes.txt -o out/tuned-auto --budget 30s --groups   # 5 methods, weights per layer group",
+    "surgery tune out/tuned/recipe.yml --probe notes=fixtures/notes.txt@2 --probe code=fixtures/make_fixtures.py "
     "--objective weighted --trials 4 -o out/tuned-again",
     "surgery tune task_arithmetic --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
-    "--probe prose=surgery/data/probe.txt --probe code=surgery/merge/method.py -o out/tuned-more --trials 8 "
+    "--probe notes=fixtures/notes.txt --probe code=fixtures/make_fixtures.py -o out/tuned-more --trials 8 "
     "--resume out/tuned/trials.jsonl   # 2 more trials after the 6 of that log",
     "surgery merge --config out/tuned/recipe.yml -o out/merged-again      # the winning merge, re-run",
 ]

@@ -116,6 +116,10 @@ def flag(name: str, default: bool, help: str = "") -> Param:
 
 
 WEIGHT = Param("weight", 1.0, per_model=True, help="the model's weight", search=(0.0, 2.0))
+# The most iterations an iterative method may be asked for per tensor (Adam steps, Karcher
+# iterations): defaults are 10-400, so a larger request is a typo or a hostile recipe, not a
+# merge anyone can wait for; refused before any tensor is read.
+MAX_STEPS = 100_000
 
 
 # ---- batch methods --------------------------------------------------------------------------

@@ -13,10 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import CorruptCheckpointError, InputError, UsageError
+from ..core.formats import parse_json, read_text
 from ..core.output import write_file
 
 LOG_FORMAT = "surgery-tune-log"
 LOG_VERSION = 1
+MAX_LOG_BYTES = 256 * 2**20
+
+
+def _numbers(d: Any) -> bool:
+    """A probe → log-perplexity mapping whose values are numbers (inf allowed: a collapsed merge)."""
+    return isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       for k, v in d.items())
 
 
 def read_log(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -26,23 +34,28 @@ def read_log(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         InputError: The file cannot be read; CorruptCheckpointError when it is not a tune log.
     """
     p = Path(path)
+    hint = "pass the log an earlier `surgery tune` run wrote (OUT.tune.jsonl, or OUT/trials.jsonl)"
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(f"cannot read the tune log {p} ({exc.strerror or exc}); pass the log an earlier "
-                         f"`surgery tune` run wrote (OUT.tune.jsonl, or OUT/trials.jsonl).", path=p) from exc
-    try:
-        docs = [json.loads(line) for line in lines if line.strip()]
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{p} is not a tune log (line not JSON: {exc}).", path=p) from exc
+        text = read_text(p, what="tune log", max_bytes=MAX_LOG_BYTES)
+    except CorruptCheckpointError:
+        raise
+    except InputError as exc:
+        raise InputError(f"{exc.message.rstrip('.')}; {hint}.", path=p) from None
+    docs = [parse_json(line, path=p, what=f"tune log line {i}", error=CorruptCheckpointError)
+            for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not docs or not isinstance(docs[0], dict) or docs[0].get("format") != LOG_FORMAT:
-        raise CorruptCheckpointError(f"{p} is not a surgery tune log (no {LOG_FORMAT!r} header line).", path=p)
+        raise CorruptCheckpointError(f"{p} is not a surgery tune log (no {LOG_FORMAT!r} header line); {hint}.",
+                                     path=p)
     if docs[0].get("version") != LOG_VERSION:
         raise CorruptCheckpointError(f"{p} is a tune log of version {docs[0].get('version')!r}; this surgery reads "
                                      f"version {LOG_VERSION}.", path=p)
+    if not isinstance(docs[0].get("setup"), dict):
+        raise CorruptCheckpointError(f"{p} has a damaged header line (no setup object); the log cannot be resumed.",
+                                     path=p)
     trials = docs[1:]
     for t in trials:
-        if not isinstance(t, dict) or not isinstance(t.get("key"), str) or not isinstance(t.get("nll"), dict):
+        if not (isinstance(t, dict) and isinstance(t.get("key"), str) and isinstance(t.get("method"), str)
+                and isinstance(t.get("settings"), dict) and _numbers(t.get("nll"))):
             raise CorruptCheckpointError(f"{p} has a damaged trial line; the log cannot be resumed.", path=p)
     return docs[0]["setup"], trials
 

@@ -101,6 +101,16 @@ def test_unknown_dop_space_is_a_usage_error(cli, tmp_path):
     assert res.code == 2 and "svd_proj_space" in res.stderr
 
 
+@pytest.mark.parametrize("method,param", [("dop", "num_steps"), ("wudi", "iter_num"), ("karcher", "max_iter")])
+def test_iteration_counts_are_bounded(cli, tmp_path, method, param):
+    """A step count no one can wait for (a typo, a hostile recipe) is refused at once, naming
+    the bound, instead of running for days."""
+    res = cli("merge", "-m", method, "--base", LLAMA / "base", *MODELS, "-o", tmp_path / "o", "-p",
+              f"{param}=1000000000000")
+    assert res.code == 2 and f"-p {param}" in res.stderr and "[0, 100000]" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
 # ---- anchors: FusionBench's own implementations ----------------------------------------------------
 
 ANCHORS = [

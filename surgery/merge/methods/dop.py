@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from ..method import Continual, Param, StepContext, flag, unit
+from ..method import MAX_STEPS, Continual, Param, StepContext, flag, unit
 from .opcm import projected
 from .subspace import singular_values, top_svd
 
@@ -165,7 +165,7 @@ METHODS = (
               "dual orthogonal projections: each new model merged by data-free optimisation (continual)",
               (unit("alpha", 0.8, help="weight of the merged model's loss (MGDA: its starting weight)"),
                Param("lr", 1e-4, low=0.0, low_open=True, help="Adam learning rate"),
-               Param("num_steps", 200, type="int", low=0, help="Adam steps per matrix and model"),
+               Param("num_steps", 200, type="int", low=0, high=MAX_STEPS, help="Adam steps per matrix and model"),
                flag("mgda", True, "balance the two losses by MGDA (else fixed alpha)"),
                flag("ema", True, "smooth the MGDA weights by a moving average"),
                unit("ema_beta", 0.999, help="decay of the moving average"),

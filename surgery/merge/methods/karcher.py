@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from ..method import Batch, Param, TensorContext
+from ..method import MAX_STEPS, Batch, Param, TensorContext
 from .streaming import Inputs, Streamed, gram64
 
 
@@ -101,7 +101,7 @@ def _merge(ctx: TensorContext):
 METHODS = (
     Batch("karcher", "https://arxiv.org/abs/2603.04972",
           "Riemannian (Karcher) mean of the models' directions, scaled by their mean norm; a base is one more input",
-          (Param("max_iter", 10, type="int", low=0, help="most iterations"),
+          (Param("max_iter", 10, type="int", low=0, high=MAX_STEPS, help="most iterations"),
            Param("tol", 1e-5, low=0.0, help="convergence tolerance (and the norm below which an input is ignored)")),
           _merge, base="optional", min_models=1),
 )

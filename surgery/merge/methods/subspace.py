@@ -13,31 +13,20 @@ the polar factor of a rank-deficient matrix is then the partial isometry on its 
 where an SVD would pick arbitrary vectors for the zero singular values. For full-rank task
 matrices (every real fine-tune) this changes nothing.
 
-Decompositions run on one intra-op thread (:func:`single_thread`): LAPACK and BLAS results
-can differ in the last bits between thread counts, and the merged bytes must not.
+Decompositions run on one intra-op thread (:func:`surgery.core.determinism.one_thread`):
+LAPACK and BLAS results can differ in the last bits between thread counts, and the merged
+bytes must not.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
+from ...core.determinism import one_thread as single_thread  # noqa: F401  (the methods' name for it)
+
 EPS32 = torch.finfo(torch.float32).eps
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run the block on one intra-op thread (restored after): decompositions whose bits do
-    not depend on the machine's thread count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def rank_floor(s_max: float, shape: tuple[int, ...]) -> float:

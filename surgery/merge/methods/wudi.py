@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from ..method import WEIGHT, Batch, Param, TensorContext, flag
+from ..method import MAX_STEPS, WEIGHT, Batch, Param, TensorContext, flag
 from .opcm import projected
 from .subspace import single_thread
 from .tsv import mean_task_vector, weighted_taus
@@ -71,7 +71,7 @@ def _merge(ctx: TensorContext) -> torch.Tensor:
 METHODS = (
     Batch("wudi", "https://arxiv.org/abs/2503.08099",
           "WUDI: each projection optimised, without data, against the interference its task vectors span",
-          (WEIGHT, Param("iter_num", 400, type="int", low=0, help="Adam steps per matrix"),
+          (WEIGHT, Param("iter_num", 400, type="int", low=0, high=MAX_STEPS, help="Adam steps per matrix"),
            Param("lr", 1e-5, low=0.0, low_open=True, help="Adam learning rate"),
            flag("project_embeddings", False, "optimise embeddings too (default: averaged like biases)")), _merge),
 )

@@ -164,3 +164,25 @@ def test_objectives_and_pareto_front():
     trials = [{"nll": {"a": 1, "b": 5}}, {"nll": {"a": 2, "b": 2}}, {"nll": {"a": 3, "b": 3}},
               {"nll": {"a": 5, "b": 1}}, {"nll": {"a": 2, "b": 2}}]
     assert pareto(trials) == [0, 1, 3, 4]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\xff\xfe\x00 not text", "not UTF-8"),
+    (b"[" * 5000 + b"]" * 5000, "nests too deeply"),
+    (b'{"format": "surgery-tune-log", "version": 1, "setup": {}}\n{"key": "k", "method": "ties", '
+     b'"settings": {}, "nll": {"a": "x"}}\n', "damaged trial line"),
+    (b'{"format": "surgery-tune-log", "version": 1, "setup": []}\n', "no setup object"),
+    (b'{"format": "other"}\n', "not a surgery tune log"),
+])
+def test_a_damaged_resume_log_is_one_input_error(tmp_path, content, message):
+    """--resume reads a file the user names: anything but a tune log is an input error naming
+    the file (exit 3), never a traceback."""
+    from surgery.core.errors import InputError
+    from surgery.tune.log import read_log
+
+    p = tmp_path / "log.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        read_log(p)
+    with pytest.raises(InputError, match="does not exist"):
+        read_log(tmp_path / "missing.jsonl")
