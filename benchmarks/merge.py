@@ -145,7 +145,9 @@ BATCH_METHODS: dict[str, dict] = {
     "ramplus_tl": {"models": [(i, {}) for i in range(3)], "parameters": {}},
     "slerp": {"base": 0, "models": [(0, {}), (2, {})], "parameters": {"t": 0.5}},
     "nuslerp": {"models": [(0, {"weight": 0.5}), (2, {"weight": 0.5})], "parameters": {}},
-    "multislerp": {"models": [(i, {"weight": 1.0}) for i in range(3)], "parameters": {}},
+    # no base: with one, the tensors no fine-tune changed have all-zero task vectors, which
+    # mergekit refuses ("the weighted sum of the input tensors is zero")
+    "multislerp": {"base": None, "models": [(i, {"weight": 1.0}) for i in range(3)], "parameters": {}},
     "karcher": {"base": None, "models": [(i, {}) for i in range(3)], "parameters": {}},
     "model_stock": {"models": [(i, {}) for i in range(3)], "parameters": {}},
     "nearswap": {"models": [(0, {})], "parameters": {"t": 0.0001}},
