@@ -9,7 +9,9 @@ w (divided by their sum with ``normalize_weights``) and u_i = x_i / (‖x_i‖ +
 Every vector above lies in the span of the x_i, so the whole computation runs on their k×k
 Gram matrix (one float64 pass) and the output Σ c_i x_i is a second pass: memory does not
 grow with the tensor. One model is returned as it is; when Σ w_i u_i vanishes, two models
-are combined linearly (Σ w_i x_i) and more are refused, as in mergekit.
+are combined linearly (Σ w_i x_i) and more are refused, as in mergekit — except when every
+x_i is zero (a tensor no fine-tune changed, with a base): any combination of them is zero,
+so the base is written, where mergekit 0.1.5 stops the whole merge.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def multislerp_coefficients(gram: np.ndarray, weights: list[float], normalize: b
         w = w / w.sum()
     norms = np.sqrt(np.clip(np.diag(gram), 0, None))
     inv = 1.0 / (norms + eps)
+    if not norms.any():        # every x_i is zero: the result is θ0 (or zero) whatever the weights
+        return np.zeros_like(w)
     m = w * inv
     mean_norm = math.sqrt(max(float(m @ gram @ m), 0.0))
     if mean_norm < eps:

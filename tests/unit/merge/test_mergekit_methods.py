@@ -346,6 +346,11 @@ def test_multislerp_edge_cases():
     g3 = np.array([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     with pytest.raises(UsageError, match="weighted mean of the models' directions is zero"):
         multislerp.multislerp_coefficients(g3, [0.5, 0.5, 0.0], False, 1e-8)
+    # every task vector zero (a tensor no fine-tune changed): the base, where mergekit stops
+    base = _rand(5, seed=34)
+    out = _run(multislerp._merge, _ctx(base, [base.clone(), base.clone(), base.clone()],
+                                       {"normalize_weights": True, "eps": 1e-8}))
+    assert torch.equal(out, base)
 
 
 def _karcher_reference(xs, max_iter, tol):
