@@ -31,24 +31,111 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from surgery.core.errors import SurgeryError
 
-from . import _render, analyze, check, convert, diff, edit, eval, fuse, grow, inspect, merge, pull, push, tune
+from . import _render
 
-app = typer.Typer(
-    name="surgery",
-    help="Weight-space surgery on safetensors checkpoints: merge, analyze, edit, grow, fuse, inspect and check.\n\n"
-         "Add --debug anywhere to see tracebacks of expected errors. Shell completion: "
-         "surgery --install-completion (bash, zsh, fish, PowerShell).",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    # Plain click help: text is printed as written ("[a, b]" is not eaten as markup) and
-    # examples are never rewrapped, so each line pastes into a shell as printed.
-    rich_markup_mode=None,
-)
+# The registry of commands: each top-level command is the module of surgery.commands of the
+# same name, whose register() adds it; in the order `surgery --help` lists them. A run builds
+# only the command it invokes (one command module imported, not thirteen); --help, completion
+# and anything that is not a command name build them all.
+COMMANDS = ("inspect", "check", "diff", "convert", "pull", "push", "merge", "tune", "analyze", "eval", "edit", "grow",
+            "fuse")
 
-# One line per command group: the registry of commands.
-for _module in (inspect, check, diff, convert, pull, push, merge, tune, analyze, eval, edit, grow, fuse):
-    _module.register(app)
+
+def _new_app() -> typer.Typer:
+    app = typer.Typer(
+        name="surgery",
+        help="Weight-space surgery on safetensors checkpoints: merge, analyze, edit, grow, fuse, inspect and check.\n\n"
+             "Add --debug anywhere to see tracebacks of expected errors. Shell completion: "
+             "surgery --install-completion (bash, zsh, fish, PowerShell).",
+        no_args_is_help=True,
+        add_completion=True,
+        pretty_exceptions_enable=False,
+        # Plain click help: text is printed as written ("[a, b]" is not eaten as markup) and
+        # examples are never rewrapped, so each line pastes into a shell as printed.
+        rich_markup_mode=None,
+    )
+    app.callback()(_root)
+    return app
+
+
+def build_app(names: Any = None) -> typer.Typer:
+    """The Typer app with the commands ``names`` (default: all of :data:`COMMANDS`)."""
+    import importlib
+
+    app = _new_app()
+    for name in COMMANDS if names is None else names:
+        importlib.import_module(f"{__package__}.{name}").register(app)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """``app``: the whole Typer app, built on first use (tests walk it; main() builds only
+    the command it runs)."""
+    if name == "app":
+        globals()["app"] = built = build_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _command_for(argv: list[str]) -> Any:
+    """The click command that runs ``argv``: only the invoked command when ``argv`` starts
+    with a command name, none for ``--version``, else the whole app (root help, completion,
+    unknown names)."""
+    names = None
+    if "_SURGERY_COMPLETE" not in os.environ and argv:
+        if argv[0] in COMMANDS:
+            names = [argv[0]]
+        elif argv[0] == "--version":
+            names = []
+    command = typer.main.get_command(build_app(names))
+    _plain_coercion(command)
+    return command
+
+
+class _PlainCoercion:
+    """Coerces a ``str`` or ``bool`` parameter's value without pydantic where typer's own
+    coercion would return it unchanged: a value of exactly that type, or a missing one.
+
+    typer >= 0.2x coerces every parameter through a pydantic ``TypeAdapter`` built on first
+    use, and importing pydantic is a third of `surgery inspect`'s start-up. Anything else
+    (bytes, a list, another type) goes to typer's own coercion, built then."""
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
+        if type(value) is self.kind or (value is None and not (param.multiple or param.nargs == -1)):
+            return value
+        param._runtime_param = None
+        return param.get_runtime_param().coerce(value, param=param, ctx=ctx)
+
+
+def _plain_coercion(command: Any) -> None:
+    """Give every plain ``str``/``bool`` parameter of ``command``'s tree, its ``--help`` option
+    included (made on first use), a :class:`_PlainCoercion`. A no-op on typer versions without
+    runtime coercion objects."""
+    for param in getattr(command, "params", []):
+        _plain(param)
+    get_help_option = getattr(command, "get_help_option", None)
+    if get_help_option is not None:
+        def help_option(ctx: Any) -> Any:
+            option = get_help_option(ctx)
+            if option is not None:
+                _plain(option)
+            return option
+
+        command.get_help_option = help_option
+    for sub in (getattr(command, "commands", None) or {}).values():
+        _plain_coercion(sub)
+
+
+def _plain(param: Any) -> None:
+    desc = getattr(param, "type_descriptor", None)
+    if desc is None or getattr(param, "_runtime_param", False) is not None:
+        return
+    if desc.annotation in (str, bool) and desc.file_annotation is None \
+            and getattr(desc.parameter_info, "parser", None) is None:
+        param._runtime_param = _PlainCoercion(desc.annotation)
 
 
 INTERNAL_ERROR = 70
@@ -62,7 +149,6 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit(0)
 
 
-@app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Weight-space surgery on safetensors checkpoints."""
@@ -95,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = expand_ray(a for a in argv if a != "--debug")
     as_json = "--json" in argv
     _render.set_quiet(False)
-    command = typer.main.get_command(app)
+    command = _command_for(argv)
     try:
         rv = command.main(args=argv, prog_name="surgery", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -134,9 +220,11 @@ def expand_ray(argv: Any) -> list[str]:
     """``--ray [ADDRESS]`` takes its address only when the next word is one (``auto``,
     ``host:port``, ``ray://...``); a bare ``--ray`` becomes ``--ray=`` (the default address), so
     ``surgery convert --ray SRC OUT`` keeps SRC as the source."""
+    argv = list(argv)
+    if "--ray" not in argv:
+        return argv
     from surgery.core.executor import looks_like_address
 
-    argv = list(argv)
     out: list[str] = []
     i = 0
     while i < len(argv):
