@@ -14,20 +14,30 @@ import sys
 import traceback
 from typing import Any
 
-import click
 import typer
 
-try:  # typer >= 0.20 vendors its own click; its exceptions are not click's
-    from typer import exceptions as _tx
-    from typer._click import exceptions as _cx
 
-    _EXIT = (_tx.Exit, click.exceptions.Exit)
-    _ABORT = (getattr(_tx, "Abort", click.exceptions.Abort), click.exceptions.Abort, KeyboardInterrupt)
-    _CLICK_ERR = (_cx.ClickException, click.ClickException)
-except ImportError:  # pragma: no cover - older typer uses click itself
-    _EXIT = (click.exceptions.Exit,)
-    _ABORT = (click.exceptions.Abort, KeyboardInterrupt)
-    _CLICK_ERR = (click.ClickException,)
+def _kinds(name: str) -> tuple:
+    """The exception classes main() sorts by (``exit``, ``abort``, ``usage``): typer's (typer
+    >= 0.20 vendors its own click, whose exceptions are not click's) and click's own. Looked up
+    when an exception arrives, not at import: click is imported only if something loaded it,
+    and no click exception can be raised otherwise."""
+    kinds: list = [KeyboardInterrupt] if name == "abort" else []
+    try:
+        from typer import exceptions as tx
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        pass
+    else:
+        kinds += {"exit": [tx.Exit], "abort": [getattr(tx, "Abort", None)], "usage": [cx.ClickException]}[name]
+    click = sys.modules.get("click")
+    if click is not None:
+        import click.exceptions
+
+        kinds += {"exit": [click.exceptions.Exit], "abort": [click.exceptions.Abort],
+                  "usage": [click.ClickException]}[name]
+    return tuple(k for k in kinds if k is not None)
+
 
 from surgery.core.errors import SurgeryError
 
@@ -70,10 +80,13 @@ def build_app(names: Any = None) -> typer.Typer:
 
 def __getattr__(name: str) -> Any:
     """``app``: the whole Typer app, built on first use (tests walk it; main() builds only
-    the command it runs)."""
+    the command it runs). ``cli_entry``: :func:`main` as a click command (imports click)."""
     if name == "app":
         globals()["app"] = built = build_app()
         return built
+    if name == "cli_entry":
+        globals()["cli_entry"] = entry = _cli_entry()
+        return entry
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -185,14 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = command.main(args=argv, prog_name="surgery", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-    except _EXIT as exc:
+    except _kinds("exit") as exc:
         code = exc.exit_code
-    except _CLICK_ERR as exc:
+    except _kinds("usage") as exc:
         exc.show()
         code = exc.exit_code
         if as_json:
             _emit_error_json(exc, code)
-    except _ABORT:
+    except _kinds("abort"):
         sys.stderr.write("interrupted; no output was written.\n")
         code = 130
     except SurgeryError as exc:
@@ -317,11 +330,17 @@ def _console_script() -> None:
     sys.exit(main())
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
-@click.pass_context
-def cli_entry(ctx: click.Context) -> None:
-    """Wraps :func:`main` as a click command so tests can drive it with CliRunner."""
-    ctx.exit(main(list(ctx.args)))
+def _cli_entry() -> Any:
+    import click
+
+    @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                     "help_option_names": []})
+    @click.pass_context
+    def cli_entry(ctx: click.Context) -> None:
+        """Wraps :func:`main` as a click command so tests can drive it with CliRunner."""
+        ctx.exit(main(list(ctx.args)))
+
+    return cli_entry
 
 
 if __name__ == "__main__":
