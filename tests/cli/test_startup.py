@@ -130,3 +130,51 @@ def test_plain_coercion_agrees_with_typers_own():
             assert got == want and type(got) is type(want), (ref.name, value, got, want)
     if hasattr(whole.commands["inspect"].params[0], "get_runtime_param"):  # typer with runtime coercion
         assert checked > 50, checked
+
+
+# ---------------------------------------------------------------- tables drawn without rich's layout
+
+
+def test_plain_tables_are_drawn_as_rich_draws_them():
+    """print_table writes plain tables itself; for random tables (plain or not, fitting or not,
+    on consoles with and without styles) its output equals rich's drawing of fit_table's table."""
+    import io
+    import random
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from surgery.commands._render import Col, _plain_table, fit_table, print_table
+
+    rng = random.Random(0)
+    atoms = ["model", "layers", "0", "weight", ".", "_", "576", "×", "1.15 KB", "bfloat16", "→", "é", " ", "", "-"]
+    odd = ["[b]", "x:y", "中", "e\u0301", "a\tb", ":smile:"]  # markup, emoji codes, wide, combining, control
+
+    def text(n):
+        t = "".join(rng.choice(odd if rng.random() < 0.03 else atoms) for _ in range(rng.randint(0, n)))
+        return t if rng.random() < 0.1 else t.strip()  # edge spaces are left to rich
+
+    drawn_plain = 0
+    for case in range(100):
+        ncol = rng.randint(1, 5)
+        cols = [Col(text(2) or "h", rng.choice(["left", "right"]), key=(i == 0), drop=0 if i == 0 else rng.randint(0, 3),
+                    wrap=rng.random() < 0.2) for i in range(ncol)]
+        rows = [[text(6) for _ in range(ncol)] for _ in range(rng.randint(0, 6))]
+        title = rng.choice([None, "", text(4), "fixtures/llama-tiny/base"])
+
+        def console(styled):
+            return Console(file=io.StringIO(), width=rng.choice([20, 60, 80, 240, 240]), soft_wrap=True,
+                           force_terminal=styled, color_system="standard" if styled else None)
+
+        for styled in (False, True):
+            ours, ref = console(styled), console(styled)
+            ref.width = ours.width
+            print_table(ours, cols, rows, title=title)
+            table, dropped = fit_table(ref, cols, rows, title)
+            ref.print(table)
+            if dropped:
+                ref.print(Text(f"not shown at this width: {', '.join(dropped)} (--json has every column)", style="dim"),
+                          soft_wrap=False)
+            assert ours.file.getvalue() == ref.file.getvalue(), (case, cols, rows, title)
+            drawn_plain += _plain_table(ours, cols, rows, title) is not None
+    assert drawn_plain > 20  # the fast path was exercised, not only the fallback
