@@ -9,16 +9,20 @@ time is measured around the process; sides alternate order, medians of ``--reps`
   surgery's peak RSS <= 0.5 GB (it was 1.13 GB before streaming).
 * ``check``: ``surgery check FT --against BASE --atol 1 --json`` vs the same load_file script
   comparing every tensor within the tolerance. Goal: <= 0.5 GB (was 1.35 GB).
-* ``inspect``: ``surgery inspect`` of the bf16 safetensors folder and of the Q4_1 GGUF file
-  (``--json``) vs ``safe_open(...).keys()`` + shapes (safetensors) and gguf-py's
-  ``GGUFReader`` (GGUF). Goal: surgery inspect <= 0.5 s whole-process on SmolLM2; torch is
-  not imported (the script also reports which heavy modules each surgery process loaded).
+* ``inspect``: ``surgery inspect`` of the bf16 safetensors folder (``--json``, and the tensor
+  table as printed to a pipe) and of the Q4_1 GGUF file (``--json``) vs
+  ``safe_open(...).keys()`` + shapes (safetensors) and gguf-py's ``GGUFReader`` (GGUF). Goal:
+  surgery inspect <= 0.5 s whole-process on SmolLM2; torch is not imported (the script also
+  reports which heavy modules each surgery process loaded).
+* ``startup``: ``surgery --version``, ``surgery --help`` and ``surgery merge --help`` against
+  the interpreter alone (``python -c pass``): what start-up costs beyond Python itself.
 
-FT is the ``code`` fine-tune of benchmarks/workload.py when it is built (or ``--ft DIR``);
-otherwise a perturbed copy of the base made here (``--quick``), which exercises the same
-code paths. Usage::
+FT (``diff`` and ``check`` only) is the ``code`` fine-tune of benchmarks/workload.py when it is
+built (or ``--ft DIR``); otherwise a perturbed copy of the base made here (``--quick``), which
+exercises the same code paths. Usage::
 
     python benchmarks/readonly.py --reps 3            # real workload (builds it if needed)
+    python benchmarks/readonly.py --cases inspect,startup --reps 10   # start-up only (no fine-tune)
     python benchmarks/readonly.py --quick --reps 1    # smoke test
 """
 
@@ -75,8 +79,8 @@ r = gguf.GGUFReader(sys.argv[1])
 print(sum(int(t.n_elements) for t in r.tensors))
 """
 PROBE = ("import sys, json; from surgery.commands.app import main; code = main(sys.argv[1:]); "
-         "sys.stderr.write('MODULES ' + json.dumps(sorted(m for m in ('torch', 'transformers', 'numpy', 'gguf') "
-         "if m in sys.modules)) + '\\n'); sys.exit(code)")
+         "sys.stderr.write('MODULES ' + json.dumps(sorted(m for m in ('torch', 'transformers', 'numpy', 'gguf', "
+         "'pydantic', 'rich') if m in sys.modules)) + '\\n'); sys.exit(code)")
 
 
 def run_measured(cmd: list[str]) -> dict:
@@ -161,11 +165,14 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ft", type=Path, default=None, help="Fine-tune to compare with the base.")
     ap.add_argument("--quick", action="store_true", help="Use a perturbed copy of the base instead of the workload.")
-    ap.add_argument("--cases", default="diff,check,inspect")
+    ap.add_argument("--cases", default="diff,check,inspect,startup")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    base, ft = base_and_finetune(args.ft, args.quick)
     cases = args.cases.split(",")
+    if "diff" in cases or "check" in cases:
+        base, ft = base_and_finetune(args.ft, args.quick)
+    else:
+        base, ft = smollm2_checkpoint(), None
     results = []
     if "diff" in cases:
         results.append(compare("diff", {"surgery": surgery("diff", str(base), str(ft), "--json", "-q"),
@@ -179,17 +186,26 @@ def main() -> int:
         results.append(compare("inspect st", {"surgery": surgery("inspect", str(base), "--json"),
                                               "anchor": [sys.executable, "-c", ST_INSPECT_ANCHOR, str(base)]},
                                args.reps))
+        results.append(compare("inspect st table", {"surgery": surgery("inspect", str(base)),
+                                                    "anchor": [sys.executable, "-c", ST_INSPECT_ANCHOR, str(base)]},
+                               args.reps))
         g = gguf_path()
         if g is not None:
             results.append(compare("inspect gguf", {"surgery": surgery("inspect", str(g), "--json"),
                                                     "anchor": [sys.executable, "-c", GGUF_INSPECT_ANCHOR, str(g)]},
                                    args.reps))
+    if "startup" in cases:
+        for argv in (["--version"], ["--help"], ["merge", "--help"]):
+            results.append(compare(f"startup {' '.join(argv)}", {"surgery": surgery(*argv),
+                                                                  "anchor": [sys.executable, "-c", "pass"]}, args.reps))
     print()
     print("| case | surgery wall | anchor wall | wall ratio | surgery peak RSS | anchor peak RSS | RSS ratio | goal |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in results:
         s, a = r["median"]["surgery"], r["median"]["anchor"]
-        if r["case"].startswith("inspect"):
+        if r["case"].startswith("startup"):
+            goal = f"anchor: python -c pass; torch {'imported' if 'torch' in (r['modules'] or []) else 'not imported'}"
+        elif r["case"].startswith("inspect"):
             goal = (f"wall <= {GOAL_INSPECT_S} s: {'met' if s['wall_s'] <= GOAL_INSPECT_S else 'MISSED'}; "
                     f"torch {'imported' if 'torch' in (r['modules'] or []) else 'not imported'}")
         else:
@@ -197,7 +213,8 @@ def main() -> int:
         print(f"| {r['case']} | {s['wall_s']:.2f} s | {a['wall_s']:.2f} s | {r['wall_ratio']:.2f}x | "
               f"{s['rss_mb']:.0f} MB | {a['rss_mb']:.0f} MB | {r['rss_ratio']:.2f}x | {goal} |")
     if args.json:
-        args.json.write_text(json.dumps({"base": str(base), "ft": str(ft), "results": results}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"base": str(base), "ft": str(ft) if ft else None, "results": results},
+                                        indent=2) + "\n")
     return 0
 
 
