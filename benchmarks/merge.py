@@ -527,7 +527,10 @@ def write_doc(results: dict) -> None:
               "- \"bf16 steps\" is |a − b| divided by the bf16 spacing at max(|a|, |b|); a difference of one rounding "
               "step is 1. (A first version of this script compared bit patterns, which explodes across zero: a "
               "table made with it shows thousands of steps for entries that differ in the last bit around 0.)",
-              "- Both merge outputs are bf16; FusionBench's model is merged in float32 and cast on save."]
+              "- Both merge outputs are bf16; FusionBench's model is merged in float32 and cast on save.",
+              "- `multislerp`: mergekit's float32 `torch.norm` of a whole large tensor is low on CPU "
+              "(pytorch/pytorch#169237; -0.15% for SmolLM2's 28M-entry embedding), which shrinks its embedding by "
+              "about 0.36%: nearly all of its differing entries (docs/merge.md, \"`multislerp` on large tensors\")."]
     DOC.write_text("\n".join(lines) + "\n")
 
 
