@@ -4,9 +4,10 @@ default), rescale the survivors so the task vector keeps its L1 norm (mergekit 0
 the paper divides by the density, which is the same in expectation), then combine linearly
 (``dare_linear``) or with TIES' sign election (``dare_ties``).
 
-The drop is decided by flat position (:func:`.sparsify.uniforms`): chunk j of model i keeps
-entry e when the e-th float64 of ``torch.rand(len_j, generator=Generator().manual_seed(
-drop_seed(seed, tensor, i, j)))`` is below the density (drawn on the CPU). A merge is
+The drop is decided by flat position (:func:`.sparsify.draw_bits`): model i keeps entry e
+when u_e = r_e / 2^24 is below the density, r_e the top 24 bits of the e-th output of a
+SplitMix64 stream keyed by ``drop_seed(seed, tensor, i)`` (integer tensor ops on the
+tensor's device, equal on every device). A merge is
 therefore reproducible bit for bit whatever the device, the order tensors are processed in,
 and the row blocks the work is split into. The L1 norms are summed over fixed blocks in
 float64 in a first pass; the output is streamed in row blocks in a second.
@@ -19,7 +20,7 @@ from typing import Sequence
 import torch
 
 from ..method import WEIGHT, Batch, TensorContext
-from .sparsify import (DRAW_CHUNK, INT8_MASK, LAMBDA, Sparsify, density_param, drop_seed,  # noqa: F401
+from .sparsify import (INT8_MASK, LAMBDA, Sparsify, density_param, drop_seed,  # noqa: F401
                        gta_rows, keep_mask, l1_factor, normalize_param, rescale_param, whole)
 from .streaming import as64, sum64
 
@@ -40,8 +41,8 @@ def dare_drop(delta: torch.Tensor, density: float, *, seed: int, tensor_name: st
     if density <= 0:
         return torch.zeros_like(delta)
     total = delta.numel() if numel is None else numel
-    keep = keep_mask(seed, tensor_name, model_index, total, start, start + delta.numel(), density)
-    out = delta * keep.to(delta.device).view(delta.shape)
+    keep = keep_mask(seed, tensor_name, model_index, total, start, start + delta.numel(), density, delta.device)
+    out = delta * keep.view(delta.shape)
     if rescale:
         factor = l1_factor(sum64(as64(delta.abs())), sum64(as64(out.abs())))
         out.mul_(factor) if factor != 1.0 else None

@@ -28,8 +28,9 @@ Which entries survive:
   density − ε + 2ε · r/(m − 1) (density when m = 1, where mergekit fails).
 
 Random draws are made by flat position (:func:`uniforms`): entry e of tensor T, model i, is
-kept when the e-th draw of a generator seeded from (seed, T, i, e // 65,536) is below its
-probability; so a merge is reproducible bit for bit from ``--seed`` on any device, in any
+kept when u_e, the e-th output of a SplitMix64 stream keyed by (seed, T, i), cut to 24 bits,
+is below its probability; a counter-based draw any entry of which is computed directly in
+int64 tensor ops, so a merge is reproducible bit for bit from ``--seed`` on any device, in any
 tensor order and whatever the row blocks. mergekit draws from torch's global RNG, so its
 random methods agree with these in distribution (kept fraction, rescaling, sign election),
 not entry by entry.
@@ -42,6 +43,7 @@ output is produced in row blocks; a small tensor is read once.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -53,40 +55,63 @@ from .streaming import Inputs, OrderedRows, as64, sum64
 from .task_arithmetic import INT8_MASK, LAMBDA  # noqa: F401  (the family's shared declarations)
 
 CHUNK = 1 << 23          # sign election runs over flat chunks (32 MB in float32)
-DRAW_CHUNK = 1 << 16     # entries per seeded draw
+UNIFORM_BITS = 24        # resolution of a draw: u = r / 2^24, r an integer
 RESCALE_EPS = 1e-7       # mergekit's: no rescale when either L1 norm is below this
 KINDS = ("none", "magnitude", "random", "outliers", "della")
 
 
 # ---- seeded draws by flat position ------------------------------------------------------------
 
-def drop_seed(seed: int, tensor_name: str, model_index: int, chunk: int = 0) -> int:
-    """A 63-bit generator seed from the user seed, the tensor name, the model index and the chunk."""
-    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}\0{chunk}".encode()).digest()
+def drop_seed(seed: int, tensor_name: str, model_index: int) -> int:
+    """The 63-bit key of one model's draws on one tensor, from the user seed, the tensor name
+    and the model index."""
+    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def uniforms(seed: int, tensor_name: str, model_index: int, numel: int, start: int, stop: int) -> torch.Tensor:
-    """The float64 uniform draws of the flat entries ``[start, stop)`` of a tensor with
-    ``numel`` entries (on the CPU): chunk j of ``DRAW_CHUNK`` entries is
-    ``torch.rand(len_j, generator=Generator().manual_seed(drop_seed(seed, tensor, i, j)))``;
-    the chunks overlapping the range are drawn whole and sliced."""
-    out = torch.empty(stop - start, dtype=torch.float64)
-    j = start // DRAW_CHUNK
-    while j * DRAW_CHUNK < stop:
-        a, e = j * DRAW_CHUNK, min(numel, (j + 1) * DRAW_CHUNK)
-        g = torch.Generator().manual_seed(drop_seed(seed, tensor_name, model_index, j))
-        draw = torch.rand(e - a, generator=g, dtype=torch.float64)
-        lo, hi = max(a, start), min(e, stop)
-        out[lo - start:hi - start] = draw[lo - a:hi - a]
-        j += 1
-    return out
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the int64 torch stores."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _xor_shift_(z: torch.Tensor, s: int) -> torch.Tensor:
+    """z ^= z >>> s (logical shift of the 64-bit pattern; torch's >> is arithmetic)."""
+    return z.bitwise_xor_((z >> s).bitwise_and_((1 << (64 - s)) - 1))
+
+
+def draw_bits(seed: int, tensor_name: str, model_index: int, start: int, stop: int,
+              device: str | torch.device = "cpu") -> torch.Tensor:
+    """The integers r_e in [0, 2^24) of the flat entries ``[start, stop)`` (int64): the top 24
+    bits of SplitMix64's e-th output for the key k = :func:`drop_seed` — z = k + (e + 1) ·
+    0x9E3779B97F4A7C15, z = (z ^ z >>> 30) · 0xBF58476D1CE4E5B9, z = (z ^ z >>> 27) ·
+    0x94D049BB133111EB, z ^= z >>> 31, all mod 2^64; r_e = z >>> 40. Integer ops only, so the
+    same on every device and for any split of the range."""
+    z = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=device)
+    z.mul_(_GOLDEN).add_(_signed(drop_seed(seed, tensor_name, model_index)))
+    z = _xor_shift_(z, 30).mul_(_MIX1)
+    z = _xor_shift_(z, 27).mul_(_MIX2)
+    z = _xor_shift_(z, 31)
+    return (z >> (64 - UNIFORM_BITS)).bitwise_and_((1 << UNIFORM_BITS) - 1)
+
+
+def uniforms(seed: int, tensor_name: str, model_index: int, numel: int, start: int, stop: int,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+    """The uniform draws u_e = r_e / 2^24 of the flat entries ``[start, stop)`` of a tensor with
+    ``numel`` entries (float64, exact; :func:`draw_bits`)."""
+    del numel                      # the draw of an entry depends on its position only
+    return draw_bits(seed, tensor_name, model_index, start, stop, device).to(torch.float64).mul_(2.0 ** -UNIFORM_BITS)
 
 
 def keep_mask(seed: int, tensor_name: str, model_index: int, numel: int, start: int, stop: int,
-              density: float) -> torch.Tensor:
-    """Which of the flat entries ``[start, stop)`` DARE keeps with probability ``density`` (bool, CPU)."""
-    return uniforms(seed, tensor_name, model_index, numel, start, stop) < density
+              density: float, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Which of the flat entries ``[start, stop)`` DARE keeps: u_e < ``density`` (bool), compared
+    exactly as r_e < ⌈density · 2^24⌉."""
+    del numel
+    limit = math.ceil(density * (1 << UNIFORM_BITS))
+    return draw_bits(seed, tensor_name, model_index, start, stop, device) < limit
 
 
 # ---- how each model's task vector is sparsified --------------------------------------------
@@ -162,12 +187,13 @@ class _Masker:
             return None
         start = a * self.row_elems
         if r.kind == "random":
-            keep = keep_mask(self.seed, self.name, self.index, self.numel, start, start + tau.numel(), r.density)
-            return keep.to(tau.device).view(tau.shape)
+            keep = keep_mask(self.seed, self.name, self.index, self.numel, start, start + tau.numel(), r.density,
+                             tau.device)
+            return keep.view(tau.shape)
         if r.kind == "della":
             probs = della_probabilities(tau.abs(), r.density, r.epsilon)
-            u = uniforms(self.seed, self.name, self.index, self.numel, start, start + tau.numel())
-            return u.to(probs.device).view(tau.shape) < probs
+            u = uniforms(self.seed, self.name, self.index, self.numel, start, start + tau.numel(), probs.device)
+            return u.view(tau.shape) < probs
         bits = _bits(tau.abs().float())
         keep = self.keepers[0](bits)
         if r.kind == "outliers":
@@ -301,9 +327,8 @@ class GtaRows(OrderedRows):
                     if hold:
                         self.cached[i][a:e] = mask
                     if i in total:
-                        mag = as64(tau)
-                        total[i] += sum64(mag)
-                        kept[i] += sum64(mag * as64(mask))
+                        total[i] += sum64(as64(tau))
+                        kept[i] += sum64(as64(tau.mul_(mask)))      # exact: the mask is 0 or 1
             for i in live:
                 self.factors[i] = l1_factor(total[i], kept[i])
 

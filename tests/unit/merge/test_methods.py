@@ -166,14 +166,20 @@ def test_ties_matches_elementwise_reference():
 
 # ---- DARE -----------------------------------------------------------------------------------
 
+def _splitmix64_top24(key, e):
+    """SplitMix64's e-th output (0-based) for state ``key``, top 24 bits, in Python integers."""
+    m = (1 << 64) - 1
+    z = (key + (e + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return (z ^ (z >> 31)) >> 40
+
+
 def _dare_keep_reference(seed, name, model, numel, density):
-    """The documented draw, spelled out: chunk j of DRAW_CHUNK entries uses a CPU generator
-    seeded with drop_seed(seed, name, model, j); an entry survives when its float64 < density."""
-    parts = []
-    for j, a in enumerate(range(0, numel, dare.DRAW_CHUNK)):
-        g = torch.Generator().manual_seed(dare.drop_seed(seed, name, model, j))
-        parts.append(torch.rand(min(dare.DRAW_CHUNK, numel - a), generator=g, dtype=torch.float64) < density)
-    return torch.cat(parts)
+    """The documented draw, spelled out: entry e survives when r_e / 2^24 < density, r_e the top
+    24 bits of the e-th output of SplitMix64 started at drop_seed(seed, name, model)."""
+    key = dare.drop_seed(seed, name, model)
+    return torch.tensor([_splitmix64_top24(key, e) / 2 ** 24 < density for e in range(numel)])
 
 
 def test_dare_drop_is_seeded_and_rescaled():
@@ -198,10 +204,23 @@ def test_dare_drop_is_seeded_and_rescaled():
     assert torch.equal(part != 0, kept.reshape(-1)[65_000:140_123])
 
 
-def test_dare_seed_depends_on_tensor_model_and_chunk_not_on_order():
+def test_dare_seed_depends_on_tensor_and_model_not_on_order():
     assert dare.drop_seed(0, "w", 0) == dare.drop_seed(0, "w", 0)
     assert len({dare.drop_seed(0, "w", 0), dare.drop_seed(0, "w", 1), dare.drop_seed(0, "v", 0),
-                dare.drop_seed(1, "w", 0), dare.drop_seed(0, "w", 0, 1)}) == 5
+                dare.drop_seed(1, "w", 0)}) == 4
+
+
+def test_draws_are_uniform_and_any_range_equals_the_whole():
+    r = sparsify.draw_bits(3, "w", 1, 0, 1 << 20)
+    assert int(r.min()) >= 0 and int(r.max()) < 2 ** 24
+    u = r.double() / 2 ** 24
+    assert abs(float(u.mean()) - 0.5) < 2e-3 and abs(float(u.var()) - 1 / 12) < 2e-3
+    hist = torch.bincount((u * 16).long(), minlength=16).double() / u.numel()
+    assert float((hist - 1 / 16).abs().max()) < 2e-3                    # every sixteenth equally often
+    lag = float(((u[1:] - 0.5) * (u[:-1] - 0.5)).mean()) * 12            # neighbours uncorrelated
+    assert abs(lag) < 1e-2
+    assert torch.equal(sparsify.draw_bits(3, "w", 1, 12_345, 99_999), r[12_345:99_999])
+    assert torch.equal(sparsify.uniforms(3, "w", 1, 1 << 20, 5, 9), u[5:9])
 
 
 def test_dare_linear_and_ties_match_manual_drop():
@@ -222,9 +241,7 @@ def test_dare_linear_and_ties_match_manual_drop():
 
 @pytest.mark.parametrize("consensus", [False, True])
 def test_dare_blocks_equal_the_whole_tensor(monkeypatch, consensus):
-    """Row blocks (boundaries inside draw chunks, several blocks per L1 pass) give the bytes of
-    the whole-tensor computation."""
-    monkeypatch.setattr(sparsify, "DRAW_CHUNK", 64)
+    """Row blocks (several blocks per L1 pass) give the bytes of the whole-tensor computation."""
     monkeypatch.setattr(streaming, "STATS_ELEMENTS", 100)
     base = _rand(41, 13).float()
     ms = [base + 0.1 * _rand(41, 13, seed=i + 1).float() for i in range(3)]
