@@ -20,11 +20,14 @@ Runs, each as a whole process with wall time and peak RSS (``/usr/bin/time -v``)
 
 Prints the ratios and writes docs/benchmarks/merge.md.
 
-    python benchmarks/merge.py [--stages batch,synthetic,opcm,growth] [--batch-methods ties,sce]
+    python benchmarks/merge.py [--stages batch,synthetic,opcm,growth] [--methods ties,sce]
                                [--skip-ppl] [--skip-fusionbench] [--keep DIR]
 
 Each stage's numbers are kept in ~/.cache/surgery/bench-merge.json, so stages can be run
-separately; the page is rendered from the latest numbers of every stage.
+separately; the page is rendered from the latest numbers of every stage. ``--methods``
+re-measures only those methods (batch and synthetic stages; the others keep their cached
+rows). Every method's row is saved and the page re-rendered as soon as it is measured, so a
+run that dies or is stopped still keeps what it measured.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -201,7 +205,9 @@ def heldout_ppl(ckpt: Path, texts: dict[str, Path]) -> dict[str, float]:
     return res
 
 
-def batch(work: Path, base: Path, fts: list[Path], only: list[str] | None = None, ppl: bool = True) -> list[dict]:
+def batch(work: Path, base: Path, fts: list[Path], only: list[str] | None = None, ppl: bool = True,
+          on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every method of BATCH_METHODS (or of ``only``) against mergekit-yaml; ``on_row(row)`` as each finishes."""
     rows = []
     texts = heldout_texts(work, base) if ppl else {}
     for method in BATCH_METHODS:
@@ -236,6 +242,8 @@ def batch(work: Path, base: Path, fts: list[Path], only: list[str] | None = None
             shutil.rmtree(work / d, ignore_errors=True)
         for r in (ours, mk):
             r.pop("stdout", None)
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
@@ -299,7 +307,8 @@ def synthetic_models(n: int = 3, scale: float = 2e-3) -> tuple[Path, list[Path]]
     return base, outs
 
 
-def synthetic(work: Path, smollm2_rows: list[dict], only: list[str] | None = None) -> list[dict]:
+def synthetic(work: Path, smollm2_rows: list[dict], only: list[str] | None = None,
+              on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Every method's recipe on the 7B-shaped checkpoint: surgery's peak RSS against its SmolLM2 run."""
     base, fts = synthetic_models()
     by_method = {r["method"]: r for r in smollm2_rows}
@@ -316,6 +325,8 @@ def synthetic(work: Path, smollm2_rows: list[dict], only: list[str] | None = Non
                      "rss_growth": r["rss_mb"] / small if small else None})
         print(f"{method:16s} 7B-shaped: {r['wall_s']:6.1f} s {r['rss_mb']:7.0f} MB"
               + (f" | x{rows[-1]['rss_growth']:.2f} the SmolLM2 run's peak RSS" if small else ""))
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
@@ -586,7 +597,9 @@ def main() -> None:
                     help="Comma-separated: batch, synthetic, opcm, growth.")
     ap.add_argument("--skip-ppl", action="store_true", help="Batch stage: no held-out perplexity (faster).")
     ap.add_argument("--skip-fusionbench", action="store_true")
-    ap.add_argument("--batch-methods", default="", help="Only these batch methods (the others keep their cached rows).")
+    ap.add_argument("--methods", "--batch-methods", dest="methods", default="",
+                    help="Comma-separated: only these methods in the batch and synthetic stages "
+                         "(the others keep their cached rows).")
     ap.add_argument("--render-only", action="store_true", help="Rewrite the page from the cached numbers.")
     ap.add_argument("--keep", type=Path, help="Keep the outputs in this folder.")
     args = ap.parse_args()
@@ -602,7 +615,10 @@ def main() -> None:
     try:
         results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
         results.update({"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-        only = [m for m in args.batch_methods.split(",") if m]
+        only = [m for m in args.methods.split(",") if m]
+        unknown = [m for m in only if m not in BATCH_METHODS]
+        if unknown:
+            sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BATCH_METHODS)}")
 
         def merged(stage: str, new: list[dict]) -> list[dict]:
             new = [{**r, "commit": _commit()} for r in new]
@@ -611,13 +627,26 @@ def main() -> None:
             order = list(BATCH_METHODS)
             return sorted(kept + new, key=lambda r: order.index(r["method"]))
 
+        def save() -> None:
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(results, indent=2, default=str))
+            write_doc(results)
+
+        def keep(stage: str):
+            """Merge one finished method's row into the cached stage and re-render the page."""
+            def on_row(row: dict) -> None:
+                results[stage] = merged(stage, [row])
+                save()
+            return on_row
+
         def run_batch() -> list[dict]:
             if not args.skip_ppl:
                 results["inputs_ppl"] = inputs_ppl(work, base, fts)
-            return merged("batch", batch(work, base, fts, only or None, ppl=not args.skip_ppl))
+            return merged("batch", batch(work, base, fts, only or None, ppl=not args.skip_ppl, on_row=keep("batch")))
 
         stages = {"batch": run_batch,
-                  "synthetic": lambda: merged("synthetic", synthetic(work, results.get("batch", []), only or None)),
+                  "synthetic": lambda: merged("synthetic", synthetic(work, results.get("batch", []), only or None,
+                                                                     on_row=keep("synthetic"))),
                   "opcm": lambda: opcm(work, base, fts, not args.skip_fusionbench),
                   "growth": lambda: memory_growth(work, base, fts)}
         for stage in args.stages.split(","):
@@ -626,9 +655,7 @@ def main() -> None:
                 results[stage]["commit"] = _commit()
             else:
                 results[stage] = [r if "commit" in r else {**r, "commit": _commit()} for r in results[stage]]
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=2, default=str))
-            write_doc(results)
+            save()
             print(f"wrote {DOC}")
     finally:
         if args.keep is None:

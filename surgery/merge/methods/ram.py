@@ -23,20 +23,22 @@ EPSILON = Param("epsilon", 1e-5, low=0.0, help="|τ| above this counts as a chan
 
 def ram_block(base: torch.Tensor, taus: Sequence[torch.Tensor], epsilon: float,
               lambdas: Sequence[float] | None = None) -> torch.Tensor:
-    """θ0 + Σ_i (τ_i on its unique entries, · λ_i) + (τ_i on shared entries) / (models changing it)."""
+    """θ0 + Σ_i (τ_i on its unique entries, · λ_i) + (τ_i on shared entries) / (models changing it).
+
+    Summed in model order, each model adding τ_i / c (c: how many models changed the entry; τ_i
+    itself where c = 1, times λ_i) or 0: the bytes of mergekit's masked products, in fewer passes."""
     active = [t.abs() > epsilon for t in taus]
-    counts = torch.zeros(base.shape, dtype=torch.int64, device=base.device)
-    for a in active:
+    counts = active[0].to(base.dtype)
+    for a in active[1:]:
         counts.add_(a)
-    unique, overlap = counts == 1, counts > 1
-    shared = counts.clamp(min=1)
+    unique = counts == 1 if lambdas is not None else None
+    shared = counts.clamp_(min=1)
     merged = torch.zeros_like(base)
     for i, (t, a) in enumerate(zip(taus, active)):
-        tz = t * a
-        part = tz * unique
-        if lambdas is not None:
-            part = part * lambdas[i]
-        merged.add_(part + tz * overlap / shared)
+        part = t / shared
+        if unique is not None and lambdas[i] != 1.0:
+            part = torch.where(unique, t * lambdas[i], part)
+        merged.add_(part.masked_fill_(a.logical_not_(), 0))
     return merged.add_(base)
 
 
@@ -61,11 +63,14 @@ def _ramplus(ctx: TensorContext) -> Streamed:
     def prepare() -> None:
         shared, unique = [0] * ctx.n, [0] * ctx.n
         for a, e in inputs.blocks:
-            active = [t.abs() > eps for t in inputs.vectors(a, e, taus=True)]
-            counts = torch.stack(active).sum(0)
+            active = [t.abs_() > eps for t in inputs.vectors(a, e, taus=True)]
+            counts = active[0].to(torch.int16)
+            for act in active[1:]:
+                counts.add_(act)
+            many, one = counts > 1, counts == 1
             for i, act in enumerate(active):
-                shared[i] += int((act & (counts > 1)).sum())
-                unique[i] += int((act & (counts == 1)).sum())
+                shared[i] += int(torch.count_nonzero(act & many))
+                unique[i] += int(torch.count_nonzero(act & one))
         lambdas.extend(ramplus_lambdas(shared, unique, float(p["r"]), float(p["alpha"]), eps))
 
     def produce(a: int, e: int) -> torch.Tensor:
