@@ -93,7 +93,7 @@ def draw_bits(seed: int, tensor_name: str, model_index: int, start: int, stop: i
     z.mul_(_GOLDEN).add_(_signed(drop_seed(seed, tensor_name, model_index)))
     z = _xor_shift_(z, 30).mul_(_MIX1)
     z = _xor_shift_(z, 27).mul_(_MIX2)
-    z = _xor_shift_(z, 31)
+    # SplitMix64's last step, z ^= z >>> 31, leaves the top 33 bits as they are: r needs only those
     return (z >> (64 - UNIFORM_BITS)).bitwise_and_((1 << UNIFORM_BITS) - 1)
 
 
