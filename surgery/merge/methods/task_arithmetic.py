@@ -14,11 +14,12 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     """Σ w_i δ_i, divided by Σ w_i when ``normalize`` (a sum near zero divides by 1, as mergekit does).
 
     Each product w_i δ_i is rounded before the sum, in model order, as mergekit does, so entries
-    whose sum cancels to about zero round the same way in both.
+    whose sum cancels to about zero round the same way in both. The deltas are scaled in place
+    (callers pass fresh tensors).
     """
     out = torch.zeros_like(deltas[0])
     for d, w in zip(deltas, weights):
-        out.add_(d * float(w))
+        out.add_(d.mul_(float(w)))
     if normalize:
         total = float(sum(weights))
         out.div_(total if abs(total) >= 1e-8 else 1.0)
@@ -47,7 +48,8 @@ INT8_MASK = flag("int8_mask", False, "mergekit's memory option for masks; accept
 def _merge(ctx: TensorContext) -> torch.Tensor:
     base = ctx.base()
     mixed = combine([ctx.tau(i) for i in range(ctx.n)], ctx.weights(), bool(ctx.params["normalize"]))
-    return mixed.mul_(float(ctx.params["lambda"])).add_(base)
+    lam = float(ctx.params["lambda"])
+    return (mixed.mul_(lam) if lam != 1.0 else mixed).add_(base)
 
 
 METHODS = (
