@@ -80,7 +80,6 @@ def inspect(location: str | Checkpoint) -> Result:
     """
     from pathlib import Path
 
-    from .checkpoint.hub import offline
     from .checkpoint.reader import HUB_PREFIX, hub_spec, open_checkpoint
 
     if not isinstance(location, Checkpoint):
@@ -91,8 +90,11 @@ def inspect(location: str | Checkpoint) -> Result:
 
             return Result(summarize(read_gguf(path)))
         hub = None if path.exists() and not text.startswith(HUB_PREFIX) else hub_spec(text)
-        if hub is not None and not offline():
-            return Result(inspect_hub(text, *hub))
+        if hub is not None:
+            from .checkpoint.hub import offline
+
+            if not offline():
+                return Result(inspect_hub(text, *hub))
     ckpt = location if isinstance(location, Checkpoint) else open_checkpoint(location)
     return Result(inspect_checkpoint(ckpt))
 

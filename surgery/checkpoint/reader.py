@@ -6,7 +6,6 @@ a tensor is asked for, and nothing is cached, so memory holds only what the call
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -129,6 +128,8 @@ class Checkpoint:
         """sha256 of the header facts (names, shapes, dtypes, files, offsets); cached."""
         fp = self.__dict__.get("_fingerprint")
         if fp is None:
+            import hashlib
+
             h = hashlib.sha256()
             for name in self.names:
                 i = self.tensors[name]
@@ -260,6 +261,8 @@ class Checkpoint:
 
     def tensor_sha256(self, name: str) -> str:
         """sha256 of one tensor's stored bytes."""
+        import hashlib
+
         info = self.info(name)
         return hashlib.sha256(read_bytes(info, 0, info.nbytes)).hexdigest()
 
@@ -282,6 +285,7 @@ def hash_file(path: Path) -> str:
     read-ahead), so it is not copied into a buffer first; each hashed chunk is dropped from
     this process's mapping at once, so peak memory stays one chunk whatever the file size.
     """
+    import hashlib  # here, not at module level: header-only commands need not load OpenSSL
     import mmap
 
     h = hashlib.sha256()
@@ -307,6 +311,8 @@ def hash_file(path: Path) -> str:
 def files_sha256(files: list[Path]) -> str:
     """Identity of a checkpoint made of ``files``: the single file's sha256, or for shards
     the sha256 of their ``sha256sum``-format manifest (sorted by file name)."""
+    import hashlib
+
     digests = [file_sha256(f) for f in files]
     if len(files) == 1:
         return digests[0]

@@ -34,7 +34,8 @@ def test_inspect_json_loads_no_heavy_module_and_no_other_command(fixtures_dir):
     assert json.loads(r.stdout)["num_tensors"] > 0
     assert not mods & set(HEAVY), sorted(mods & set(HEAVY))
     assert not mods & set(OTHER_COMMANDS), sorted(mods & set(OTHER_COMMANDS))
-    assert not mods & {"rich", "click", "surgery.core.executor"}, sorted(mods & {"rich", "click", "surgery.core.executor"})
+    unused = {"rich", "click", "surgery.core.executor", "surgery.checkpoint.hub"}
+    assert not mods & unused, sorted(mods & unused)
 
 
 def test_inspect_table_loads_no_torch(fixtures_dir):
