@@ -286,7 +286,7 @@ def write_doc(results: dict, out: Path) -> None:
               "windows evenly spaced over the training windows, decoded): tune searches on the first half of each "
               "probe and reports on the second, and this page reports on the workload's held-out windows, which tune "
               "never sees. `--ctx 128` as in the held-out evaluation; seed 0. `tune auto` searches "
-              "task_arithmetic, ties, tsv, iso_c and iso_cts. See [docs/tune.md](../tune.md).",
+              "task_arithmetic, ties, breadcrumbs_ties and tsv. See [docs/tune.md](../tune.md).",
               "- The trial-cost goal compares tune's median and slowest trial after the first (an in-memory merge and "
               "the scoring of the search halves) with one `surgery merge` plus one `surgery eval ppl` of the same "
               "text, both whole processes timed in the same run."]

@@ -25,7 +25,7 @@ EXAMPLES = [
     "surgery tune task_arithmetic --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
     "--probe notes=fixtures/notes.txt --probe code=fixtures/make_fixtures.py -o out/tuned --trials 6",
     "surgery tune auto --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "
-    "--probe notes=fixtures/notes.txt -o out/tuned-auto --budget 30s --groups   # 5 methods, weights per layer group",
+    "--probe notes=fixtures/notes.txt -o out/tuned-auto --budget 30s --groups   # 4 methods, weights per layer group",
     "surgery tune out/tuned/recipe.yml --probe notes=fixtures/notes.txt@2 --probe code=fixtures/make_fixtures.py "
     "--objective weighted --trials 4 -o out/tuned-again",
     "surgery tune task_arithmetic --base fixtures/llama-tiny/base fixtures/llama-tiny/ft-a fixtures/llama-tiny/ft-b "

@@ -49,6 +49,8 @@ class MergeOptions:
         resume_dir: Continue the continual merge saved here.
         allow_nonfinite: Write merged tensors that hold NaN or Inf (refused by default, naming
             the input tensor that carried them).
+        factor_cache: A :class:`~surgery.merge.methods.subspace.FactorCache` of decompositions
+            from earlier merges of the same inputs (``surgery tune`` passes its own).
     """
 
     seed: int = 0
@@ -60,6 +62,7 @@ class MergeOptions:
     state_dir: Path | None = None
     resume_dir: Path | None = None
     allow_nonfinite: bool = False
+    factor_cache: Any = None
 
 
 def _num_layers(ref: Checkpoint) -> int:
@@ -226,7 +229,8 @@ def _write_plan(plan, request: MergeRequest, output, *, options: MergeOptions, g
         record["chat_template"] = request.chat_template
     if request.origin:
         record["recipe"] = request.origin
-    tensors = output_tensors(plan, seed=options.seed, device=options.device, options={"trim_ties": options.trim_ties})
+    tensors = output_tensors(plan, seed=options.seed, device=options.device, options={"trim_ties": options.trim_ties,
+                                                                              "factor_cache": options.factor_cache})
     for t, out in zip(plan.tensors, tensors):     # what each computed tensor reads (work units, task memory)
         if out.source is None and out.cast_source is None:
             out.input_bytes = sum(plan.models[s.model].info(s.name).nbytes for s in t.inputs)

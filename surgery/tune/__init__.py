@@ -44,8 +44,14 @@ from .search import Stop, objective, pareto, search
 from .space import Space, group_filters, recipe_dict
 
 OBJECTIVES = ("mean", "worst", "weighted")
-# what `tune auto` searches: batch methods that are deterministic and cheap enough per trial
-AUTO_METHODS = ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts")
+# what `tune auto` searches: batch methods that are deterministic and cheap per trial. TSV-M's
+# decompositions are computed once and rescaled per trial; Iso-C / Iso-CTS decompose the
+# weighted sum again for every weight (a minute or two each on a 135M model, two CPU cores) and
+# start far behind at their defaults, so auto leaves them to an explicit `tune iso_c`.
+# breadcrumbs_ties is the cheap sparsifying one (deterministic, unlike DARE's random drops).
+AUTO_METHODS = ("task_arithmetic", "ties", "breadcrumbs_ties", "tsv")
+# time kept back for what the budget cannot see from inside: interpreter start, imports, exit
+BUDGET_MARGIN_S, BUDGET_MARGIN_SHARE = 5.0, 0.02
 MAX_HELD_OUT_FRONT = 6
 
 
@@ -116,7 +122,7 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
 
     Args:
         target: A method (``ties``), a comma-separated list of methods, ``auto`` (task_arithmetic,
-            ties, tsv, iso_c, iso_cts) or a mergekit-style recipe whose method, base, models and
+            ties, breadcrumbs_ties, tsv) or a mergekit-style recipe whose method, base, models and
             fixed settings are the starting point.
         base: θ0 (may come from the recipe).
         models: The fine-tunes (may come from the recipe).
@@ -213,15 +219,21 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         replayed_from = str(resume)
     records: list[dict[str, Any]] = []
     state = {"evaluated": 0, "replayed": 0, "best": math.inf, "stopped": "the search converged",
-             "trial_seconds": [], "merge_seconds": []}
+             "trial_seconds": [], "merge_seconds": [], "prepare_seconds": 0.0, "by_method": {}}
     log_inputs = input_paths + [out]
+    margin = 0.0 if budget_s is None else BUDGET_MARGIN_S + BUDGET_MARGIN_SHARE * budget_s
 
     def remaining() -> float:
-        return math.inf if budget_s is None else budget_s - (time.perf_counter() - t_start)
+        return math.inf if budget_s is None else budget_s - margin - (time.perf_counter() - t_start)
 
     def typical(kind: str) -> float:
         xs = state[kind]
         return sorted(xs)[len(xs) // 2] if xs else 0.0
+
+    def expected(method: str) -> float:
+        # a trial of this method: its own slowest so far, else the slowest of any method
+        xs = state["by_method"].get(method) or state["trial_seconds"]
+        return max(xs) if xs else 0.0
 
     def final_reserve() -> float:
         # the winner's held-out score and the final merge: a report part costs about what a
@@ -243,20 +255,27 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
             if trials is not None and state["evaluated"] >= trials:
                 state["stopped"] = f"the trial limit ({trials}) was reached"
                 raise Stop
-            if state["trial_seconds"] and remaining() < typical("trial_seconds") * 1.1 + final_reserve():
+            if state["trial_seconds"] and remaining() < expected(space.method.name) * 1.1 + final_reserve():
                 state["stopped"] = "the time budget was spent"
                 raise Stop
             t0 = time.perf_counter()
+            prepared = ev.factor_cache.seconds
             request = space.request(x)
             ev.load(request, seed=seed)
+            # decompositions computed for the first time (TSV-M's factors): a one-time cost of
+            # the method, reported apart from the trial's own time
+            prepare = ev.factor_cache.seconds - prepared
             t1 = time.perf_counter()
             nll = ev.score("search")
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0 - prepare
             state["evaluated"] += 1
             state["trial_seconds"].append(seconds)
-            state["merge_seconds"].append(t1 - t0)
+            state["by_method"].setdefault(space.method.name, []).append(seconds)
+            state["merge_seconds"].append(t1 - t0 - prepare)
+            state["prepare_seconds"] += prepare
             rec = {"kind": "trial", "key": key, "method": space.method.name, "settings": space.settings(x),
-                   "nll": nll, "seconds": round(seconds, 3), "merge_seconds": round(t1 - t0, 3), "phase": phase}
+                   "nll": nll, "seconds": round(seconds, 3), "merge_seconds": round(t1 - t0 - prepare, 3),
+                   "prepare_seconds": round(prepare, 3), "phase": phase}
         rec["objective"] = objective(rec["nll"], objective_kind, weights)
         rec["x"] = list(x)
         records.append(rec)
@@ -341,14 +360,17 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         "held_out_skipped": skipped, "trials_evaluated": state["evaluated"], "trials_replayed": state["replayed"],
         "resumed_from": replayed_from, "stopped": state["stopped"],
         "trial_seconds_median": typical("trial_seconds"), "setup_seconds": ev.setup_seconds,
+        "prepare_seconds": state["prepare_seconds"], "factor_cache_peak_bytes": ev.factor_cache.peak_bytes,
         "recipe": recipe_dict(request), "budget_seconds": budget_s,
     }
     from ..merge import MergeOptions, merge
     from . import report as pages
 
+    factor_cache = ev.factor_cache            # the final merge reuses the decompositions
     del ev
     with atomic_output(out, force=force, inputs=input_paths) as tmp:
-        written = merge(request, tmp / "model", options=MergeOptions(seed=seed, device=device), dtype=dtype,
+        written = merge(request, tmp / "model", options=MergeOptions(seed=seed, device=device,
+                                                                      factor_cache=factor_cache), dtype=dtype,
                         shard_size=shard_size, progress=progress).written
         import yaml
 
@@ -385,4 +407,5 @@ def _loggable(r: dict[str, Any]) -> dict[str, Any]:
 def _reported(r: dict[str, Any]) -> dict[str, Any]:
     return {"method": r["method"], "phase": r["phase"], "settings": r["settings"], "nll": r["nll"],
             "perplexity": {k: _exp(v) for k, v in r["nll"].items()}, "objective": r["objective"],
-            "seconds": r.get("seconds"), "replayed": bool(r.get("replayed"))}
+            "seconds": r.get("seconds"), "prepare_seconds": r.get("prepare_seconds") or 0.0,
+            "replayed": bool(r.get("replayed"))}

@@ -28,6 +28,7 @@ from ..core.errors import IncompatibleCheckpointsError, UsageError
 from ..eval.perplexity import Scorer, corpus_windows, load_causal_lm, make_scorer
 from ..merge.batch import output_tensors
 from ..merge.inputs import Inputs
+from ..merge.methods.subspace import FactorCache
 from ..merge.plan import plan_merge
 from ..merge.recipe import MergeRequest, ModelRef
 from ..merge.registry import get_method
@@ -125,6 +126,10 @@ class Evaluator:
             ref = ModelRef.parse(text)
             self.inputs.models[ref.key] = mem
             self.inputs.refs[ref.key] = ref
+        # decompositions that depend only on the task vectors (TSV-M's factors), kept across
+        # trials: at most twice the models' size in float32 (one model: 540 MB for 135M)
+        fp32 = sum(self.base._data[n].numel() for n in self.names) * 4
+        self.factor_cache = FactorCache(2 * fp32)
         self.probes = [self._probe(tok, name, path, text, weight, holdout, ctx, stride, batch_size)
                        for name, path, text, weight in probes]
         self.setup_seconds = time.perf_counter() - t0
@@ -171,7 +176,8 @@ class Evaluator:
         plan = plan_merge(method, request, device=self.device, inputs=self.inputs)
         target = plan.dtype
         with torch.inference_mode():
-            for out in output_tensors(plan, seed=seed, device=self.device, options={"trim_ties": "index"}):
+            options = {"trim_ties": "index", "factor_cache": self.factor_cache}
+            for out in output_tensors(plan, seed=seed, device=self.device, options=options):
                 if out.rows is None:
                     continue                      # copied from an input unmerged
                 param = self.targets[out.name]

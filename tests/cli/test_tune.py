@@ -67,6 +67,30 @@ def test_in_memory_candidate_equals_merge_and_eval(cli, tmp_path, probes, one_th
 
 
 @pytest.mark.slow
+def test_tsv_trials_rescale_cached_factors_to_the_bytes_merge_writes(cli, tmp_path, probes, one_thread):
+    texts = [(p.split("=")[0], p.split("=")[1], Path(p.split("=")[1]).read_text(), 1.0) for p in probes]
+    ev = Evaluator(str(LLAMA / "base"), [str(m) for m in MODELS], texts, holdout=0.5, ctx=32)
+
+    def request(ws, alpha):
+        return MergeRequest("tsv", str(LLAMA / "base"), [ModelEntry(str(m), {"weight": w}) for m, w in zip(MODELS, ws)],
+                            {"alpha": alpha}, None)
+
+    ev.load(request((1.0, 1.0, 1.0), 1.0))          # computes the factors
+    computed, held = ev.factor_cache.seconds, ev.factor_cache.nbytes
+    assert computed > 0 and held > 0
+    ev.load(request((0.5, 1.5, 2.0), 0.8))          # rescales them: nothing computed again
+    assert ev.factor_cache.seconds == computed
+    res = cli("merge", "-m", "tsv", "--base", LLAMA / "base", *MODELS, "-p", "1:weight=0.5", "-p", "2:weight=1.5",
+              "-p", "3:weight=2.0", "-p", "alpha=0.8", "-o", tmp_path / "merged", "--quiet")
+    assert res.code == 0, res.stderr
+    merged = open_checkpoint(tmp_path / "merged")
+    for n in merged.names:
+        assert torch.equal(ev.targets[n].detach().to(merged.info(n).dtype), merged.get_raw(n)), n
+    ev.load(request((0.0, 1.0, 1.0), 1.0))          # a zero weight drops that model's directions: new factors
+    assert ev.factor_cache.seconds > computed
+
+
+@pytest.mark.slow
 def test_tune_writes_a_rerunnable_merge_recipe_and_report(cli, tmp_path, probes):
     out = tmp_path / "tuned"
     res = cli("tune", "task_arithmetic,tsv", "--base", LLAMA / "base", *MODELS, *sum((["--probe", p] for p in probes), []),

@@ -21,6 +21,9 @@ bytes must not.
 from __future__ import annotations
 
 import math
+import time
+from collections import OrderedDict
+from typing import Any, Callable
 
 import torch
 
@@ -91,3 +94,47 @@ def polar(a: torch.Tensor) -> torch.Tensor:
     inv_sqrt = (w / s[keep]) @ w.mT
     a64 = a.double()
     return a64 @ inv_sqrt if tall else inv_sqrt @ a64
+
+
+class FactorCache:
+    """Decompositions kept across merges of the same task vectors (``surgery tune`` merges
+    them once per trial). Keys name the tensor, the method and whatever else the decomposition
+    depends on; values are tuples of tensors (or None). Least recently used entries go first
+    once ``max_bytes`` is exceeded, so memory stays bounded; an evicted entry is recomputed,
+    with the same bytes, when it is needed again.
+
+    Attributes:
+        seconds: Time spent computing the entries (the one-time cost the cache saves later).
+        nbytes: Bytes held now.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.seconds = 0.0
+        self.nbytes = 0
+        self.peak_bytes = 0
+        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+
+    def get(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit[0]
+        t0 = time.perf_counter()
+        value = compute()
+        self.seconds += time.perf_counter() - t0
+        size = sum(t.numel() * t.element_size() for t in (value or ()) if isinstance(t, torch.Tensor))
+        self._entries[key] = (value, size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes and len(self._entries) > 1:
+            _, (_, old) = self._entries.popitem(last=False)
+            self.nbytes -= old
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        return value
+
+
+def cached(options: dict[str, Any], key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept in the run's :class:`FactorCache` (``options["factor_cache"]``) when
+    it has one; a merge without one computes every time."""
+    cache = options.get("factor_cache")
+    return compute() if cache is None else cache.get(key, compute)

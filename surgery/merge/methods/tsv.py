@@ -19,6 +19,12 @@ Rules chosen where the reference leaves it open (see :mod:`surgery.merge.methods
 the polar factors come from the float64 Gram matrices and ignore directions with σ = 0, so a
 rank-deficient input (two identical fine-tunes) gives a determined result; a matrix with
 min(m, n) < T keeps r = 0 directions and contributes nothing, as in the reference.
+
+The factors are computed once from the unweighted task matrices, and the weights scale σ:
+polar(U) diag(w ⊗ σ) polar(Vᵀ) is TSV-M of the w_i τ_i (scaling τ_i scales its singular values
+and keeps its vectors; models with w_i = 0 are left out). So a run that merges the same models
+with other weights (``surgery tune``) keeps the factors (:class:`~.subspace.FactorCache`) and
+a trial costs one matrix product per tensor, with the bytes ``surgery merge`` writes.
 """
 
 from __future__ import annotations
@@ -28,30 +34,67 @@ from typing import Sequence
 import torch
 
 from ..method import WEIGHT, Batch, Param, TensorContext
-from .subspace import polar, single_thread, top_svd
+from .subspace import cached, polar, single_thread, top_svd
 
 
-def tsv_matrix(taus: Sequence[torch.Tensor]) -> torch.Tensor:
-    """TSV-M's merged task matrix Δ = polar([U_1 … U_T]) diag(σ) polar([V_1ᵀ; …; V_Tᵀ]).
+def tsv_factors(taus: Sequence[torch.Tensor], n: int | None = None) -> tuple[torch.Tensor, ...] | None:
+    """TSV-M's factors of unweighted task matrices: (polar(U), σ, polar(Vᵀ)), float32.
+
+    Args:
+        taus: The task matrices of the models with a non-zero weight (float32, same 2-D shape).
+        n: The number of models merged (T, which sets r = int(min(m, n) / T)); default len(taus).
+
+    Returns:
+        The factors, or None when r = 0 or no model takes part.
+    """
+    n = len(taus) if n is None else n
+    if not taus:
+        return None
+    rows, cols = taus[0].shape
+    r = int(min(rows, cols) * (1 / n))   # the reference's int(k · sv_reduction), rounding included
+    if r == 0:
+        return None
+    with single_thread():
+        parts = [top_svd(t, r) for t in taus]
+        u = torch.cat([p[0] for p in parts], 1)
+        s = torch.cat([p[1] for p in parts])
+        vt = torch.cat([p[2] for p in parts], 0)
+        del parts
+        return polar(u).to(taus[0].dtype), s, polar(vt).to(taus[0].dtype)
+
+
+def tsv_from_factors(factors: tuple[torch.Tensor, ...] | None, weights: Sequence[float],
+                     shape: Sequence[int]) -> torch.Tensor:
+    """Δ = polar(U) diag(w ⊗ σ) polar(Vᵀ) from :func:`tsv_factors` and the models' weights.
+
+    This equals TSV-M of the weighted task matrices w_i τ_i: scaling τ_i scales its singular
+    values and leaves its singular vectors (so the polar factors) unchanged, a negative w_i
+    flips the sign of its vectors, which the polar factor carries through; models with w_i = 0
+    must be left out of the factors (their directions are absent from w_i τ_i).
+    """
+    if factors is None:
+        return torch.zeros(tuple(shape), dtype=torch.float32)
+    pu, s, pvt = factors
+    r = s.numel() // len(weights)
+    scale = s * torch.tensor(list(weights), dtype=s.dtype).repeat_interleave(r)
+    with single_thread():
+        return (pu * scale) @ pvt
+
+
+def tsv_matrix(taus: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """TSV-M's merged task matrix Δ of w_i τ_i: polar([U_1 … U_T]) diag(σ) polar([V_1ᵀ; …; V_Tᵀ]).
 
     Args:
         taus: The T task matrices (float32, same 2-D shape).
+        weights: w_i per model (default 1).
 
     Returns:
         Δ in float32 (zeros when min(m, n) < T).
     """
-    n = len(taus)
-    rows, cols = taus[0].shape
-    r = int(min(rows, cols) * (1 / n))   # the reference's int(k · sv_reduction), rounding included
-    if r == 0:
-        return torch.zeros_like(taus[0])
-    with single_thread():
-        parts = [top_svd(t, r) for t in taus]
-        u = torch.cat([p[0] for p in parts], 1)
-        s = torch.cat([p[1] for p in parts]).double()
-        vt = torch.cat([p[2] for p in parts], 0)
-        del parts
-        return ((polar(u) * s) @ polar(vt)).to(taus[0].dtype)
+    weights = [1.0] * len(taus) if weights is None else list(weights)
+    kept = [i for i, w in enumerate(weights) if w != 0]
+    factors = tsv_factors([taus[i] for i in kept], len(taus))
+    return tsv_from_factors(factors, [weights[i] for i in kept], taus[0].shape)
 
 
 def mean_task_vector(taus: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -68,9 +111,15 @@ def weighted_taus(ctx: TensorContext) -> list[torch.Tensor]:
 
 
 def _merge(ctx: TensorContext) -> torch.Tensor:
-    taus = weighted_taus(ctx)
-    delta = tsv_matrix(taus) if len(ctx.shape) == 2 else mean_task_vector(taus)
-    del taus
+    if len(ctx.shape) == 2:
+        # the factors depend on the task vectors and on which weights are zero, not on their
+        # values: a run that merges the same models many times (surgery tune) keeps them
+        weights = ctx.weights()
+        kept = tuple(i for i, w in enumerate(weights) if w != 0)
+        factors = cached(ctx.options, (ctx.name, "tsv", kept), lambda: tsv_factors([ctx.tau(i) for i in kept], ctx.n))
+        delta = tsv_from_factors(factors, [weights[i] for i in kept], ctx.shape)
+    else:
+        delta = mean_task_vector(weighted_taus(ctx))
     return delta.mul_(float(ctx.params["alpha"])).add_(ctx.base())
 
 

@@ -78,6 +78,43 @@ def test_tsv_keeps_int_k_over_t_directions_and_zero_when_too_small():
     assert tsv.tsv_matrix(_taus((5, 2), n=3)).abs().max() == 0   # int(2/3) = 0, as the reference
 
 
+def test_tsv_of_weighted_task_vectors_rescales_the_unweighted_factors():
+    # the factors of the unweighted τ_i, with σ scaled by w_i, are TSV-M of the w_i τ_i (the
+    # reference on the weighted matrices); a zero weight drops the model's directions
+    taus = _taus((40, 24))
+    for w in ([0.5, 1.5, 2.0], [1.0, -0.7, 0.3], [1.2, 0.0, 0.8]):
+        weighted = [t * x for t, x in zip(taus, w)]
+        kept = [t for t, x in zip(weighted, w) if x != 0]
+        ref = _tsv_reference(kept) if len(kept) == len(taus) else _tsv_reference_r(kept, int(24 / len(taus)))
+        assert _rel(tsv.tsv_matrix(taus, w), ref) < 1e-5
+    factors = tsv.tsv_factors(taus)
+    assert torch.equal(tsv.tsv_from_factors(factors, [0.5, 1.5, 2.0], (40, 24)), tsv.tsv_matrix(taus, [0.5, 1.5, 2.0]))
+
+
+def test_factor_cache_keeps_entries_until_its_byte_limit():
+    cache = subspace.FactorCache(max_bytes=2 * 400)
+    calls = []
+
+    def compute(i):
+        calls.append(i)
+        return (torch.full((10, 10), float(i)),)             # 400 bytes
+
+    for i in (0, 1, 0, 2, 0, 1):
+        assert cache.get(("t", i), lambda i=i: compute(i))[0][0, 0] == i
+    # 0 stays (recently used), 1 is evicted by 2 and computed again
+    assert calls == [0, 1, 2, 1] and cache.nbytes == 800
+    assert subspace.cached({}, ("t", 5), lambda: 5) == 5
+
+
+def _tsv_reference_r(taus, r):
+    us, ss, vhs = [], [], []
+    for t in taus:
+        u, s, vh = torch.linalg.svd(t.double(), full_matrices=False)
+        us.append(u[:, :r]), ss.append(s[:r]), vhs.append(vh[:r])
+    u, s, vh = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
+    return _polar_svd(u) @ torch.diag(s) @ _polar_svd(vh)
+
+
 def test_tsv_of_identical_task_vectors_is_determined():
     t = _taus((20, 12), n=1)[0]
     out = tsv.tsv_matrix([t, t.clone()])
