@@ -10,7 +10,7 @@ Rows (each merge or tune a whole process under ``/usr/bin/time -v``):
   base, so it merges the three fine-tunes alone;
 - *baseline*: task arithmetic λ = 0.5 (``-p lambda=0.5``), the issue's reference merge;
 - *tuned*: ``surgery tune METHOD --base BASE ft-... --probe code=... --probe license=...
-  --probe prose=... --budget B --ctx 128`` (``--tune-methods``; ``auto`` searches tune's five
+  --probe prose=... --budget B --ctx 128`` (``--tune-methods``; ``auto`` searches tune's
   default methods), then its written merge is evaluated like every other row.
 
 Held-out perplexity is ``surgery eval ppl --ctx 128 --stride 128`` on each domain's held-out
@@ -32,6 +32,10 @@ one ``eval ppl`` of the probes' search halves, concatenated: the text a trial sc
 
     python benchmarks/quality.py [--methods all|none|M1,M2] [--tune-methods task_arithmetic,ties,dare_ties,tsv,auto]
                                  [--budget 10m] [--probe-windows 16] [--out docs/benchmarks/quality.md]
+
+Only the tune row and its reference (one merge + one eval ppl, and task arithmetic λ = 0.5):
+``python benchmarks/quality.py --methods none --tune-methods auto --budget 10m`` (kept rows of
+other methods stay on the page).
 
 Rows are kept in ~/.cache/surgery/bench-quality.json (``--results``) by label, so subsets can
 be run separately; the page (and quality.png beside it) is rendered from all kept rows.
@@ -138,6 +142,7 @@ def tune_row(target: str, work: Path, base: Path, fts: list[Path], probes: dict[
            "budget": budget, "tune_seconds": rep.get("seconds"), "trials": rep["trials_evaluated"],
            "stopped": rep["stopped"], "first_trial_s": fresh[0] if fresh else None,
            "trial_median_s": later[len(later) // 2] if later else None, "trial_max_s": later[-1] if later else None,
+           "prepare_s": rep.get("prepare_seconds", 0.0), "pruned": rep.get("trials_pruned", 0),
            "recipe": rep.get("recipe"), **evaluate(out / "model", texts)}
     shutil.rmtree(out, ignore_errors=True)
     return row
@@ -263,12 +268,12 @@ def write_doc(results: dict, out: Path) -> None:
         lines.append("| (numbers: run the command above) | | | | | | | | | |")
     tuned = [r for r in rows if r["kind"] == "tuned"]
     if tuned:
-        lines += ["", "## Tune runs", "", "| row | budget | whole process | trials | first trial | later trials "
-                  "(median / max) | stopped because |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "## Tune runs", "", "| row | budget | whole process | trials (pruned) | first trial | later trials "
+                  "(median / max) | decompositions | stopped because |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in tuned:
-            lines.append(f"| {r['label']} | {r['budget']} | {r['wall_s']:.0f} s | {r['trials']} | "
+            lines.append(f"| {r['label']} | {r['budget']} | {r['wall_s']:.0f} s | {r['trials']} ({r.get('pruned', '–')}) | "
                          f"{_num(r['first_trial_s'], '.1f')} s | {_num(r['trial_median_s'], '.1f')} s / "
-                         f"{_num(r['trial_max_s'], '.1f')} s | {r['stopped']} |")
+                         f"{_num(r['trial_max_s'], '.1f')} s | {_num(r.get('prepare_s'), '.1f')} s | {r['stopped']} |")
         b = results.get("merge_eval_baseline")
         if b:
             lines += ["", f"One `surgery merge` (task arithmetic λ=0.5, {b['merge_s']:.1f} s) + one `surgery eval ppl` of "
@@ -289,7 +294,9 @@ def write_doc(results: dict, out: Path) -> None:
               "task_arithmetic, ties, breadcrumbs_ties and tsv. See [docs/tune.md](../tune.md).",
               "- The trial-cost goal compares tune's median and slowest trial after the first (an in-memory merge and "
               "the scoring of the search halves) with one `surgery merge` plus one `surgery eval ppl` of the same "
-              "text, both whole processes timed in the same run."]
+              "text, both whole processes timed in the same run. *decompositions* is the one-time time tune spent "
+              "computing TSV-M's factors (kept for every later trial), which trial times leave out; *pruned* trials "
+              "were stopped early, provably unable to beat the best (docs/tune.md, Racing)."]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     if rows:

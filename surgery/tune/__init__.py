@@ -219,7 +219,8 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         replayed_from = str(resume)
     records: list[dict[str, Any]] = []
     state = {"evaluated": 0, "replayed": 0, "best": math.inf, "stopped": "the search converged",
-             "trial_seconds": [], "merge_seconds": [], "prepare_seconds": 0.0, "by_method": {}}
+             "trial_seconds": [], "merge_seconds": [], "prepare_seconds": 0.0, "by_method": {},
+             "pruned": 0}
     log_inputs = input_paths + [out]
     margin = 0.0 if budget_s is None else BUDGET_MARGIN_S + BUDGET_MARGIN_SHARE * budget_s
 
@@ -266,7 +267,9 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
             # the method, reported apart from the trial's own time
             prepare = ev.factor_cache.seconds - prepared
             t1 = time.perf_counter()
-            nll = ev.score("search")
+            # raced against the best so far: stopped once it provably cannot beat it
+            incumbent = state["best"]
+            nll, lower, share = ev.race(lambda lb: objective(lb, objective_kind, weights) >= incumbent)
             seconds = time.perf_counter() - t0 - prepare
             state["evaluated"] += 1
             state["trial_seconds"].append(seconds)
@@ -276,7 +279,12 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
             rec = {"kind": "trial", "key": key, "method": space.method.name, "settings": space.settings(x),
                    "nll": nll, "seconds": round(seconds, 3), "merge_seconds": round(t1 - t0 - prepare, 3),
                    "prepare_seconds": round(prepare, 3), "phase": phase}
-        rec["objective"] = objective(rec["nll"], objective_kind, weights)
+            if share < 1.0:
+                state["pruned"] += 1
+                rec.update(pruned=True, scored_share=round(share, 4), nll_lower_bound=lower)
+        # a pruned trial's objective is its lower bound (not below the best when it was stopped)
+        rec["objective"] = objective(rec["nll_lower_bound"] if rec.get("pruned") else rec["nll"], objective_kind,
+                                     weights)
         rec["x"] = list(x)
         records.append(rec)
         state["best"] = min(state["best"], rec["objective"])
@@ -302,7 +310,8 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
                          f"`budget`.")
     winner_key = best.space.key(best.x)
     winner = next(i for i, r in enumerate(records) if r["key"] == winner_key)
-    front = pareto(records)
+    complete = [i for i, r in enumerate(records) if not r.get("pruned")]
+    front = [complete[i] for i in pareto([records[i] for i in complete])]
 
     # ---- held-out numbers: the winner always; then the methods' starting points, the Pareto
     # front and the references while the budget allows
@@ -358,6 +367,7 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         "ctx": ev.probes[0].search.ctx, "stride": ev.probes[0].search.stride, "holdout": holdout,
         "trials": [_reported(r) for r in records], "pareto": front, "held_out": held,
         "held_out_skipped": skipped, "trials_evaluated": state["evaluated"], "trials_replayed": state["replayed"],
+        "trials_pruned": sum(1 for r in records if r.get("pruned")),
         "resumed_from": replayed_from, "stopped": state["stopped"],
         "trial_seconds_median": typical("trial_seconds"), "setup_seconds": ev.setup_seconds,
         "prepare_seconds": state["prepare_seconds"], "factor_cache_peak_bytes": ev.factor_cache.peak_bytes,
@@ -408,4 +418,5 @@ def _reported(r: dict[str, Any]) -> dict[str, Any]:
     return {"method": r["method"], "phase": r["phase"], "settings": r["settings"], "nll": r["nll"],
             "perplexity": {k: _exp(v) for k, v in r["nll"].items()}, "objective": r["objective"],
             "seconds": r.get("seconds"), "prepare_seconds": r.get("prepare_seconds") or 0.0,
-            "replayed": bool(r.get("replayed"))}
+            "replayed": bool(r.get("replayed")), "pruned": bool(r.get("pruned")),
+            **({"scored_share": r["scored_share"], "nll_lower_bound": r["nll_lower_bound"]} if r.get("pruned") else {})}

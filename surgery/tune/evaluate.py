@@ -19,7 +19,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -78,6 +78,13 @@ class Probe:
     tokens: int
     search: Scorer
     report: Scorer
+    chunks: list[Scorer] = dataclasses.field(default_factory=list)   # the search part, RACE_WINDOWS at a time
+    search_scored: int = 0                      # tokens the search part scores
+
+
+# windows per step of a race (:meth:`Evaluator.race`): small enough that a hopeless candidate
+# stops early, large enough that the forward passes stay batched
+RACE_WINDOWS = 2
 
 
 def split_point(num_tokens: int, holdout: float) -> int:
@@ -161,8 +168,13 @@ class Evaluator:
             return dataclasses.replace(whole, ids=t, stride=stride,
                                        windows=corpus_windows(int(t.numel()), whole.ctx, stride))
 
+        search = part(ids[:cut])
+        chunks = [dataclasses.replace(search, windows=search.windows[i:i + RACE_WINDOWS])
+                  for i in range(0, len(search.windows), RACE_WINDOWS)]
+        # a window scores its last `scored` tokens, except the very first token of a window
+        scored = sum(min(w.scored, w.end - w.begin - 1) for w in search.windows)
         return Probe(name, path, weight, hashlib.sha256(text.encode()).hexdigest(), int(ids.numel()),
-                     part(ids[:cut]), part(ids[cut:]))
+                     search, part(ids[cut:]), chunks, scored)
 
     # ---- candidates ---------------------------------------------------------------------------
 
@@ -198,6 +210,33 @@ class Evaluator:
             rep = getattr(p, part).score()
             out[p.name] = float(rep["mean_nll"])
         return out
+
+    def race(self, give_up: Callable[[dict[str, float]], bool]) -> tuple[dict[str, float], dict[str, float], float]:
+        """Score the search parts a few windows at a time, the probes in turn, and stop as soon
+        as ``give_up(lower)`` is true for the lower bounds of the probes' mean NLLs: the tokens
+        not scored yet count 0, as a token's NLL is never negative, so a candidate is only
+        stopped when no rest of the text could make it good enough.
+
+        Returns:
+            (mean NLL per probe over the tokens scored — :meth:`score`'s numbers when the race
+            ran to the end —, the lower bounds, the share of the search tokens scored).
+        """
+        sums = {p.name: 0.0 for p in self.probes}
+        counts = {p.name: 0 for p in self.probes}
+        lower = {p.name: 0.0 for p in self.probes}
+        rounds = max(len(p.chunks) for p in self.probes)
+        for r in range(rounds):
+            for p in self.probes:
+                if r < len(p.chunks):
+                    rep = p.chunks[r].score()
+                    sums[p.name] += float(rep["mean_nll"]) * int(rep["tokens_scored"])
+                    counts[p.name] += int(rep["tokens_scored"])
+                    lower[p.name] = sums[p.name] / p.search_scored
+            if r < rounds - 1 and give_up(lower):
+                break
+        total = sum(p.search_scored for p in self.probes)
+        nll = {k: sums[k] / counts[k] if counts[k] else float("nan") for k in sums}
+        return nll, lower, sum(counts.values()) / total
 
     def tokens(self, part: str) -> int:
         return sum(int(getattr(p, part).ids.numel()) for p in self.probes)

@@ -26,7 +26,8 @@ def markdown(report: dict[str, Any]) -> str:
     best = report["best"]
     lines = [f"# surgery tune: {best['method']}", "",
              f"Objective: {report['objective']} of the probes' log perplexities on their search parts "
-             f"({report['trials_evaluated']} trials evaluated, {report['trials_replayed']} replayed from the log, "
+             f"({report['trials_evaluated']} trials evaluated, {report.get('trials_pruned', 0)} of them stopped early "
+             f"as they could not beat the best, {report['trials_replayed']} replayed from the log, "
              f"{report['seconds']:.0f} s; stopped because {report['stopped']}).", "",
              "Re-run the merge with `surgery merge --config recipe.yml -o OUT`.", "",
              "## Held-out perplexity (report parts, never searched)", "",
@@ -48,8 +49,11 @@ def markdown(report: dict[str, Any]) -> str:
     for i, t in enumerate(report["trials"]):
         settings = ", ".join(f"{k}={v:g}" for k, v in t["settings"].items())
         mark = "★" if i == best["trial"] else ("•" if i in front else "")
+        obj = f"{t['objective']:.4f}"
+        if t.get("pruned"):      # stopped early: partial perplexities, the objective a lower bound
+            obj = f"≥ {obj} (pruned at {100 * t['scored_share']:.0f}%)"
         lines.append(f"| {i} | {t['phase']} | {t['method']} | {settings} | "
-                     + " | ".join(_ppl(t["nll"].get(p)) for p in probes) + f" | {t['objective']:.4f} | {mark} |")
+                     + " | ".join(_ppl(t["nll"].get(p)) for p in probes) + f" | {obj} | {mark} |")
     return "\n".join(lines) + "\n"
 
 

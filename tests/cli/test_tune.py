@@ -91,6 +91,26 @@ def test_tsv_trials_rescale_cached_factors_to_the_bytes_merge_writes(cli, tmp_pa
 
 
 @pytest.mark.slow
+def test_race_is_the_full_score_or_stops_with_lower_bounds(probes, one_thread):
+    texts = [(p.split("=")[0], p.split("=")[1], Path(p.split("=")[1]).read_text(), 1.0) for p in probes]
+    ev = Evaluator(str(LLAMA / "base"), [str(m) for m in MODELS], texts, holdout=0.5, ctx=16)
+    ev.load(MergeRequest("task_arithmetic", str(LLAMA / "base"), [ModelEntry(str(m)) for m in MODELS], {}, None))
+    full = ev.score("search")
+    nll, lower, share = ev.race(lambda lb: False)
+    assert share == 1.0
+    for p in ev.probes:
+        assert nll[p.name] == pytest.approx(full[p.name], rel=1e-12)
+        assert lower[p.name] == pytest.approx(full[p.name], rel=1e-12)
+        assert p.search.score()["tokens_scored"] == p.search_scored
+    nll, lower, share = ev.race(lambda lb: True)          # stops after the first round
+    assert 0 < share < 1
+    for p in ev.probes:    # the bound counts the unscored tokens as 0: below the full mean NLL
+        assert 0 < lower[p.name] < full[p.name]
+        scored = sum(min(w.scored, w.end - w.begin - 1) for w in p.chunks[0].windows)
+        assert lower[p.name] == pytest.approx(nll[p.name] * scored / p.search_scored, rel=1e-12)
+
+
+@pytest.mark.slow
 def test_tune_writes_a_rerunnable_merge_recipe_and_report(cli, tmp_path, probes):
     out = tmp_path / "tuned"
     res = cli("tune", "task_arithmetic,tsv", "--base", LLAMA / "base", *MODELS, *sum((["--probe", p] for p in probes), []),
