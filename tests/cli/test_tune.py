@@ -91,6 +91,29 @@ def test_tsv_trials_rescale_cached_factors_to_the_bytes_merge_writes(cli, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
+def test_iso_trials_rescale_the_cached_task_matrix_to_the_bytes_merge_writes(cli, tmp_path, probes, one_thread, method):
+    texts = [(p.split("=")[0], p.split("=")[1], Path(p.split("=")[1]).read_text(), 1.0) for p in probes]
+    ev = Evaluator(str(LLAMA / "base"), [str(m) for m in MODELS], texts, holdout=0.5, ctx=32)
+
+    def request(scale):
+        return MergeRequest(method, str(LLAMA / "base"), [ModelEntry(str(m), {"weight": w}) for m, w in
+                                                          zip(MODELS, (1.0, 0.5, 1.5))], {"scaling_factor": scale}, None)
+
+    ev.load(request(1.0))
+    computed = ev.factor_cache.seconds
+    assert computed > 0
+    ev.load(request(0.6))
+    assert ev.factor_cache.seconds == computed        # rescaled, not decomposed again
+    res = cli("merge", "-m", method, "--base", LLAMA / "base", *MODELS, "-p", "1:weight=1.0", "-p", "2:weight=0.5",
+              "-p", "3:weight=1.5", "-p", "scaling_factor=0.6", "-o", tmp_path / "merged", "--quiet")
+    assert res.code == 0, res.stderr
+    merged = open_checkpoint(tmp_path / "merged")
+    for n in merged.names:
+        assert torch.equal(ev.targets[n].detach().to(merged.info(n).dtype), merged.get_raw(n)), n
+
+
+@pytest.mark.slow
 def test_race_is_the_full_score_or_stops_with_lower_bounds(probes, one_thread):
     texts = [(p.split("=")[0], p.split("=")[1], Path(p.split("=")[1]).read_text(), 1.0) for p in probes]
     ev = Evaluator(str(LLAMA / "base"), [str(m) for m in MODELS], texts, holdout=0.5, ctx=16)

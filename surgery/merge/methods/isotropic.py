@@ -20,6 +20,10 @@ Tensors that are not matrices take the mean of the task vectors. The result is �
 with s = ``scaling_factor`` (FusionBench's default 1.0; the paper tunes it on validation
 data). Per-model ``weight`` scales τ_i first (1: the reference).
 
+The merged task matrix before the scale is kept in the run's
+:class:`~.subspace.FactorCache` when it has one: ``surgery tune`` searches ``scaling_factor``
+only (each model's weight stays where the recipe puts it), so its later trials rescale it.
+
 Rules chosen where the reference leaves it open: polar factors ignore directions with σ = 0
 (:mod:`surgery.merge.methods.subspace`), so a rank-deficient sum gives a determined result;
 a tiny matrix whose rounding would make c negative keeps c = k − T·floor(k/T).
@@ -27,15 +31,19 @@ a tiny matrix whose rounding would make c negative keeps c = k − T·floor(k/T)
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
 
 from ..method import WEIGHT, Batch, Param, TensorContext
-from .subspace import polar, single_thread, singular_values, top_svd
+from .subspace import cached, polar, single_thread, singular_values, top_svd
 from .tsv import mean_task_vector, weighted_taus
 
-SCALING = Param("scaling_factor", 1.0, help="scale of the merged task vector")
+# tune searches the scale, as the paper does on validation data; each model's weight stays
+# where the recipe puts it (a new weight means new decompositions, a scale only rescales them)
+SCALING = Param("scaling_factor", 1.0, help="scale of the merged task vector", search=(0.0, 2.0))
+FIXED_WEIGHT = dataclasses.replace(WEIGHT, search=None)
 
 
 def iso_c_matrix(total: torch.Tensor) -> torch.Tensor:
@@ -79,36 +87,39 @@ def iso_cts_matrix(taus: Sequence[torch.Tensor], fraction: float) -> torch.Tenso
         return (polar(u) @ polar(vt) * mean).to(taus[0].dtype)
 
 
+def _summed(taus: list[torch.Tensor]) -> torch.Tensor:
+    total = taus[0]
+    for t in taus[1:]:
+        total.add_(t)
+    return total
+
+
+def _iso(ctx: TensorContext, key: tuple, matrix) -> torch.Tensor:
+    scale = float(ctx.params["scaling_factor"])
+    if len(ctx.shape) != 2:
+        return mean_task_vector(weighted_taus(ctx)).mul_(scale).add_(ctx.base())
+    # Δ depends on the task vectors, the weights and ``key``, not on ``scaling_factor``: a run
+    # that merges the same models at several scales (surgery tune) keeps it
+    delta = cached(ctx.options, (ctx.name, *key, tuple(ctx.weights())), lambda: matrix(weighted_taus(ctx)))
+    return delta.mul(scale).add_(ctx.base())
+
+
 def _iso_c(ctx: TensorContext) -> torch.Tensor:
-    taus = weighted_taus(ctx)
-    if len(ctx.shape) == 2:
-        total = taus[0]
-        for t in taus[1:]:
-            total.add_(t)
-        delta = iso_c_matrix(total)
-    else:
-        delta = mean_task_vector(taus)
-    del taus
-    return delta.mul_(float(ctx.params["scaling_factor"])).add_(ctx.base())
+    return _iso(ctx, ("iso_c",), lambda taus: iso_c_matrix(_summed(taus)))
 
 
 def _iso_cts(ctx: TensorContext) -> torch.Tensor:
-    taus = weighted_taus(ctx)
-    if len(ctx.shape) == 2:
-        delta = iso_cts_matrix(taus, float(ctx.params["common_space_fraction"]))
-    else:
-        delta = mean_task_vector(taus)
-    del taus
-    return delta.mul_(float(ctx.params["scaling_factor"])).add_(ctx.base())
+    fraction = float(ctx.params["common_space_fraction"])
+    return _iso(ctx, ("iso_cts", fraction), lambda taus: iso_cts_matrix(taus, fraction))
 
 
 METHODS = (
     Batch("iso_c", "https://arxiv.org/abs/2502.04959",
           "Iso-C: the summed task matrix with its singular values flattened to their mean",
-          (WEIGHT, SCALING), _iso_c),
+          (FIXED_WEIGHT, SCALING), _iso_c),
     Batch("iso_cts", "https://arxiv.org/abs/2502.04959",
           "Iso-CTS: common subspace of the sum plus task-specific subspaces, flattened spectrum",
-          (WEIGHT, SCALING,
+          (FIXED_WEIGHT, SCALING,
            Param("common_space_fraction", 0.8, low=0.0, high=1.0,
                  help="share of the min(m, n) directions taken from the summed task matrix")), _iso_cts),
 )

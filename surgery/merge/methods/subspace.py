@@ -99,7 +99,7 @@ def polar(a: torch.Tensor) -> torch.Tensor:
 class FactorCache:
     """Decompositions kept across merges of the same task vectors (``surgery tune`` merges
     them once per trial). Keys name the tensor, the method and whatever else the decomposition
-    depends on; values are tuples of tensors (or None). Least recently used entries go first
+    depends on; values are tensors, tuples of tensors, or None. Least recently used entries go first
     once ``max_bytes`` is exceeded, so memory stays bounded; an evicted entry is recomputed,
     with the same bytes, when it is needed again.
 
@@ -123,7 +123,8 @@ class FactorCache:
         t0 = time.perf_counter()
         value = compute()
         self.seconds += time.perf_counter() - t0
-        size = sum(t.numel() * t.element_size() for t in (value or ()) if isinstance(t, torch.Tensor))
+        parts = (value,) if isinstance(value, torch.Tensor) else (value or ())
+        size = sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
         self._entries[key] = (value, size)
         self.nbytes += size
         while self.nbytes > self.max_bytes and len(self._entries) > 1:
