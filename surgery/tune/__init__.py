@@ -45,9 +45,9 @@ from .space import Space, group_filters, recipe_dict
 
 OBJECTIVES = ("mean", "worst", "weighted")
 # what `tune auto` searches: batch methods that are deterministic and cheap per trial. TSV-M's
-# decompositions are computed once and rescaled per trial; Iso-C / Iso-CTS decompose the
-# weighted sum again for every weight (a minute or two each on a 135M model, two CPU cores) and
-# start far behind at their defaults, so auto leaves them to an explicit `tune iso_c`.
+# decompositions are computed once and rescaled per trial; Iso-C / Iso-CTS only search their
+# scale, after decompositions that take one to three minutes on a 135M model and two CPU cores,
+# and start far behind at their defaults, so auto leaves them to an explicit `tune iso_c`.
 # breadcrumbs_ties is the cheap sparsifying one (deterministic, unlike DARE's random drops).
 AUTO_METHODS = ("task_arithmetic", "ties", "breadcrumbs_ties", "tsv")
 # time kept back for what the budget cannot see from inside: interpreter start, imports, exit
