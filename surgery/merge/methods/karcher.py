@@ -74,10 +74,11 @@ def _merge(ctx: TensorContext):
     inputs = Inputs(ctx)
     k = ctx.n + int(ctx.has_base)
 
-    def xs(a: int, e: int) -> list[torch.Tensor]:
-        out = inputs.vectors(a, e, taus=False)
+    def xs(a: int, e: int, fresh: bool = True) -> list[torch.Tensor]:
+        out = inputs.vectors(a, e, taus=False, fresh=fresh)
         if ctx.has_base:
-            out.append(inputs.base(a, e).clone())
+            base = inputs.base(a, e)
+            out.append(base.clone() if fresh else base)
         return out
 
     if k == 1:
@@ -85,12 +86,12 @@ def _merge(ctx: TensorContext):
     coef: list[float] = []
 
     def prepare() -> None:
-        g = gram64(inputs.blocks, xs)
+        g = gram64(inputs.blocks, lambda a, e: xs(a, e, fresh=False))
         coef.extend(karcher_coefficients(g, int(ctx.params["max_iter"]), float(ctx.params["tol"])).tolist())
 
     def produce(a: int, e: int) -> torch.Tensor:
-        vs = xs(a, e)
-        out = vs[0].mul_(coef[0])
+        vs = xs(a, e, fresh=False)
+        out = vs[0] * coef[0]
         for c, x in zip(coef[1:], vs[1:]):
             out.add_(x, alpha=c)
         return out

@@ -77,7 +77,7 @@ def _merge(ctx: TensorContext):
         t.append(float(interpolation(mean_cosine(g), n)))
 
     def produce(a: int, e: int) -> torch.Tensor:
-        return stock(inputs.base(a, e), [inputs.model(i, a, e) for i in range(n)], torch.tensor(t[0]))
+        return stock(inputs.base(a, e), [inputs.model_view(i, a, e) for i in range(n)], torch.tensor(t[0]))
     return Streamed(ctx.shape, prepare, produce, inputs.release)
 
 

@@ -68,14 +68,14 @@ def _merge(ctx: TensorContext):
     coef: list[float] = []
 
     def prepare() -> None:
-        g = gram64(inputs.blocks, lambda a, e: inputs.vectors(a, e, taus))
+        g = gram64(inputs.blocks, lambda a, e: inputs.vectors(a, e, taus, fresh=False))
         coef.extend(multislerp_coefficients(g, ctx.weights(), bool(ctx.params["normalize_weights"]),
                                             float(ctx.params["eps"]), ctx.name).tolist())
 
     def produce(a: int, e: int) -> torch.Tensor:
         base = inputs.base(a, e)
-        xs = inputs.vectors(a, e, taus)
-        out = xs[0].mul_(coef[0])
+        xs = inputs.vectors(a, e, taus, fresh=False)
+        out = xs[0] * coef[0]
         for c, x in zip(coef[1:], xs[1:]):
             out.add_(x, alpha=c)
         return out if base is None else out.add_(base)

@@ -53,12 +53,12 @@ def _merge(ctx: TensorContext):
 
     if flatten or len(ctx.shape) == 1:
         def prepare() -> None:
-            g = torch.from_numpy(gram64(inputs.blocks, lambda a, e: inputs.vectors(a, e, taus)))
+            g = torch.from_numpy(gram64(inputs.blocks, lambda a, e: inputs.vectors(a, e, taus, fresh=False)))
             coef.extend(slerp_coefficients(t, g[0, 0], g[1, 1], g[0, 1]))
         return Streamed(ctx.shape, prepare, lambda a, e: out(a, e, *coef), inputs.release)
     if not row_wise:      # each vector along the last dimension
         def rows(a: int, e: int) -> torch.Tensor:
-            v0, v1 = inputs.vectors(a, e, taus)
+            v0, v1 = inputs.vectors(a, e, taus, fresh=False)
             c0, c1 = slerp_coefficients(t, row_dots64(v0, v0), row_dots64(v1, v1), row_dots64(v0, v1))
             return out(a, e, c0.unsqueeze(-1), c1.unsqueeze(-1))
         return Streamed(ctx.shape, None, rows, inputs.release)
@@ -66,7 +66,7 @@ def _merge(ctx: TensorContext):
     def prepare_columns() -> None:      # each vector along the first dimension: statistics per column
         sums = None
         for a, e in inputs.blocks:
-            v0, v1 = inputs.vectors(a, e, taus)
+            v0, v1 = inputs.vectors(a, e, taus, fresh=False)
             part = torch.stack([column_dots64(v0, v0), column_dots64(v1, v1), column_dots64(v0, v1)])
             sums = part if sums is None else sums.add_(part)
         coef.extend(slerp_coefficients(t, sums[0], sums[1], sums[2]))

@@ -85,16 +85,25 @@ class Inputs:
         """Rows of θ_i, a fresh float32 copy."""
         return self._models[i][a:e].clone() if self.held else self.ctx.model_rows(i, a, e)
 
+    def model_view(self, i: int, a: int, e: int) -> torch.Tensor:
+        """Rows of θ_i to read only (a view of the held tensor: no copy)."""
+        return self._models[i][a:e] if self.held else self.ctx.model_rows(i, a, e)
+
     def tau(self, i: int, a: int, e: int, base: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of τ_i = θ_i − θ0 (fresh); ``base`` saves re-reading θ0's rows."""
-        return self.model(i, a, e).sub_(self.base(a, e) if base is None else base)
+        base = self.base(a, e) if base is None else base
+        if self.held:                  # one pass, no copy first (the same bytes as copy-then-subtract)
+            return self._models[i][a:e] - base
+        return self.ctx.model_rows(i, a, e).sub_(base)
 
-    def vectors(self, a: int, e: int, taus: bool) -> list[torch.Tensor]:
-        """Rows of every model's τ_i (``taus``) or θ_i."""
+    def vectors(self, a: int, e: int, taus: bool, fresh: bool = True) -> list[torch.Tensor]:
+        """Rows of every model's τ_i (``taus``; always fresh) or θ_i (fresh copies, or with
+        ``fresh=False`` views to read only)."""
         if taus:
             base = self.base(a, e)
             return [self.tau(i, a, e, base) for i in range(self.n)]
-        return [self.model(i, a, e) for i in range(self.n)]
+        get = self.model if fresh else self.model_view
+        return [get(i, a, e) for i in range(self.n)]
 
     def release(self) -> None:
         """Drop the held tensors (nothing is kept between tensors)."""
