@@ -2,7 +2,8 @@
 
 Tiers
 -----
-``python -m pytest -q`` runs the fast tier (about a minute on a 2-core machine). Everything
+``python -m pytest -q`` runs the fast tier, spread over two pytest-xdist processes (``-n 0``
+for one). Everything
 slower is behind a marker and left out unless asked for:
 
 =========  ==========================================================================
@@ -37,12 +38,27 @@ another folder already uses with its area (``tests/unit/edit/test_edit_apply.py`
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Keep compiled bytecode. With PYTHONDONTWRITEBYTECODE set (this machine's default) every run
+# recompiles the surgery package and re-rewrites every test module's asserts, and every `surgery`
+# subprocess a test starts compiles the package again from source: about 40 s of a 2-minute
+# fast tier. Modules imported from here on (the test modules, surgery) write their .pyc files,
+# and subprocesses inherit the environment without the variable, so they read and write them too.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+# pytest-xdist's workers (`-n 2`) start with COLUMNS=80 / LINES=24 in their environment; a plain
+# run has neither. Piped command output is 240 columns wide unless COLUMNS says otherwise, so
+# drop them: every worker then renders as a plain run does (tests that want 80 set it).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
@@ -55,6 +71,26 @@ REAL_MODEL_FIXTURES = {"smollm2_dir", "minilm_dir"}
 # listed at the end of the run as a candidate for @pytest.mark.slow. CPU time, not wall time,
 # so a busy machine does not flag everything.
 SLOW_CPU_SECONDS = 2.0
+
+
+# Test processes the run uses when pytest-xdist is installed and none is asked for (`-n 0` runs
+# in this one process). Both cores of the 2-core CI machine: most tests are single-threaded Python.
+DEFAULT_WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Spread the run over DEFAULT_WORKERS processes, unless `-n` was given, pytest-xdist is not
+    installed, or the run is one chosen test, a collection only, or a debugging session."""
+    opt = config.option
+    if (hasattr(config, "workerinput") or os.environ.get("PYTEST_XDIST_WORKER")   # a worker itself
+            or not config.pluginmanager.hasplugin("xdist") or getattr(opt, "numprocesses", 0) is not None
+            or opt.collectonly or getattr(opt, "usepdb", False)
+            or any("::" in str(a) for a in config.args)):
+        return
+    opt.numprocesses = DEFAULT_WORKERS
+    if opt.dist == "no":
+        opt.dist = "load"
 
 
 def pytest_addoption(parser):
@@ -91,24 +127,32 @@ def _cpu_timed(item):
 _CPU = pytest.StashKey[float]()
 pytest_runtest_setup = pytest.hookimpl(hookwrapper=True)(_cpu_timed)
 pytest_runtest_call = pytest.hookimpl(hookwrapper=True)(_cpu_timed)
+# (cpu seconds, node id) of every unmarked test over the threshold, gathered from the call
+# reports, so it also works under pytest-xdist (reports travel from the workers, items do not).
+_SLOW_UNMARKED: list[tuple[float, str]] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if call.when == "call":
+        outcome.get_result().user_properties.append(("cpu_seconds", item.stash.get(_CPU, 0.0)))
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "call":
+        return
+    cpu = dict(report.user_properties).get("cpu_seconds", 0.0)
+    if cpu > SLOW_CPU_SECONDS and not any(t in report.keywords for t in TIERS):
+        _SLOW_UNMARKED.append((cpu, report.nodeid))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """List fast-tier tests that took more than SLOW_CPU_SECONDS of CPU: they belong in `slow`."""
-    slow = []
-    for item in getattr(config, "_surgery_items", []):
-        cpu = item.stash.get(_CPU, 0.0)
-        if cpu > SLOW_CPU_SECONDS and not any(item.get_closest_marker(t) for t in TIERS):
-            slow.append((cpu, item.nodeid))
-    if slow:
+    if _SLOW_UNMARKED:
         terminalreporter.section(f"unmarked tests over {SLOW_CPU_SECONDS:g} s of CPU: add @pytest.mark.slow")
-        for cpu, nodeid in sorted(slow, reverse=True):
+        for cpu, nodeid in sorted(_SLOW_UNMARKED, reverse=True):
             terminalreporter.write_line(f"{cpu:6.1f} s  {nodeid}")
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_finish(session):
-    session.config._surgery_items = list(session.items)
 
 
 @dataclass

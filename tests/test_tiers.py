@@ -86,3 +86,30 @@ def test_ci_runs_the_readme_full_suite_command():
           if re.match(r"\s*python -m pytest", line)]
     assert ci == ["python -m pytest -q --all"]
     assert f"{ci[0]}          # every tier: what CI runs" in (ROOT / "README.md").read_text()
+
+
+class FakeXdistConfig:
+    def __init__(self, numprocesses=None, args=("tests",), collectonly=False, worker=False, xdist=True):
+        self.option = SimpleNamespace(numprocesses=numprocesses, collectonly=collectonly, usepdb=False, dist="no")
+        self.args = list(args)
+        self.pluginmanager = SimpleNamespace(hasplugin=lambda name: xdist and name == "xdist")
+        if worker:
+            self.workerinput = {"workerid": "gw0"}
+
+
+def test_default_run_spreads_over_two_workers(monkeypatch):
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    config = FakeXdistConfig()
+    conftest.pytest_cmdline_main(config)
+    assert (config.option.numprocesses, config.option.dist) == (2, "load")
+
+
+@pytest.mark.parametrize("config", [FakeXdistConfig(numprocesses=0), FakeXdistConfig(worker=True),
+                                    FakeXdistConfig(xdist=False), FakeXdistConfig(collectonly=True),
+                                    FakeXdistConfig(args=["tests/unit/x.py::test_y"])],
+                         ids=["-n 0", "a worker", "no xdist", "--co", "one test"])
+def test_workers_only_when_nothing_else_was_asked(config, monkeypatch):
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    before = config.option.numprocesses
+    conftest.pytest_cmdline_main(config)
+    assert config.option.numprocesses == before and config.option.dist == "no"
