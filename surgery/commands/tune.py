@@ -53,6 +53,7 @@ def tune(
     ctx: Annotated[Optional[int], typer.Option("--ctx", metavar="N", help="Window length in tokens (default: the model's positions, at most 1024).")] = None,
     stride: Annotated[Optional[int], typer.Option("--stride", metavar="N", help="Window step (default: --ctx, disjoint windows).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Sequences per forward pass.")] = 8,
+    search_windows: Annotated[str, typer.Option("--search-windows", metavar="N|all", help="Windows of each probe's search part a trial is ranked on (evenly spaced, placed by --seed); the best 3 trials are then scored on all windows and the winner is chosen on those. `all` or 0: every trial scores every window.")] = "3",
     no_references: Annotated[bool, typer.Option("--no-references", help="Do not score the base and the models on the report parts.")] = False,
     dtype: DtypeOpt = None,
     shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
@@ -72,6 +73,8 @@ def tune(
         ppl = ", ".join(f"{k} {_render.fmt_num(v, 5)}" for k, v in rec["perplexity"].items())
         settings = ", ".join(f"{k}={v:g}" for k, v in rec["settings"].items())
         tag = " (from the log)" if rec.get("replayed") else f" {rec['seconds']:.1f} s"
+        if rec.get("fidelity") == "surrogate":
+            tag = " (surrogate)" + tag
         _render.log(f"trial {rec['index']:>3} {rec['phase']:<7} {rec['method']}: {settings} | {ppl} | "
                     f"objective {rec['objective']:.4f}, best {rec['best']:.4f}{tag}")
 
@@ -84,6 +87,7 @@ def tune(
     result = run(target, base=base, models=list(models or []), probes=list(probe or []), output=output,
                  groups=groups, budget=None if budget.strip().lower() == "none" else budget, trials=trials,
                  seed=seed, objective_kind=choice(objective), holdout=holdout, ctx=ctx, stride=stride, batch_size=batch_size,
+                 search_windows=search_windows,
                  dtype=choice(dtype), shard_size=shard_size, force=force, resume=resume, references=not no_references,
                  device=device, progress=_render.progress(quiet), on_trial=on_trial)
 

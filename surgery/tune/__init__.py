@@ -53,6 +53,11 @@ AUTO_METHODS = ("task_arithmetic", "ties", "breadcrumbs_ties", "tsv")
 # time kept back for what the budget cannot see from inside: interpreter start, imports, exit
 BUDGET_MARGIN_S, BUDGET_MARGIN_SHARE = 5.0, 0.02
 MAX_HELD_OUT_FRONT = 6
+# multi-fidelity: trials are ranked on a few windows of each probe's search part (the
+# surrogate); the best RESCORE_TOP of them are scored on the whole search parts before the
+# winner is chosen
+DEFAULT_SEARCH_WINDOWS = 3
+RESCORE_TOP = 3
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -71,6 +76,22 @@ def parse_duration(text: str | float | int | None) -> float | None:
         raise UsageError(f"`budget` {text!r} is not a duration; write e.g. 10m, 90s, 1h30m or a number of seconds.")
     h, mi, se = (float(g) if g else 0.0 for g in m.groups())
     return h * 3600 + mi * 60 + se
+
+
+def parse_windows(text: int | str | None) -> int:
+    """``--search-windows``: a count of windows, or ``all``/``0``/None for every window (0).
+
+    Raises:
+        UsageError: Neither a non-negative count nor ``all``.
+    """
+    if text is None:
+        return 0
+    t = str(text).strip().lower()
+    if t == "all":
+        return 0
+    if not re.fullmatch(r"\d+", t):
+        raise UsageError(f"`search_windows` {text!r} must be a number of windows per probe (e.g. 3) or all.")
+    return int(t)
 
 
 def parse_probe(text: str) -> tuple[str, str, float]:
@@ -115,7 +136,7 @@ def searchable_methods() -> list[str]:
 def tune(target: str, *, base: str | None, models: list[str], probes: list[str], output: str | Path,
          groups: bool = False, budget: str | float | None = "10m", trials: int | None = None, seed: int = 0,
          objective_kind: str = "mean", holdout: float = 0.5, ctx: int | None = None, stride: int | None = None,
-         batch_size: int = 8, dtype: str | None = None, shard_size: str | int = "5GB", force: bool = False,
+         batch_size: int = 8, search_windows: int | str | None = DEFAULT_SEARCH_WINDOWS, dtype: str | None = None, shard_size: str | int = "5GB", force: bool = False,
          resume: str | Path | None = None, references: bool = True, device: str = "cpu",
          progress: Progress | None = None, on_trial: Callable[[dict[str, Any]], None] | None = None) -> Result:
     """Search merge settings on probe texts and write the best merge, its recipe and a report.
@@ -135,6 +156,9 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         objective_kind: ``mean``, ``worst`` or ``weighted`` log perplexity over the probes.
         holdout: Share of each probe's tokens kept out of the search for the report.
         ctx, stride, batch_size: Perplexity windows (default: ``eval ppl``'s ctx, disjoint windows).
+        search_windows: Windows of each probe's search part a trial is ranked on (evenly spaced,
+            placed by the seed); the best few trials are then scored on the whole search parts
+            and the winner is chosen on those. 0 or None: every trial scores every window.
         dtype: Output dtype (default: the inputs'); candidates are scored rounded to it.
         shard_size, force: As for ``merge``.
         resume: A log of an earlier run with the same setup: its trials are replayed, not re-run.
@@ -160,6 +184,7 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         raise UsageError(f"`holdout` must be between 0 and 1 (the share of each probe kept for the report), got {holdout}.")
     if trials is not None and trials < 1:
         raise UsageError(f"`trials` must be at least 1, got {trials}.")
+    search_windows = parse_windows(search_windows)
     budget_s = parse_duration(budget)
     if budget_s is not None and budget_s <= 0:
         raise UsageError(f"`budget` must be positive, got {budget!r}.")
@@ -201,7 +226,7 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
     progress.start(0, "tune: loading the model and the inputs")
     progress.close()
     ev = Evaluator(template.base, [m.location for m in template.models], texts, holdout=holdout, ctx=ctx,
-                   stride=stride, batch_size=batch_size, device=device)
+                   stride=stride, batch_size=batch_size, search_windows=search_windows, seed=seed, device=device)
     filters = group_filters(ev.base.names) if groups else None
     spaces = [Space(get_method(n), dataclasses.replace(template, method=n)) for n in method_names]
     setup = {"base": file_identity(template.base), "models": [file_identity(m.location) for m in template.models],
@@ -210,6 +235,8 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
              "holdout": holdout, "ctx": ev.probes[0].search.ctx, "stride": ev.probes[0].search.stride,
              "objective": objective_kind, "seed": seed, "methods": method_names, "groups": groups,
              "dtype": template.dtype, "template": recipe_dict(template) | {"merge_method": None}}
+    if not ev.exact:            # (absent when exact: logs of the exact search stay resumable)
+        setup["search_windows"] = {p.name: p.windows for p in ev.probes}
     cache: dict[str, dict[str, Any]] = {}
     replayed_from: str | None = None
     if resume is not None:
@@ -219,8 +246,9 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         replayed_from = str(resume)
     records: list[dict[str, Any]] = []
     state = {"evaluated": 0, "replayed": 0, "best": math.inf, "stopped": "the search converged",
-             "trial_seconds": [], "merge_seconds": [], "prepare_seconds": 0.0, "by_method": {},
-             "pruned": 0}
+             "trial_seconds": [], "merge_seconds": [], "score_seconds": [], "prepare_seconds": 0.0,
+             "by_method": {}, "pruned": 0, "rescore_seconds": 0.0}
+    spaces_by_key: dict[str, tuple[Space, list[float]]] = {}
     log_inputs = input_paths + [out]
     margin = 0.0 if budget_s is None else BUDGET_MARGIN_S + BUDGET_MARGIN_SHARE * budget_s
 
@@ -236,15 +264,25 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         xs = state["by_method"].get(method) or state["trial_seconds"]
         return max(xs) if xs else 0.0
 
+    def per_token() -> float:
+        # forward time per token, from the trials that scored their whole surrogate
+        return typical("score_seconds") / max(1, ev.tokens("surrogate"))
+
+    def rescore_cost() -> float:
+        # the best few trials scored on the whole search parts (with their merges)
+        if ev.exact:
+            return 0.0
+        return RESCORE_TOP * (typical("merge_seconds") + per_token() * ev.tokens("search"))
+
     def final_reserve() -> float:
-        # the winner's held-out score and the final merge: a report part costs about what a
-        # search part does per token; the written merge about 3x the in-memory one plus I/O
-        per_token = typical("trial_seconds") / max(1, ev.tokens("search"))
+        # the re-scoring, the winner's held-out score and the final merge: a report part costs
+        # about what a search part does per token; the written merge about 3x the in-memory one plus I/O
         write = 3 * typical("merge_seconds") + ev.base.nbytes() * (len(ev.models) + 2) / 150e6
-        return per_token * ev.tokens("report") + write
+        return rescore_cost() + per_token() * ev.tokens("report") + typical("merge_seconds") + write
 
     def evaluate(space: Space, x: list[float], phase: str) -> float:
         key = space.key(x)
+        spaces_by_key.setdefault(key, (space, list(x)))
         for r in records:
             if r["key"] == key:
                 return r["objective"]
@@ -275,10 +313,13 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
             state["trial_seconds"].append(seconds)
             state["by_method"].setdefault(space.method.name, []).append(seconds)
             state["merge_seconds"].append(t1 - t0 - prepare)
+            if share >= 1.0:
+                state["score_seconds"].append(time.perf_counter() - t1)
             state["prepare_seconds"] += prepare
             rec = {"kind": "trial", "key": key, "method": space.method.name, "settings": space.settings(x),
                    "nll": nll, "seconds": round(seconds, 3), "merge_seconds": round(t1 - t0 - prepare, 3),
-                   "prepare_seconds": round(prepare, 3), "phase": phase}
+                   "prepare_seconds": round(prepare, 3), "phase": phase,
+                   "fidelity": "full" if ev.exact else "surrogate"}
             if share < 1.0:
                 state["pruned"] += 1
                 rec.update(pruned=True, scored_share=round(share, 4), nll_lower_bound=lower)
@@ -309,14 +350,20 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         raise UsageError(f"the budget ({budget}) ended before the first candidate was scored; give a larger "
                          f"`budget`.")
     winner_key = best.space.key(best.x)
+    if not ev.exact:
+        winner_key = _rescore(records, spaces_by_key, ev, seed, objective_kind, weights, remaining, state,
+                              lambda: (typical("merge_seconds") + per_token() * ev.tokens("search")) * 1.1
+                              + final_reserve() - rescore_cost(), progress)
+        write_log(log_path, setup, [_loggable(r) for r in records], log_inputs)
     winner = next(i for i, r in enumerate(records) if r["key"] == winner_key)
+    best_space, best_x = spaces_by_key[winner_key]
     complete = [i for i, r in enumerate(records) if not r.get("pruned")]
     front = [complete[i] for i in pareto([records[i] for i in complete])]
 
     # ---- held-out numbers: the winner always; then the methods' starting points, the Pareto
     # front and the references while the budget allows
     held: list[dict[str, Any]] = []
-    report_cost = typical("trial_seconds") * ev.tokens("report") / max(1, ev.tokens("search"))
+    report_cost = typical("merge_seconds") + per_token() * ev.tokens("report")
 
     def held_out(label: str, kind: str, load: Callable[[], None], extra: dict[str, Any] | None = None) -> None:
         load()
@@ -326,9 +373,9 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         held.append(row)
 
     def space_of(rec):
-        return next(s for s in spaces if s.method.name == rec["method"]) if rec["phase"] != "groups" else best.space
+        return spaces_by_key[rec["key"]][0]
 
-    held_out(f"best: trial {winner} ({records[winner]['method']})", "best", lambda: ev.load(best.space.request(best.x), seed=seed),
+    held_out(f"best: trial {winner} ({records[winner]['method']})", "best", lambda: ev.load(best_space.request(best_x), seed=seed),
              {"trial": winner})
     optional: list[tuple[str, str, Callable[[], None], dict[str, Any]]] = []
     for i, r in enumerate(records):
@@ -354,13 +401,19 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         held_out(label, kind, load, extra)
 
     # ---- the output folder
-    request = best.space.request(best.x)
+    request = best_space.request(best_x)
     report: dict[str, Any] = {
         "method": request.method, "objective": objective_kind, "seed": seed, "groups": groups,
         "best": {"trial": winner, "method": request.method, "settings": records[winner]["settings"],
-                 "search_nll": records[winner]["nll"], "held_out_nll": held[0]["nll"],
+                 "search_nll": records[winner].get("full_nll", records[winner]["nll"]),
+                 "surrogate_nll": None if ev.exact else records[winner]["nll"], "held_out_nll": held[0]["nll"],
                  "held_out_perplexity": {k: _exp(v) for k, v in held[0]["nll"].items()},
-                 "objective": records[winner]["objective"], "held_out_objective": held[0]["objective"]},
+                 "objective": records[winner].get("full_objective", records[winner]["objective"]),
+                 "held_out_objective": held[0]["objective"]},
+        "search_windows": None if ev.exact else {p.name: {"scored": len(p.windows), "of": len(p.search.windows),
+                                                          "indices": p.windows} for p in ev.probes},
+        "rescored": [i for i, r in enumerate(records) if "full_nll" in r] if not ev.exact else [],
+        "rescore_seconds": state["rescore_seconds"],
         "probes": [{"name": p.name, "path": p.path, "tokens": p.tokens, "weight": p.weight,
                     "search_tokens": int(p.search.ids.numel()), "report_tokens": int(p.report.ids.numel())}
                    for p in ev.probes],
@@ -410,6 +463,34 @@ def _exp(v: float) -> float:
         return math.inf
 
 
+def _rescore(records: list[dict[str, Any]], spaces_by_key: dict[str, Any], ev: Evaluator, seed: int,
+             objective_kind: str, weights: dict[str, float], remaining: Callable[[], float], state: dict[str, Any],
+             need: Callable[[], float], progress: Progress) -> str:
+    """Score the best :data:`RESCORE_TOP` trials by their surrogate on the whole search parts
+    (the first always, the others while the budget allows) and return the key of the best by
+    that full score. Trials re-scored by an earlier run (their log has ``full_nll``) are not
+    scored again."""
+    ranked = sorted((r for r in records if not r.get("pruned")), key=lambda r: r["objective"])[:RESCORE_TOP]
+    progress.start(len(ranked), "tune: the best trials on the whole search parts")
+    try:
+        for n, r in enumerate(ranked):
+            if "full_nll" not in r:
+                if n > 0 and remaining() < need():
+                    break
+                t0 = time.perf_counter()
+                space, x = spaces_by_key[r["key"]]
+                ev.load(space.request(x), seed=seed)
+                r["full_nll"] = ev.score("search")
+                r["full_objective"] = objective(r["full_nll"], objective_kind, weights)
+                r["full_seconds"] = round(time.perf_counter() - t0, 3)
+                state["rescore_seconds"] += time.perf_counter() - t0
+            progress.advance(n + 1)
+    finally:
+        progress.close()
+    full = [r for r in records if "full_nll" in r]
+    return min(full, key=lambda r: r["full_objective"])["key"]
+
+
 def _loggable(r: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in r.items() if k not in ("replayed",)}
 
@@ -419,4 +500,7 @@ def _reported(r: dict[str, Any]) -> dict[str, Any]:
             "perplexity": {k: _exp(v) for k, v in r["nll"].items()}, "objective": r["objective"],
             "seconds": r.get("seconds"), "prepare_seconds": r.get("prepare_seconds") or 0.0,
             "replayed": bool(r.get("replayed")), "pruned": bool(r.get("pruned")),
+            "fidelity": r.get("fidelity", "full"),
+            **({"full_nll": r["full_nll"], "full_objective": r["full_objective"],
+                "full_perplexity": {k: _exp(v) for k, v in r["full_nll"].items()}} if "full_nll" in r else {}),
             **({"scored_share": r["scored_share"], "nll_lower_bound": r["nll_lower_bound"]} if r.get("pruned") else {})}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,13 +79,24 @@ class Probe:
     tokens: int
     search: Scorer
     report: Scorer
-    chunks: list[Scorer] = dataclasses.field(default_factory=list)   # the search part, RACE_WINDOWS at a time
-    search_scored: int = 0                      # tokens the search part scores
+    chunks: list[Scorer] = dataclasses.field(default_factory=list)   # the surrogate, RACE_WINDOWS at a time
+    search_scored: int = 0                      # tokens the surrogate scores
+    surrogate: Scorer | None = None             # the windows of the search part a trial scores
+    windows: list[int] = dataclasses.field(default_factory=list)    # their indices in the search part
 
 
 # windows per step of a race (:meth:`Evaluator.race`): small enough that a hopeless candidate
 # stops early, large enough that the forward passes stay batched
 RACE_WINDOWS = 2
+
+
+def surrogate_windows(total: int, wanted: int | None, seed: int) -> list[int]:
+    """Indices of the search windows a trial scores: ``wanted`` of the ``total``, evenly spaced
+    with an offset drawn from ``seed`` (all of them when ``wanted`` is 0/None or not below ``total``)."""
+    if not wanted or wanted >= total:
+        return list(range(total))
+    u = random.Random(seed).random()
+    return sorted({min(total - 1, int((k + u) * total / wanted)) for k in range(wanted)})
 
 
 def split_point(num_tokens: int, holdout: float) -> int:
@@ -102,12 +114,15 @@ class Evaluator:
         probes: ``(name, path, text, weight)`` per probe.
         holdout: Share of each probe's tokens kept for the report.
         ctx, stride, batch_size: Corpus windows (default: ``eval ppl``'s ctx, disjoint windows).
+        search_windows: Windows of each probe's search part a trial scores (the surrogate;
+            0/None: all of them, exact); see :func:`surrogate_windows`.
+        seed: Places the surrogate's windows.
         device: Where the forward passes and the merge math run.
     """
 
     def __init__(self, base: str, models: list[str], probes: list[tuple[str, str, str, float]], *,
                  holdout: float = 0.5, ctx: int | None = None, stride: int | None = None, batch_size: int = 8,
-                 device: str = "cpu"):
+                 search_windows: int | None = None, seed: int = 0, device: str = "cpu"):
         t0 = time.perf_counter()
         self.device = device
         opened = Inputs(device)
@@ -137,8 +152,10 @@ class Evaluator:
         # trials: at most twice the models' size in float32 (one model: 540 MB for 135M)
         fp32 = sum(self.base._data[n].numel() for n in self.names) * 4
         self.factor_cache = FactorCache(2 * fp32)
-        self.probes = [self._probe(tok, name, path, text, weight, holdout, ctx, stride, batch_size)
-                       for name, path, text, weight in probes]
+        self.probes = [self._probe(tok, name, path, text, weight, holdout, ctx, stride, batch_size,
+                                   search_windows, seed) for name, path, text, weight in probes]
+        # the surrogate is the exact search score when it keeps every window of every probe
+        self.exact = all(len(p.windows) == len(p.search.windows) for p in self.probes)
         self.setup_seconds = time.perf_counter() - t0
 
     def _targets(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -152,7 +169,7 @@ class Evaluator:
         return {n: params[n] for n in names}
 
     def _probe(self, tok: Any, name: str, path: str, text: str, weight: float, holdout: float, ctx: int | None,
-               stride: int | None, batch_size: int) -> Probe:
+               stride: int | None, batch_size: int, search_windows: int | None, seed: int) -> Probe:
         whole = make_scorer(self.model, tok, text, ctx=ctx, batch_size=batch_size, device=self.device)
         stride = whole.ctx if stride is None else stride
         if not 1 <= stride <= whole.ctx:
@@ -169,12 +186,14 @@ class Evaluator:
                                        windows=corpus_windows(int(t.numel()), whole.ctx, stride))
 
         search = part(ids[:cut])
-        chunks = [dataclasses.replace(search, windows=search.windows[i:i + RACE_WINDOWS])
-                  for i in range(0, len(search.windows), RACE_WINDOWS)]
+        picked = surrogate_windows(len(search.windows), search_windows, seed)
+        surrogate = dataclasses.replace(search, windows=[search.windows[i] for i in picked])
+        chunks = [dataclasses.replace(search, windows=surrogate.windows[i:i + RACE_WINDOWS])
+                  for i in range(0, len(surrogate.windows), RACE_WINDOWS)]
         # a window scores its last `scored` tokens, except the very first token of a window
-        scored = sum(min(w.scored, w.end - w.begin - 1) for w in search.windows)
+        scored = sum(min(w.scored, w.end - w.begin - 1) for w in surrogate.windows)
         return Probe(name, path, weight, hashlib.sha256(text.encode()).hexdigest(), int(ids.numel()),
-                     search, part(ids[cut:]), chunks, scored)
+                     search, part(ids[cut:]), chunks, scored, surrogate, picked)
 
     # ---- candidates ---------------------------------------------------------------------------
 
@@ -212,7 +231,7 @@ class Evaluator:
         return out
 
     def race(self, give_up: Callable[[dict[str, float]], bool]) -> tuple[dict[str, float], dict[str, float], float]:
-        """Score the search parts a few windows at a time, the probes in turn, and stop as soon
+        """Score the surrogate (the chosen windows of the search parts) a few windows at a time, the probes in turn, and stop as soon
         as ``give_up(lower)`` is true for the lower bounds of the probes' mean NLLs: the tokens
         not scored yet count 0, as a token's NLL is never negative, so a candidate is only
         stopped when no rest of the text could make it good enough.
@@ -239,6 +258,9 @@ class Evaluator:
         return nll, lower, sum(counts.values()) / total
 
     def tokens(self, part: str) -> int:
+        """Tokens forwarded per score of ``search``, ``report`` or ``surrogate`` over all probes."""
+        if part == "surrogate":
+            return sum(sum(w.end - w.begin for w in p.surrogate.windows) for p in self.probes if p.surrogate)
         return sum(int(getattr(p, part).ids.numel()) for p in self.probes)
 
 

@@ -29,7 +29,17 @@ def markdown(report: dict[str, Any]) -> str:
              f"({report['trials_evaluated']} trials evaluated, {report.get('trials_pruned', 0)} of them stopped early "
              f"as they could not beat the best, {report['trials_replayed']} replayed from the log, "
              f"{report['seconds']:.0f} s; stopped because {report['stopped']}).", "",
-             "Re-run the merge with `surgery merge --config recipe.yml -o OUT`.", "",
+             "Re-run the merge with `surgery merge --config recipe.yml -o OUT`.", ""]
+    sw = report.get("search_windows")
+    if sw:
+        lines += [f"Trials were ranked on a surrogate: "
+                  + ", ".join(f"{k} {v['scored']} of {v['of']}" for k, v in sw.items())
+                  + " search windows (evenly spaced, placed by the seed); trials "
+                  f"({', '.join(map(str, report['rescored']))}) were then scored on the whole search parts and the "
+                  f"winner chosen on those ({report['rescore_seconds']:.0f} s). Trial perplexities and objectives "
+                  "below are the surrogate's; the *full* column is the whole search parts' objective.", ""]
+    lines += [
+
              "## Held-out perplexity (report parts, never searched)", "",
              "| candidate | " + " | ".join(probes) + " | objective |",
              "| --- | " + " | ".join("---:" for _ in probes) + " | ---: |"]
@@ -44,16 +54,17 @@ def markdown(report: dict[str, Any]) -> str:
                      f"| {p['weight']:g} |")
     front = set(report["pareto"])
     lines += ["", "## Trials (search parts)", "",
-              "| # | phase | method | settings | " + " | ".join(probes) + " | objective | Pareto |",
-              "| ---: | --- | --- | --- | " + " | ".join("---:" for _ in probes) + " | ---: | :---: |"]
+              "| # | phase | method | settings | " + " | ".join(probes) + " | objective | full | Pareto |",
+              "| ---: | --- | --- | --- | " + " | ".join("---:" for _ in probes) + " | ---: | ---: | :---: |"]
     for i, t in enumerate(report["trials"]):
         settings = ", ".join(f"{k}={v:g}" for k, v in t["settings"].items())
         mark = "★" if i == best["trial"] else ("•" if i in front else "")
         obj = f"{t['objective']:.4f}"
+        full = f"{t['full_objective']:.4f}" if "full_objective" in t else ("" if t.get("fidelity") == "surrogate" else obj)
         if t.get("pruned"):      # stopped early: partial perplexities, the objective a lower bound
             obj = f"≥ {obj} (pruned at {100 * t['scored_share']:.0f}%)"
         lines.append(f"| {i} | {t['phase']} | {t['method']} | {settings} | "
-                     + " | ".join(_ppl(t["nll"].get(p)) for p in probes) + f" | {obj} | {mark} |")
+                     + " | ".join(_ppl(t["nll"].get(p)) for p in probes) + f" | {obj} | {full} | {mark} |")
     return "\n".join(lines) + "\n"
 
 

@@ -147,8 +147,16 @@ def test_tune_writes_a_rerunnable_merge_recipe_and_report(cli, tmp_path, probes)
     assert doc["trials_evaluated"] == 8 and len(doc["trials"]) == 8
     assert doc["stopped"] == "the trial limit (8) was reached"
     assert [t["phase"] for t in doc["trials"][:2]] == ["screen", "screen"]
-    best = doc["trials"][doc["best"]["trial"]]
-    assert best["objective"] == min(t["objective"] for t in doc["trials"])
+    # ranked on a surrogate (3 windows of each search part); the best 3 by it re-scored on the
+    # whole search parts, the winner the best of those
+    trials = doc["trials"]
+    assert all(t["fidelity"] == "surrogate" for t in trials)
+    top = sorted((i for i, t in enumerate(trials) if not t["pruned"]), key=lambda i: trials[i]["objective"])[:3]
+    assert doc["rescored"] == sorted(top)
+    assert [i for i, t in enumerate(trials) if "full_objective" in t] == sorted(top)
+    best = trials[doc["best"]["trial"]]
+    assert best["full_objective"] == min(trials[i]["full_objective"] for i in top) == doc["best"]["objective"]
+    assert doc["best"]["search_nll"] == best["full_nll"] and doc["best"]["surrogate_nll"] == best["nll"]
     kinds = [h["kind"] for h in doc["held_out"]]
     assert kinds[0] == "best" and kinds.count("reference") == 4
     assert set(doc["best"]["held_out_nll"]) == {"a", "b"}
@@ -167,6 +175,46 @@ def test_tune_writes_a_rerunnable_merge_recipe_and_report(cli, tmp_path, probes)
     assert doc2["trials_replayed"] == 8 and doc2["trials_evaluated"] == 3
     assert [t["settings"] for t in doc2["trials"][:8]] == [t["settings"] for t in doc["trials"]]
     assert [t["nll"] for t in doc2["trials"][:8]] == [t["nll"] for t in doc["trials"]]
+    # the full scores of the earlier run are replayed, not recomputed
+    for t, t2 in zip(doc["trials"], doc2["trials"][:8]):
+        if "full_nll" in t:
+            assert t2["full_nll"] == t["full_nll"]
+
+
+@pytest.mark.slow
+def test_surrogate_scores_the_chosen_windows_and_all_is_the_exact_search(cli, tmp_path, probes):
+    args = ["task_arithmetic", "--base", LLAMA / "base", *MODELS, *sum((["--probe", p] for p in probes), []),
+            "--trials", "5", "--budget", "10m", "--ctx", "16", "--json", "--quiet", "--no-references"]
+    res = cli("tune", *args, "-o", tmp_path / "s", "--search-windows", "2", "--seed", "3")
+    assert res.code == 0, res.stderr
+    doc = res.json()
+    texts = [(p.split("=")[0], p.split("=")[1], Path(p.split("=")[1]).read_text(), 1.0) for p in probes]
+    ev = Evaluator(str(LLAMA / "base"), [str(m) for m in MODELS], texts, holdout=0.5, ctx=16)
+    model, _ = load_causal_lm(open_checkpoint(tmp_path / "s" / "model"))
+    best = doc["trials"][doc["best"]["trial"]]
+    for p in ev.probes:
+        chosen = doc["search_windows"][p.name]
+        n = chosen["of"]
+        assert chosen["scored"] == 2 and len(set(chosen["indices"])) == 2 and n == len(p.search.windows)
+        # evenly spaced: the two picks are n/2 apart (rounded down)
+        assert chosen["indices"][1] - chosen["indices"][0] in (n // 2, (n + 1) // 2)
+        ids = p.search.ids
+        total, count = 0.0, 0
+        for k in chosen["indices"]:           # the written winner on its surrogate windows, by hand
+            w = ids[k * 16:(k + 1) * 16]
+            nll = _nll(model, w, 16)
+            total += nll * (len(w) - 1)
+            count += len(w) - 1
+        assert best["nll"][p.name] == pytest.approx(total / count, rel=1e-5)
+        assert best["full_nll"][p.name] == pytest.approx(_nll(model, ids, 16), rel=1e-5)
+    # the same seed places the same windows; `all` is the exact search (every trial full)
+    again = cli("tune", *args, "-o", tmp_path / "s2", "--search-windows", "2", "--seed", "3").json()
+    assert again["search_windows"] == doc["search_windows"]
+    assert [t["nll"] for t in again["trials"]] == [t["nll"] for t in doc["trials"]]
+    exact = cli("tune", *args, "-o", tmp_path / "e", "--search-windows", "all").json()
+    assert exact["search_windows"] is None and exact["rescored"] == []
+    assert all(t["fidelity"] == "full" and "full_nll" not in t for t in exact["trials"])
+    assert exact["best"]["search_nll"] == exact["trials"][exact["best"]["trial"]]["nll"]
 
 
 def test_tune_errors_are_one_line(cli, tmp_path, probes):
@@ -178,6 +226,7 @@ def test_tune_errors_are_one_line(cli, tmp_path, probes):
         (["ties", *base, "--probe", "a"], "NAME=FILE"),
         (["ties", *base, "--probe", probes[0], "--probe", probes[0]], "unique"),
         (["ties", *base, "--probe", probes[0], "--budget", "soon"], "not a duration"),
+        (["ties", *base, "--probe", probes[0], "--search-windows", "some"], "--search-windows"),
         (["ties", *base, "--probe", f"x={tmp_path / 'missing.txt'}"], "missing.txt"),
     ]
     for args, message in cases:

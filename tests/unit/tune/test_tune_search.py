@@ -186,3 +186,27 @@ def test_a_damaged_resume_log_is_one_input_error(tmp_path, content, message):
         read_log(p)
     with pytest.raises(InputError, match="does not exist"):
         read_log(tmp_path / "missing.jsonl")
+
+
+def test_surrogate_windows_are_evenly_spaced_and_placed_by_the_seed():
+    from surgery.tune.evaluate import surrogate_windows
+
+    assert surrogate_windows(8, 0, 1) == surrogate_windows(8, None, 1) == surrogate_windows(8, 8, 1) == list(range(8))
+    assert surrogate_windows(5, 9, 0) == list(range(5))
+    for seed in range(20):
+        got = surrogate_windows(30, 3, seed)
+        assert got == surrogate_windows(30, 3, seed)
+        assert len(got) == 3 and got == sorted(got) and 0 <= got[0] < 10
+        assert [b - a for a, b in zip(got, got[1:])] in ([10, 10], [9, 10], [10, 9], [9, 11], [11, 9], [10, 11], [11, 10])
+    assert len({tuple(surrogate_windows(30, 3, s)) for s in range(20)}) > 1
+
+
+def test_parse_windows():
+    from surgery.core.errors import UsageError
+    from surgery.tune import parse_windows
+
+    assert parse_windows("all") == parse_windows("0") == parse_windows(None) == 0
+    assert parse_windows("4") == parse_windows(4) == 4
+    for bad in ("-1", "x", "2.5"):
+        with pytest.raises(UsageError, match="search_windows"):
+            parse_windows(bad)
