@@ -26,7 +26,7 @@ import torch
 
 from ..checkpoint.reader import Checkpoint
 from ..core.errors import IncompatibleCheckpointsError, UsageError
-from ..eval.perplexity import Scorer, corpus_windows, load_causal_lm, make_scorer
+from ..eval.perplexity import Scorer, _token_nll, corpus_windows, load_causal_lm, make_scorer
 from ..merge.batch import output_tensors
 from ..merge.inputs import Inputs
 from ..merge.methods.subspace import FactorCache
@@ -224,11 +224,8 @@ class Evaluator:
 
     def score(self, part: str) -> dict[str, float]:
         """Mean token NLL of every probe's ``search`` or ``report`` part for the loaded weights."""
-        out = {}
-        for p in self.probes:
-            rep = getattr(p, part).score()
-            out[p.name] = float(rep["mean_nll"])
-        return out
+        got = self._score_together([(p.name, getattr(p, part)) for p in self.probes])
+        return {name: total / n if n else float("nan") for name, (total, n) in got.items()}
 
     def race(self, give_up: Callable[[dict[str, float]], bool]) -> tuple[dict[str, float], dict[str, float], float]:
         """Score the surrogate (the chosen windows of the search parts) a few windows at a time, the probes in turn, and stop as soon
@@ -245,17 +242,51 @@ class Evaluator:
         lower = {p.name: 0.0 for p in self.probes}
         rounds = max(len(p.chunks) for p in self.probes)
         for r in range(rounds):
+            # every probe's windows of this round in shared forward passes: a forward pass has a
+            # cost of its own (reading the weights) that one probe's two windows would not cover
+            for name, (nll_sum, n) in self._score_together([(p.name, p.chunks[r]) for p in self.probes
+                                                            if r < len(p.chunks)]).items():
+                sums[name] += nll_sum
+                counts[name] += n
             for p in self.probes:
-                if r < len(p.chunks):
-                    rep = p.chunks[r].score()
-                    sums[p.name] += float(rep["mean_nll"]) * int(rep["tokens_scored"])
-                    counts[p.name] += int(rep["tokens_scored"])
-                    lower[p.name] = sums[p.name] / p.search_scored
+                lower[p.name] = sums[p.name] / p.search_scored
             if r < rounds - 1 and give_up(lower):
                 break
         total = sum(p.search_scored for p in self.probes)
         nll = {k: sums[k] / counts[k] if counts[k] else float("nan") for k in sums}
         return nll, lower, sum(counts.values()) / total
+
+    def _score_together(self, parts: list[tuple[str, Scorer]]) -> dict[str, tuple[float, int]]:
+        """(NLL sum, tokens scored) per name of the windows of several corpus scorers, forwarded
+        in batches of up to ``batch_size`` windows across scorers (the windows of
+        :meth:`Scorer.score`, scored the same way: windows of one length and one scored tail
+        batch together)."""
+        out = {name: (0.0, 0) for name, _ in parts}
+        items = [(name, sc, w) for name, sc in parts for w in sc.windows]
+        if not items:
+            return out
+        first_sc = parts[0][1]
+        groups: dict[tuple[int, int], list[tuple[str, Scorer, Any]]] = {}
+        for it in items:
+            groups.setdefault((it[2].end - it[2].begin, it[2].scored), []).append(it)
+        with torch.inference_mode():
+            for (length, _), members in groups.items():
+                for i in range(0, len(members), first_sc.batch_size):
+                    group = members[i:i + first_sc.batch_size]
+                    batch = torch.stack([sc.ids[w.begin:w.end] for _, sc, w in group]).to(self.device)
+                    first = [max(length - w.scored, 1) for _, _, w in group]
+                    keep = length - (min(first) - 1)
+                    logits = first_sc._logits(batch, None, keep)[:, :-1, :]
+                    nll = _token_nll(logits, batch[:, length - keep + 1:])
+                    del logits
+                    pos = torch.arange(length - keep + 1, length, device=nll.device)
+                    mask = pos.unsqueeze(0) >= torch.tensor(first, device=nll.device).unsqueeze(1)
+                    row_sums = (nll.double() * mask).sum(dim=1).tolist()
+                    row_counts = mask.sum(dim=1).tolist()
+                    for (name, _, _), rs, rc in zip(group, row_sums, row_counts):
+                        total, n = out[name]
+                        out[name] = (total + rs, n + int(rc))
+        return out
 
     def tokens(self, part: str) -> int:
         """Tokens forwarded per score of ``search``, ``report`` or ``surrogate`` over all probes."""
