@@ -90,7 +90,7 @@ def pytest_cmdline_main(config):
         return
     opt.numprocesses = DEFAULT_WORKERS
     if opt.dist == "no":
-        opt.dist = "load"
+        opt.dist = "loadgroup"      # like "load", but an xdist_group's tests share one worker
 
 
 def pytest_addoption(parser):

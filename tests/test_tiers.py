@@ -101,7 +101,7 @@ def test_default_run_spreads_over_two_workers(monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     config = FakeXdistConfig()
     conftest.pytest_cmdline_main(config)
-    assert (config.option.numprocesses, config.option.dist) == (2, "load")
+    assert (config.option.numprocesses, config.option.dist) == (2, "loadgroup")
 
 
 @pytest.mark.parametrize("config", [FakeXdistConfig(numprocesses=0), FakeXdistConfig(worker=True),

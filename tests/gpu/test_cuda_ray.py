@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.xdist_group("ray")]      # one Ray instance at a time (tests/conftest.py)
 ray = pytest.importorskip("ray")
 
 LLAMA = Path(__file__).resolve().parents[2] / "fixtures" / "llama-tiny"

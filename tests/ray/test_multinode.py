@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+# one Ray instance at a time: every test that starts a cluster runs in the same xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "fixtures" / "llama-tiny" / "base"

@@ -24,7 +24,8 @@ from surgery.core.engine import OutputTensor, write_checkpoint  # noqa: E402
 from surgery.core.errors import UsageError  # noqa: E402
 from surgery.core.executor import RayExecutor  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# one Ray instance at a time: every test that starts a cluster runs in the same xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "fixtures"
