@@ -53,15 +53,7 @@ def test_polar_of_a_rank_deficient_matrix_is_the_isometry_on_its_range():
 # ---- TSV-M ------------------------------------------------------------------------------------
 
 def _tsv_reference(taus):
-    n = len(taus)
-    k = min(taus[0].shape)
-    r = int(k * (1 / n))
-    us, ss, vhs = [], [], []
-    for t in taus:
-        u, s, vh = torch.linalg.svd(t.double(), full_matrices=False)
-        us.append(u[:, :r]), ss.append(s[:r]), vhs.append(vh[:r])
-    u, s, vh = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
-    return _polar_svd(u) @ torch.diag(s) @ _polar_svd(vh)
+    return _tsv_reference_r(taus, int(min(taus[0].shape) * (1 / len(taus))))
 
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (36, 36)])
