@@ -20,14 +20,15 @@ the two outputs are compared byte for byte.
 Goals (issue #16): Ray wall <= 1.25x plain on this 2-core machine; driver peak RSS flat (the
 Ray driver never holds a tensor).
 
-Predictions: every unit's seconds come back in ``--json`` (``execution.unit_seconds``, and
-``passes`` for OPCM's per-model passes). Per tensor class (projected attention, MLP and head
-matrices for OPCM; every tensor for TIES) the median seconds per unit is scaled to the full
-models' shapes by a flop count (OPCM: m·n·k + k³ with k = min(m, n); elementwise work: m·n),
-summed over the tensors and passes, and divided over N one-core workers, with the largest
-single unit as a floor; the I/O bound is the bytes every pass reads and writes over an
+Predictions: every unit's seconds and tensors come back in ``--json`` (``execution.unit_seconds``
+and ``unit_tensors``, and ``passes`` for OPCM's per-model passes). A unit's seconds divided by
+the flops of all the tensors it wrote give a cost per flop (OPCM's projected attention, MLP and
+head matrices: m·n·k + k³ with k = min(m, n); elementwise work: m·n); per tensor class the
+median is scaled to the full models' shapes, summed over the tensors, and divided over N
+one-core workers per pass, with the largest single unit as a floor; the I/O bound is the bytes every pass reads and writes over an
 aggregate shared-storage bandwidth (``--bandwidth`` GB/s). The page lists every assumption.
 
+    python benchmarks/scale.py --from-json     # re-render the page from the last run's results
     python benchmarks/scale.py [--reps 1] [--cases ties,opcm] [--layers 4] [--opcm-layers 1]
                                [--models 2] [--workers 8,32,128] [--bandwidth 5] [--write-doc]
 """
@@ -260,12 +261,16 @@ def run_case(case: str, models: list[Path], cluster: LocalCluster, reps: int, wo
            for m, rs in runs.items()}
     doc = runs["ray"][-1]["doc"]
     units: dict[str, float] = dict(doc.get("execution", {}).get("unit_seconds", {}))
+    members: dict[str, list[str]] = dict(doc.get("execution", {}).get("unit_tensors", {}))
     pass_units: dict[str, float] = {}
+    pass_members: dict[str, list[str]] = {}
     for p in doc.get("passes", []):
         pass_units.update(p.get("unit_seconds", {}))
+        pass_members.update(p.get("unit_tensors", {}))
     return {"case": case, "models": [str(m) for m in models], "reps": reps, "plain": med["plain"], "ray": med["ray"],
             "all_runs": {m: [{k: v for k, v in r.items() if k != "doc"} for r in rs] for m, rs in runs.items()},
             "identical": identical, "output_unit_seconds": units, "pass_unit_seconds": pass_units,
+            "output_unit_tensors": members, "pass_unit_tensors": pass_members,
             "passes": len(doc.get("passes", [])), "threads_per_task": doc.get("execution", {}).get("threads_per_task"),
             "lambda": doc.get("lambda")}
 
@@ -285,33 +290,55 @@ def projected(cls: str) -> bool:
     return cls not in ("embed_tokens", "norm")
 
 
-def class_costs(unit_seconds: dict[str, float], layers: int, use_projection: bool, shape: dict) -> dict[str, dict]:
-    """Median seconds per unit and flop-normalised cost per tensor class, from units keyed by
-    their largest tensor (big tensors are units of their own; norm vectors ride along)."""
+def class_costs(unit_seconds: dict[str, float], layers: int, use_projection: bool, shape: dict,
+                unit_tensors: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """Seconds per unit and flop-normalised cost per tensor class.
+
+    Units are keyed by their largest tensor; ``unit_tensors`` (``execution.unit_tensors``) lists
+    every tensor a unit wrote, so a unit's seconds are divided by the flops of all its tensors
+    (two equal 4096×4096 matrices in one unit cost twice one). A class's cost per flop is the
+    median over the units that wrote a tensor of that class; its seconds are those of the units
+    it is the largest tensor of. Without ``unit_tensors`` (results of an older run) a unit is
+    taken to be its largest tensor alone, which overstates that class's cost.
+    """
     shapes = dict(llama_tensors(shape, layers))
-    by: dict[str, list[tuple[float, float]]] = {}
-    for name, secs in unit_seconds.items():
-        if name not in shapes:
+    per_flop: dict[str, list[float]] = {}
+    seconds: dict[str, list[float]] = {}
+    members_of: dict[str, list[str]] = {}
+    for key, secs in unit_seconds.items():
+        if key not in shapes:
             continue
-        cls = tensor_class(name)
-        by.setdefault(cls, []).append((secs, flops(shapes[name], use_projection and projected(cls))))
-    return {cls: {"seconds": statistics.median(s for s, _ in v), "per_flop": statistics.median(s / f for s, f in v),
-                  "units": len(v), "shape": list(next(shapes[n] for n in unit_seconds if tensor_class(n) == cls
-                                                      and n in shapes))}
-            for cls, v in sorted(by.items())}
+        members = [n for n in (unit_tensors or {}).get(key, [key]) if n in shapes]
+        unit_flops = sum(flops(shapes[n], use_projection and projected(tensor_class(n))) for n in members)
+        for cls in sorted({tensor_class(n) for n in members}):
+            per_flop.setdefault(cls, []).append(secs / unit_flops)
+        cls = tensor_class(key)
+        seconds.setdefault(cls, []).append(secs)
+        members_of.setdefault(cls, sorted({tensor_class(n) for n in members} - {cls}))
+    out = {}
+    for cls, v in sorted(per_flop.items()):
+        out[cls] = {"seconds": statistics.median(seconds[cls]) if cls in seconds else None,
+                    "per_flop": statistics.median(v), "units": len(seconds.get(cls, [])),
+                    "with": members_of.get(cls, []),
+                    "shape": list(next(shapes[n] for n in shapes if tensor_class(n) == cls))}
+    return out
 
 
 def predict(costs: dict[str, dict], shape: dict, *, passes: int, use_projection: bool, inputs: int,
             workers: list[int], bandwidth_gbs: float, overhead_s: float) -> dict:
     """Predicted wall time of one pass structure over a full model on N one-core workers."""
     tensors = llama_tensors(shape)
-    elementwise_cost = statistics.median(c["per_flop"] for k, c in costs.items() if not (use_projection and projected(k))) \
-        if any(not (use_projection and projected(k)) for k in costs) else 0.0
+    # a class the measured layers lack costs what the measured classes of its kind cost per flop
+    # (a projected matrix like the projected ones, elementwise work like the elementwise ones)
+    fallback = {}
+    for kind in (True, False):
+        same = [c["per_flop"] for k, c in costs.items() if (use_projection and projected(k)) == kind]
+        fallback[kind] = statistics.median(same) if same else 0.0
     total, largest = 0.0, 0.0
     for name, shp in tensors:
         cls = tensor_class(name)
         proj = use_projection and projected(cls)
-        per_flop = costs[cls]["per_flop"] if cls in costs else elementwise_cost
+        per_flop = costs[cls]["per_flop"] if cls in costs else fallback[proj]
         secs = per_flop * flops(shp, proj)
         total += secs
         largest = max(largest, secs)
@@ -329,18 +356,51 @@ def predict(costs: dict[str, dict], shape: dict, *, passes: int, use_projection:
     io_s = io_bytes / (bandwidth_gbs * 1e9)
     rows = {}
     for n in workers:
-        wall_compute = max(compute / n, largest) + overhead_s
+        # passes run one after the other (each ends in a whole-model reduction on the driver)
+        wall_compute = (passes if use_projection else 1) * max(total / n, largest) + overhead_s
         rows[n] = {"compute_s": round(wall_compute, 1), "io_s": round(io_s, 1), "wall_s": round(max(wall_compute, io_s), 1)}
     return {"params": params, "tensors": len(tensors), "compute_core_s": round(compute, 1),
             "largest_unit_s": round(largest, 1), "io_bytes": io_bytes, "by_workers": rows}
 
 
+def add_predictions(results: dict, args: argparse.Namespace) -> None:
+    """Per-class costs of every case and the 7B/70B predictions, from the measured units."""
+    shape = bench_shape(args.shrink)
+    results["predictions"] = []
+    for r in results["cases"]:
+        r["pass_costs"] = class_costs(r["pass_unit_seconds"], r["layers"], True, shape, r.get("pass_unit_tensors"))
+        r["output_costs"] = class_costs(r["output_unit_seconds"], r["layers"], False, shape,
+                                        r.get("output_unit_tensors"))
+    for r in results["cases"]:
+        overhead = max(0.0, r["ray"]["wall_s"] - r["plain"]["wall_s"])
+        for model, shape in (("7B", LLAMA_7B), ("70B", LLAMA_70B)):
+            if r["case"] == "opcm":
+                pred = predict(r["pass_costs"], shape, passes=args.models - 1, use_projection=True, inputs=2,
+                               workers=args.workers, bandwidth_gbs=args.bandwidth, overhead_s=overhead)
+                out = predict(r["output_costs"], shape, passes=1, use_projection=False, inputs=1,
+                              workers=args.workers, bandwidth_gbs=args.bandwidth, overhead_s=0.0)
+                for n in args.workers:
+                    a, b = pred["by_workers"][n], out["by_workers"][n]
+                    a["compute_s"] += b["compute_s"]
+                    a["wall_s"] = round(max(a["compute_s"], a["io_s"]), 1)
+                pred["compute_core_s"] += out["compute_core_s"]
+            else:
+                pred = predict(r["output_costs"], shape, passes=1, use_projection=False, inputs=args.models + 1,
+                               workers=args.workers, bandwidth_gbs=args.bandwidth, overhead_s=overhead)
+            pred["by_workers"] = {str(k): v for k, v in pred["by_workers"].items()}
+            results["predictions"].append({"merge": f"{r['case']} (base + {args.models})", "model": model, **pred})
+
+
 # ----------------------------------------------------------------------------- report
+
+def command_line(args: argparse.Namespace) -> str:
+    return (f"python benchmarks/scale.py --reps {args.reps} --cases {args.cases} --layers {args.layers} "
+            f"--opcm-layers {args.opcm_layers} --models {args.models}")
+
 
 def render(results: dict, args: argparse.Namespace) -> str:
     lines = ["# Scale benchmark: `--ray` (benchmarks/scale.py)", "",
-             f"Run {results['when']} on {results['machine']}. `python benchmarks/scale.py "
-             f"--reps {args.reps} --layers {args.layers} --opcm-layers {args.opcm_layers} --models {args.models}`.", "",
+             f"Run {results['when']} on {results['machine']}. `{results.get('command') or command_line(args)}`.", "",
              "Each run is a whole `surgery merge` process (median of the reps); `--ray` runs connect to a 2-CPU",
              "Ray head started before the runs (connecting, the job's workers starting and importing torch are",
              "counted; cluster start-up is not). Peak RSS is the driver process's own (`wait4`).", "",
@@ -352,12 +412,17 @@ def render(results: dict, args: argparse.Namespace) -> str:
                      f"{r['wall_s']:.1f} s | {r['wall_s'] / p['wall_s']:.2f}× | {p['rss_mib']:.0f} MiB | "
                      f"{r['rss_mib']:.0f} MiB | {'yes' if c['identical'] else 'NO'} |")
     lines += ["", "## Per-unit cost (one task, seconds)", "",
-              "| case | tensor class | shape | units | median s/unit |", "| --- | --- | --- | ---: | ---: |"]
+              "A unit is keyed by its largest tensor; \"with\" lists the other tensor classes the same unit wrote",
+              "(work units group consecutive tensors up to a byte bound, so two 4096×4096 matrices can share one).",
+              "The cost per flop divides a unit's seconds by the flops of all its tensors.", "",
+              "| case | tensor class | with | shape | units | median s/unit | s per Gflop |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: |"]
     for c in results["cases"]:
         for kind, costs in (("pass", c.get("pass_costs", {})), ("output", c.get("output_costs", {}))):
             for cls, v in costs.items():
-                lines.append(f"| {c['case']} {kind} | {cls} | {'×'.join(map(str, v['shape']))} | {v['units']} | "
-                             f"{v['seconds']:.3f} |")
+                secs = "—" if v["seconds"] is None else f"{v['seconds']:.3f}"
+                lines.append(f"| {c['case']} {kind} | {cls} | {', '.join(v.get('with', [])) or '—'} | "
+                             f"{'×'.join(map(str, v['shape']))} | {v['units']} | {secs} | {v['per_flop'] * 1e9:.3f} |")
     lines += ["", "## Predicted wall time on N one-core workers", "",
               "| merge | model | core-seconds | largest unit | I/O bound | " +
               " | ".join(f"N={n}" for n in args.workers) + " |",
@@ -370,11 +435,13 @@ def render(results: dict, args: argparse.Namespace) -> str:
               f"- Llama-2 shapes (7B: hidden 4096, MLP 11008, 32 layers; 70B: hidden 8192, MLP 28672, 80 layers, "
               f"grouped k/v 1024×8192; vocabulary 32000), bf16 inputs, OPCM with base + {args.models} fine-tunes "
               f"({args.models - 1} per-model pass(es) + the output pass), TIES with base + {args.models} fine-tunes.",
-              "- A unit's cost is the median seconds measured per tensor class in the `--ray` run above (one task",
+              "- A tensor class's cost per flop is the median over the measured units that wrote it (one task",
               "  = one core: OPCM's steps run on one thread; TIES tasks ran with the driver's thread count, see",
               "  `threads_per_task`), scaled to other shapes by m·n·k + k³ (k = min(m, n)) for OPCM's projected",
-              "  matrices and by m·n for elementwise work. Workers are as fast as this machine's cores.",
-              "- Wall(N) = max(core-seconds / N, largest unit) + the Ray overhead measured above (driver start,",
+              "  matrices and by m·n for elementwise work; a class the measured layers lack costs the median of",
+              "  the measured classes of its kind. Workers are as fast as this machine's cores.",
+              "- Wall(N) = passes × max(core-seconds per pass / N, largest unit) + the Ray overhead measured",
+              "  above (driver start,",
               "  connecting, workers importing torch), and at least the I/O bound: every pass reads its inputs",
               "  (bf16) and S_{t−1} and writes S_t (float32), the output pass reads θ0 and S_T and writes bf16,",
               f"  over {args.bandwidth:g} GB/s of aggregate shared-storage bandwidth.",
@@ -397,15 +464,21 @@ def main() -> int:
     ap.add_argument("--shrink", type=int, default=1, help="divide every width by F: a quick end-to-end check "
                     "(the page is not written)")
     ap.add_argument("--write-doc", action="store_true", help=f"write {DOC.relative_to(ROOT)}")
+    ap.add_argument("--from-json", action="store_true",
+                    help=f"run nothing: recompute the costs and predictions from {RESULTS} and render the page")
     args = ap.parse_args()
     args.workers = [int(x) for x in args.workers.split(",")]
+    if args.from_json:
+        results = json.loads(RESULTS.read_text())
+        add_predictions(results, args)
+        return report(results, args)
     cases = [c for c in args.cases.split(",") if c]
     shape = bench_shape(args.shrink)
     work = args.work or Path(tempfile.mkdtemp(prefix="scale-", dir=BENCH if BENCH.exists() else None))
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
-                     "cases": [], "predictions": []}
+                     "command": command_line(args), "cases": [], "predictions": []}
     # shrunk tensors keep one big tensor per work unit, as the full-size ones are
     cluster = LocalCluster(cpus=2, unit_bytes=(256 << 20) // args.shrink ** 2 if args.shrink > 1 else None)
     try:
@@ -415,32 +488,17 @@ def main() -> int:
             print(f"{case}: {layers} layer(s), base + {args.models} fine-tunes", flush=True)
             r = run_case(case, models, cluster, args.reps, work)
             r["layers"] = layers
-            r["pass_costs"] = class_costs(r["pass_unit_seconds"], layers, True, shape)
-            r["output_costs"] = class_costs(r["output_unit_seconds"], layers, False, shape)
             results["cases"].append(r)
             print(f"  plain {r['plain']}  ray {r['ray']}  identical={r['identical']}", flush=True)
     finally:
         cluster.stop()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    for r in results["cases"]:
-        overhead = max(0.0, r["ray"]["wall_s"] - r["plain"]["wall_s"])
-        for model, shape in (("7B", LLAMA_7B), ("70B", LLAMA_70B)):
-            if r["case"] == "opcm":
-                pred = predict(r["pass_costs"], shape, passes=args.models - 1, use_projection=True, inputs=2,
-                               workers=args.workers, bandwidth_gbs=args.bandwidth, overhead_s=overhead)
-                out = predict(r["output_costs"], shape, passes=1, use_projection=False, inputs=1,
-                              workers=args.workers, bandwidth_gbs=args.bandwidth, overhead_s=0.0)
-                for n in args.workers:
-                    a, b = pred["by_workers"][n], out["by_workers"][n]
-                    a["compute_s"] += b["compute_s"]
-                    a["wall_s"] = round(max(a["compute_s"], a["io_s"]), 1)
-                pred["compute_core_s"] += out["compute_core_s"]
-            else:
-                pred = predict(r["output_costs"], shape, passes=1, use_projection=False, inputs=args.models + 1,
-                               workers=args.workers, bandwidth_gbs=args.bandwidth, overhead_s=overhead)
-            pred["by_workers"] = {str(k): v for k, v in pred["by_workers"].items()}
-            results["predictions"].append({"merge": f"{r['case']} (base + {args.models})", "model": model, **pred})
+    add_predictions(results, args)
+    return report(results, args)
+
+
+def report(results: dict, args: argparse.Namespace) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     page = render(results, args)

@@ -220,7 +220,8 @@ class UnitOutcome:
 @dataclass
 class Execution:
     """How a write ran (``WriteResult.execution``): where, how many units, how many resumed, units
-    per node, and the seconds each computed unit took in its task (keyed by its largest tensor)."""
+    per node, the seconds each computed unit took in its task (keyed by its largest tensor) and the
+    tensors each such unit wrote (same key), so a cost can be attributed to all of a unit's work."""
 
     kind: str
     threads: int | None = None
@@ -228,6 +229,7 @@ class Execution:
     resumed_units: int = 0
     nodes: dict[str, int] = field(default_factory=dict)
     unit_seconds: dict[str, float] = field(default_factory=dict)   # the unit's largest tensor -> seconds
+    unit_tensors: dict[str, list[str]] = field(default_factory=dict)  # the unit's largest tensor -> its tensors
 
     def to_json(self) -> dict[str, Any]:
         secs = sorted(self.unit_seconds.values())
@@ -235,7 +237,8 @@ class Execution:
                 "resumed_units": self.resumed_units,
                 "nodes": dict(sorted(self.nodes.items())),
                 "unit_seconds_median": secs[len(secs) // 2] if secs else None,
-                "unit_seconds": {k: round(v, 4) for k, v in self.unit_seconds.items()}}
+                "unit_seconds": {k: round(v, 4) for k, v in self.unit_seconds.items()},
+                "unit_tensors": {k: list(v) for k, v in self.unit_tensors.items()}}
 
 
 class LocalExecutor:
@@ -652,6 +655,7 @@ class RayExecutor:
                 execution.nodes[outcome.node] = execution.nodes.get(outcome.node, 0) + 1
             if not outcome.skipped:
                 execution.unit_seconds[largest] = outcome.seconds
+                execution.unit_tensors[largest] = list(names)
             stats.update(outcome.stats)
             writer.mark_written(names)
             progress.advance(nbytes)

@@ -249,6 +249,13 @@ def test_cli_ray_flag(cluster, cli, tmp_path, monkeypatch):
     assert r.code == 0, r.stderr
     doc = r.json()
     assert doc["execution"]["kind"] == "ray" and doc["execution"]["units"] > 3
+    # each unit's tensors are reported under its largest tensor: together, every output tensor once
+    members = doc["execution"]["unit_tensors"]
+    assert sorted(members) == sorted(doc["execution"]["unit_seconds"]) and len(members) == doc["execution"]["units"]
+    assert all(key in names for key, names in members.items())
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ray" / "model.safetensors"), "pt") as fh:
+        assert sorted(n for names in members.values() for n in names) == sorted(fh.keys())
     assert cli("convert", LLAMA / "base", tmp_path / "local", "--dtype", "float16").code == 0
     assert_same_folder(tmp_path / "local", tmp_path / "ray")
     r = cli("analyze", "gain", LLAMA / "base", "--json", "--ray")
