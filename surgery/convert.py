@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint.reader import GGUF_SUFFIX, PICKLE_SUFFIXES, Checkpoint, files_sha256, open_checkpoint
+from .checkpoint.reader import GGUF_SUFFIX, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
 from .core.engine import OutputTensor, WriteResult, cast_tensor, dtype_name, parse_dtype, write_checkpoint
 from .core.formats import parse_json, read_json
 from .core.errors import CheckpointNotFoundError, CorruptCheckpointError, InputError, UnsafeFormatError, UsageError
@@ -70,12 +70,14 @@ class _FileSource:
 
     def __init__(self, root: Path, files: list[Path], label: str, guard_root: bool = True):
         self.root, self.files, self.label, self.guard_root = root, files, label, guard_root
+        self._digest = None
 
-    def start_sha256(self) -> None:
-        pass
+    def start_sha256(self, follow_reads: bool = True) -> None:
+        # torch.load and GGUF's map read these files, not surgery's readers: hash them whole, now
+        Checkpoint.start_sha256(self, follow_reads=False)  # type: ignore[arg-type]
 
-    def sha256(self) -> str:
-        return files_sha256(self.files)
+    stop_sha256 = Checkpoint.stop_sha256
+    sha256 = Checkpoint.sha256
 
     def donor_files(self) -> list[Path]:
         return Checkpoint.donor_files(self)  # type: ignore[arg-type]
@@ -353,7 +355,6 @@ def convert_to_gguf(source: str | Path | Checkpoint, output: str | Path, *, quan
         if not ckpt.info(e.hf_name).is_floating_point:
             raise UsageError(f"tensor {e.hf_name!r} of {ckpt.label} is {ckpt.info(e.hf_name).dtype_name}; GGUF "
                              f"export takes floating tensors.", tensor=e.hf_name)
-    ckpt.start_sha256()
     metadata = [("general.architecture", "llama", "string"), ("general.type", "model", "string")]
     metadata += llama_metadata(cfg, model_name(ckpt.label), quant)
     metadata += tokenizer_metadata(ckpt.root, int(cfg["vocab_size"]), pre=_recorded_pre(ckpt))
@@ -376,6 +377,7 @@ def convert_to_gguf(source: str | Path | Checkpoint, output: str | Path, *, quan
             fh.write(header)
             progress.start(total, f"writing {out.name}")
             try:
+                ckpt.start_sha256()  # hashed from the reads below
                 for e, off in zip(plan, offsets):
                     fh.seek(len(header) + off)
                     info = ckpt.info(e.hf_name)
@@ -400,6 +402,7 @@ def convert_to_gguf(source: str | Path | Checkpoint, output: str | Path, *, quan
                 fh.write(final)
                 fh.flush()
             finally:
+                ckpt.stop_sha256()  # a failed write: stop hashing (a finished digest is kept)
                 progress.close()
     written = WriteResult(out, [out], json.loads(rec), len(plan), total)
     return Result({"format": "gguf", "quant": quant, "skipped": skipped,

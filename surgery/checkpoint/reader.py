@@ -6,16 +6,15 @@ a tensor is asked for, and nothing is cached, so memory holds only what the call
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import (CheckpointNotFoundError, ConvertFirstError, CorruptCheckpointError, HubError,
                            UnsafeFormatError)
 from ..core.formats import read_json
+from .digest import InputDigest, file_sha256, files_sha256, hash_file, note_read  # noqa: F401 (re-exported)
 from .format import Header, TensorInfo, parse_header
 
 if TYPE_CHECKING:  # torch is imported when a tensor is first read, not to open a checkpoint
@@ -75,6 +74,7 @@ def read_into(info: TensorInfo, start: int, out) -> None:
             path=info.file, tensor=info.name) from exc
     finally:
         os.close(fd)
+    note_read(info.file, offset, offset + nbytes)  # the input's sha256 is hashed from these pages
 
 
 def read_bytes(info: TensorInfo, start: int, nbytes: int) -> bytearray:
@@ -109,8 +109,7 @@ class Checkpoint:
         if not self.tensors:
             raise CorruptCheckpointError(f"{label} holds no tensors; it is not a model checkpoint.", path=root)
         self.names = sorted(self.tensors)
-        self._sha: str | None = None
-        self._sha_thread: threading.Thread | None = None
+        self._digest: InputDigest | None = None
         self._config: dict | None | bool = False
 
     def __contains__(self, name: object) -> bool:
@@ -232,32 +231,30 @@ class Checkpoint:
 
     # ---- identity ------------------------------------------------------------------------
 
-    def _compute_sha(self) -> None:
-        self._sha = files_sha256(self.files)
+    def start_sha256(self, follow_reads: bool = True) -> None:
+        """Start hashing the files on a background thread (hashlib releases the GIL).
 
-    def start_sha256(self) -> None:
-        """Start hashing the files in a background thread at low priority (hashlib releases the GIL)."""
-        if self._sha is None and self._sha_thread is None:
-            def work() -> None:
-                try:  # Linux: nice this thread only, so the hash yields to the operation itself
-                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-                except (AttributeError, OSError):
-                    pass
-                self._compute_sha()
+        Args:
+            follow_reads: Hash the bytes this process reads anyway, as they are read (see
+                :mod:`surgery.checkpoint.digest`), so a file is read once; False when the
+                tensors are read in other processes: then the files are hashed at once.
+        """
+        if self._digest is None:
+            self._digest = InputDigest(self.files, follow_reads=follow_reads)
 
-            self._sha_thread = threading.Thread(target=work, daemon=True)
-            self._sha_thread.start()
+    def stop_sha256(self) -> None:
+        """Stop a hash :meth:`start_sha256` started (the operation failed; no digest needed)."""
+        if self._digest is not None and not self._digest.done:
+            self._digest.cancel()
+            self._digest = None
 
     def sha256(self) -> str:
         """Identity of the checkpoint: the sha256 of its single safetensors file (what
         ``sha256sum`` and the Hub's LFS pointer show), or for shards the sha256 of the
         ``sha256sum``-format manifest of its files. Cached; see :func:`file_sha256`."""
-        if self._sha is None:
-            if self._sha_thread is not None:
-                self._sha_thread.join()
-            if self._sha is None:
-                self._compute_sha()
-        return self._sha  # type: ignore[return-value]
+        if self._digest is None:
+            self._digest = InputDigest(self.files, follow_reads=False)
+        return self._digest.result()
 
     def tensor_sha256(self, name: str) -> str:
         """sha256 of one tensor's stored bytes."""
@@ -265,107 +262,6 @@ class Checkpoint:
 
         info = self.info(name)
         return hashlib.sha256(read_bytes(info, 0, info.nbytes)).hexdigest()
-
-
-_SHA_LOCK = threading.Lock()
-_HEX64 = frozenset("0123456789abcdef")
-
-
-def _sha_cache_path() -> Path:
-    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery")) / "sha256.json"
-
-
-HASH_CHUNK = 1 << 24
-
-
-def hash_file(path: Path) -> str:
-    """sha256 of a file's bytes, always read (no cache): for integrity checks.
-
-    The file is hashed straight from its page-cache pages (a read-only map, sequential
-    read-ahead), so it is not copied into a buffer first; each hashed chunk is dropped from
-    this process's mapping at once, so peak memory stays one chunk whatever the file size.
-    """
-    import hashlib  # here, not at module level: header-only commands need not load OpenSSL
-    import mmap
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size == 0:
-            return h.hexdigest()
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            if hasattr(mm, "madvise"):
-                mm.madvise(mmap.MADV_SEQUENTIAL)
-            view = memoryview(mm)
-            try:
-                for off in range(0, size, HASH_CHUNK):
-                    n = min(HASH_CHUNK, size - off)
-                    h.update(view[off:off + n])  # releases the GIL: runs beside the copy
-                    if hasattr(mm, "madvise"):
-                        mm.madvise(mmap.MADV_DONTNEED, off, n)
-            finally:
-                view.release()
-    return h.hexdigest()
-
-
-def files_sha256(files: list[Path]) -> str:
-    """Identity of a checkpoint made of ``files``: the single file's sha256, or for shards
-    the sha256 of their ``sha256sum``-format manifest (sorted by file name)."""
-    import hashlib
-
-    digests = [file_sha256(f) for f in files]
-    if len(files) == 1:
-        return digests[0]
-    manifest = "".join(f"{d}  {f.name}\n" for d, f in sorted(zip(digests, files), key=lambda x: x[1].name))
-    return hashlib.sha256(manifest.encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of one file, without re-reading it when the answer is already known.
-
-    A file in the Hugging Face cache is a link to ``blobs/<sha256>`` (LFS files are named
-    by their sha256), so its name is its digest. Other files are hashed once and the digest
-    is cached in ``$SURGERY_CACHE/sha256.json`` keyed by (device, inode, size, mtime_ns,
-    ctime_ns); ``SURGERY_NO_HASH_CACHE=1`` turns the cache off.
-
-    The rule: any write to a file changes its ctime, and so does restoring its mtime with
-    ``touch``/``utime`` afterwards; ctime cannot be set back without changing the system
-    clock. So an in-place edit of the same size with the mtime restored misses the cache
-    and is hashed again, where a (size, mtime) key would keep the old digest.
-    """
-    real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs" and len(real.name) == 64 and set(real.name) <= _HEX64:
-        return real.name
-    st = real.stat()
-    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-    use_cache = os.environ.get("SURGERY_NO_HASH_CACHE", "") in ("", "0")
-    cache_file = _sha_cache_path()
-    if use_cache:
-        try:
-            cached = json.loads(cache_file.read_text()).get(key)
-            if cached:
-                return cached
-        except (OSError, ValueError, AttributeError):
-            pass
-    digest = hash_file(real)
-    if use_cache:
-        with _SHA_LOCK:
-            try:
-                try:
-                    data = json.loads(cache_file.read_text())
-                    data = data if isinstance(data, dict) else {}
-                except (OSError, ValueError):
-                    data = {}
-                data[key] = digest
-                if len(data) > 10000:  # keep the cache small: drop the oldest entries
-                    data = dict(list(data.items())[-5000:])
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.{threading.get_native_id()}.tmp")
-                tmp.write_text(json.dumps(data))
-                os.replace(tmp, cache_file)
-            except OSError:
-                pass  # a read-only home must not break the operation
-    return digest
 
 
 def _open_index(root: Path, index_path: Path, label: str) -> Checkpoint:

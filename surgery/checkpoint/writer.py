@@ -20,10 +20,13 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UsageError
+from .digest import note_read
 from .format import DTYPES, TORCH_TO_CODE, TensorInfo, build_header
 
 # Room left in every header so the final record can be written after the tensors.
 HEADER_RESERVE = 64 * 1024
+# Bytes per copy_file_range call of a raw tensor copy.
+COPY_CHUNK = 1 << 24
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -128,15 +131,18 @@ class _TensorSink:
         try:
             done = 0
             while done < src.nbytes:
+                # in pieces, so the input's sha256 (hashed from the pages just copied) keeps pace
+                want = min(COPY_CHUNK, src.nbytes - done)
                 try:
-                    n = os.copy_file_range(fd_in, fd_out, src.nbytes - done, src.offset + done, offset + done)
+                    n = os.copy_file_range(fd_in, fd_out, want, src.offset + done, offset + done)
                 except OSError:
                     n = 0
                 if n <= 0:  # not supported across these files: fall back to read/write in chunks
-                    chunk = os.pread(fd_in, min(1 << 24, src.nbytes - done), src.offset + done)
+                    chunk = os.pread(fd_in, want, src.offset + done)
                     if not chunk:
                         raise OSError(f"short read copying {name!r} from {src.file}")
                     n = os.pwrite(fd_out, chunk, offset + done)
+                note_read(src.file, src.offset + done, src.offset + done + n)
                 done += n
         finally:
             os.close(fd_in)
@@ -211,6 +217,13 @@ class ShardedWriter(_TensorSink):
 
     def missing(self) -> list[str]:
         return sorted(n for n, r in self._remaining.items() if r != 0)
+
+    def sync_data(self) -> None:
+        """Make the tensor bytes written so far durable (:meth:`finish` then only has the
+        headers left to sync). Lets a caller overlap this disk wait with other work, such
+        as the inputs' sha256 still being hashed on another thread."""
+        for fd in self._fds:
+            os.fdatasync(fd)
 
     def finish(self, metadata: dict[str, str]) -> list[Path]:
         """Rewrite the headers with the final metadata, write the index, fsync, close.

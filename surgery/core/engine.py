@@ -418,8 +418,6 @@ def write_checkpoint(
     target = parse_dtype(dtype)
     plan = sorted((_retarget(o, target) for o in plan), key=lambda o: o.name)
     inputs = list(inputs or [])
-    for ck in inputs:
-        ck.start_sha256()
     size = parse_size(shard_size)
     progress = ensure(progress)
     guarded = [p for ck in inputs + ([donor] if donor is not None else []) for p in ck.input_paths()]
@@ -438,17 +436,22 @@ def write_checkpoint(
         writer = ShardedWriter(tmp, specs, size, placeholder, reuse=resumed)
         journal = Journal(tmp) if executor.resumable else None
         try:
+            for ck in inputs:  # hashed from the bytes the plan reads here; a remote executor reads elsewhere
+                ck.start_sha256(follow_reads=not executor.remote)
             progress.start(total, f"writing {Path(output).name}")
             finite = _Finite(inputs + ([donor] if donor is not None and donor not in inputs else []), allow_nonfinite)
             stats, execution = executor.write(writer, plan, progress, journal, finite=finite)
             extra = None
             if extra_record is not None:
                 extra = extra_record(stats) if _takes_argument(extra_record) else extra_record()
+            writer.sync_data()  # the disk flush overlaps what is left of the inputs' hashing
             roles = input_roles or ["input"] * len(inputs)
             rec_inputs = [{"role": r, "label": ck.label, "sha256": ck.sha256()} for r, ck in zip(roles, inputs)]
             record = text_safe(make_record(operation, parameters, rec_inputs, extra))
             files = writer.finish({"format": "pt", "surgery": json.dumps(record, sort_keys=True, default=str)})
         finally:
+            for ck in inputs:
+                ck.stop_sha256()  # a failed write: stop hashing (a finished digest is kept)
             writer.close()
             progress.close()
             if journal is not None:

@@ -32,7 +32,7 @@ def test_cache_hit_when_unchanged(tmp_path, monkeypatch):
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"xyz")
     digest = file_sha256(f)
-    import surgery.checkpoint.reader as reader
+    import surgery.checkpoint.digest as digest_module
 
-    monkeypatch.setattr(reader, "hash_file", lambda p: (_ for _ in ()).throw(AssertionError("re-hashed")))
+    monkeypatch.setattr(digest_module, "hash_file", lambda p: (_ for _ in ()).throw(AssertionError("re-hashed")))
     assert file_sha256(f) == digest
