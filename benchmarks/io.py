@@ -10,7 +10,9 @@ For each case, two whole processes run on the same input in the same run, altern
 Peak RSS is the process's maximum resident set size as GNU ``/usr/bin/time`` reports it for
 its own child (exact, no polling; not ``os.wait4`` on our child, which would include this
 process's memory at fork); wall time is measured around the process. The input is read once beforehand so both sides start from a
-warm page cache. Cases:
+warm page cache (``--cold`` evicts it before every run instead). ``--first-touch`` turns surgery's
+digest cache off, so every surgery run hashes its input for the model card, as the first use of a
+file does. Cases:
 
 1. ``smollm2-bf16``: SmolLM2-135M (bf16, 269 MB; ``benchmarks/smollm2.py``);
 2. ``synthetic-bf16``: a ~2 GB checkpoint of Llama-7B-shaped bf16 tensors (5 decoder layers
@@ -21,7 +23,7 @@ The synthetic files are generated once, streamed to disk tensor by tensor (heade
 then each tensor's bytes), under ``$SURGERY_CACHE/bench/``.
 
 Goals (issue #2) on the synthetic checkpoint: peak RSS <= 0.3x and wall <= 1.2x load/save.
-Usage: ``python benchmarks/io.py [--reps N] [--cases a,b] [--write-doc]``.
+Usage: ``python benchmarks/io.py [--reps N] [--cases a,b] [--first-touch] [--cold] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ IDLE = "import torch, safetensors.torch, surgery.core.engine, surgery.convert"
 # What-if probe: surgery with the input sha256 (recorded in the model card) skipped, to show
 # how much of surgery's time is hashing. Not a supported mode of the tool.
 NO_HASH = ("import sys; from surgery.checkpoint import reader; "
-           "reader.Checkpoint.start_sha256 = lambda self: None; reader.Checkpoint.sha256 = lambda self: '0' * 64; "
+           "reader.Checkpoint.start_sha256 = lambda self, **kw: None; reader.Checkpoint.sha256 = lambda self: '0' * 64; "
            "from surgery.commands.app import main; sys.exit(main(sys.argv[1:]))")
 
 
@@ -164,8 +166,21 @@ def warm(path: Path) -> None:
                     pass
 
 
+def evict(path: Path) -> None:
+    """Drop the input's pages from the page cache (``POSIX_FADV_DONTNEED``, no root needed),
+    so the next run reads it from disk, as the very first use of a downloaded file does."""
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def bench_case(name: str, src: Path, reps: int, work: Path, fsync_baseline: bool = False,
-               no_hash_probe: bool = False, first_touch: bool = False) -> dict:
+               no_hash_probe: bool = False, first_touch: bool = False, cold: bool = False) -> dict:
     args = ["convert", str(src), str(work / "surgery-out"), "--dtype", "bfloat16", "--quiet", "--force"]
     surgery = [sys.executable, "-m", "surgery.commands.app", *args]
     baseline = [sys.executable, "-c", BASELINE, str(src), str(work / "baseline-out")]
@@ -183,6 +198,8 @@ def bench_case(name: str, src: Path, reps: int, work: Path, fsync_baseline: bool
             out = work / ("surgery-out" if side.startswith("surgery") else "baseline-out")
             shutil.rmtree(out, ignore_errors=True)
             env = dict(os.environ, SURGERY_NO_HASH_CACHE="1") if first_touch and side == "surgery" else None
+            if cold:
+                evict(src)
             r = run_measured(cmd, env=env)
             runs[side].append(r)
             print(f"  {name:<15} rep {rep + 1} {side:<14} wall {r['wall_s']:7.2f} s  peak RSS {r['rss_mib']:8.0f} MiB",
@@ -238,6 +255,9 @@ def main() -> int:
     ap.add_argument("--first-touch", action="store_true",
                     help="Run surgery with SURGERY_NO_HASH_CACHE=1: every run hashes its input, as the first "
                          "convert of a never-seen checkpoint does (issue #14 goal: <= 1.2x load/save).")
+    ap.add_argument("--cold", action="store_true",
+                    help="Evict the input from the page cache before every run (both sides), so each run reads it "
+                         "from disk; with --first-touch this is a never-seen download (hashed from the copy's reads).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the raw results here.")
     args = ap.parse_args()
     cases = args.cases.split(",")
@@ -252,7 +272,7 @@ def main() -> int:
         src = sources[case]()
         print(f"{case}: input {src} ready in {time.perf_counter() - t0:.1f} s", flush=True)
         results.append(bench_case(case, src, args.reps, args.work, args.fsync_baseline, args.no_hash_probe,
-                                  args.first_touch))
+                                  args.first_touch, args.cold))
     print()
     print(table(results, idle))
     print()

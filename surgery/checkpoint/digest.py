@@ -215,6 +215,7 @@ class InputDigest:
         self._followed: list[Path] = []
         self._result: str | None = None
         self._cancelled = False
+        self._hashes: dict[int, _FileHash] = {}  # file index -> its running hash (positions: tests)
         if not self._todo:
             return
         if follow_reads:
@@ -234,7 +235,11 @@ class InputDigest:
         self._events.put((index, start, stop))
 
     def _run(self) -> None:
-        hashes: dict[int, _FileHash] = {}
+        try:  # Linux: nice this thread only, so the hash yields to the operation and fills its waits
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        hashes = self._hashes
         try:
             for i in self._todo:
                 hashes[i] = _FileHash(self.files[i])

@@ -378,7 +378,8 @@ def write_checkpoint(
         donor: Checkpoint whose config.json and tokenizer files are copied.
         operation: Operation name recorded in the card and metadata.
         parameters: JSON-able parameters recorded.
-        inputs: Input checkpoints, recorded with their sha256 (hashed in the background).
+        inputs: Input checkpoints, recorded with their sha256 (hashed in the background from
+            the bytes the plan reads; see :mod:`surgery.checkpoint.digest`).
         input_roles: Optional role per input (``base``, ``model``...).
         input_paths: Other files and folders the operation reads (adapters, recipes, states,
             edit files, texts): the output may not touch them either.
