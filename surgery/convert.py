@@ -68,13 +68,14 @@ class _FileSource:
     files (hashed for the record), config and tokenizer files in ``root``, and what an
     output may not touch (``root`` too when the user named a folder)."""
 
-    def __init__(self, root: Path, files: list[Path], label: str, guard_root: bool = True):
+    def __init__(self, root: Path, files: list[Path], label: str, guard_root: bool = True,
+                 reads_reported: bool = False):
         self.root, self.files, self.label, self.guard_root = root, files, label, guard_root
+        self.reads_reported = reads_reported  # GGUF's row reader reports its reads; torch.load does not
         self._digest = None
 
     def start_sha256(self, follow_reads: bool = True) -> None:
-        # torch.load and GGUF's map read these files, not surgery's readers: hash them whole, now
-        Checkpoint.start_sha256(self, follow_reads=False)  # type: ignore[arg-type]
+        Checkpoint.start_sha256(self, follow_reads=follow_reads and self.reads_reported)  # type: ignore[arg-type]
 
     stop_sha256 = Checkpoint.stop_sha256
     sha256 = Checkpoint.sha256
@@ -278,7 +279,7 @@ def convert_from_gguf(path: Path, output: str | Path, *, dtype: str | None = Non
         cfg = hf_config(gf)
     entries, dropped = read_plan(gf, cfg)
     arch = gf.architecture or ""
-    src = _FileSource(path.parent, [path], label, guard_root=False)
+    src = _FileSource(path.parent, [path], label, guard_root=False, reads_reported=True)
     with scratch_dir(output) as scratch:
         (scratch / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         tokenizer = _gguf_tokenizer(path, scratch, cfg)

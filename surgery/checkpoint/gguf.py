@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..core.errors import CorruptCheckpointError, IncompatibleCheckpointsError
+from .digest import note_read
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -428,6 +429,7 @@ def read_rows_raw(info: GGUFTensorInfo, start: int, stop: int):
                                      path=info.file, tensor=info.name) from exc
     finally:
         os.close(fd)
+    note_read(info.file, info.offset + start * rb, info.offset + start * rb + n)  # the input's sha256
     return out.reshape(stop - start, rb)
 
 

@@ -105,13 +105,15 @@ def test_to_gguf_read_by_transformers_within_quant_error(tiny_ggufs, fixtures_di
 
 
 def test_to_gguf_record_and_metadata(tiny_ggufs, fixtures_dir):
+    import hashlib
+
     from surgery.checkpoint.gguf import read_gguf
-    from surgery.checkpoint.reader import files_sha256
 
     gf = read_gguf(tiny_ggufs["q8_0"])
     rec = json.loads(gf.get("surgery.record"))
     assert rec["operation"] == "convert" and rec["parameters"] == {"quant": "q8_0", "to": "gguf"}
-    assert rec["inputs"][0]["sha256"] == files_sha256([fixtures_dir / "llama-tiny" / "base" / "model.safetensors"])
+    src = fixtures_dir / "llama-tiny" / "base" / "model.safetensors"
+    assert rec["inputs"][0]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     cfg = json.loads((fixtures_dir / "llama-tiny" / "base" / "config.json").read_text())
     assert gf.get("llama.attention.head_count") == cfg["num_attention_heads"]
     assert gf.get("llama.attention.head_count_kv") == cfg["num_key_value_heads"]

@@ -115,3 +115,21 @@ def test_a_failed_write_stops_following_its_inputs(tmp_path):
         write_checkpoint(plan, tmp_path / "out", donor=ck, operation="t", parameters={}, inputs=[ck])
     assert digest_module._FOLLOWED == {} and ck._digest is None
     assert ck.sha256() == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow  # builds the tokenizer with transformers
+def test_gguf_source_hashed_from_its_row_reads(tmp_path, fixtures_dir, monkeypatch):
+    """convert X.gguf: the GGUF row reader reports its reads (stored in another order than the
+    output's names), and the recorded digest is still the file's."""
+    from surgery.convert import convert
+
+    src = fixtures_dir / "llama-tiny" / "base.q8_0.gguf"
+    fed = []
+    real_note = digest_module.InputDigest.feed
+    monkeypatch.setattr(digest_module.InputDigest, "feed", lambda self, *a: (fed.append(a), real_note(self, *a)))
+    written = convert(src, tmp_path / "hf").written
+    assert written.record["inputs"][0]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    from surgery.checkpoint.gguf import read_gguf
+
+    assert sum(b - a for _, a, b in fed) >= sum(t.nbytes for t in read_gguf(src).tensors)  # every tensor reported
+    assert digest_module._FOLLOWED == {}
