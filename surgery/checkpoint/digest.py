@@ -63,21 +63,28 @@ def _identity(path: Path) -> tuple[Path, str]:
     return real, f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def known_sha256(path: Path) -> tuple[str | None, str]:
-    """``(digest, key)``: the file's sha256 when it is known without reading the file (a
-    Hugging Face blob's name, or the digest cache), else None; ``key`` is what
+def known_sha256(paths: list[Path]) -> list[tuple[str | None, str]]:
+    """``(digest, key)`` per file: its sha256 when it is known without reading the file (a
+    Hugging Face blob's name, or the digest cache, read once), else None; ``key`` is what
     :func:`remember_sha256` stores a digest under."""
-    real, key = _identity(path)
-    if real.parent.name == "blobs" and len(real.name) == 64 and set(real.name) <= _HEX64:
-        return real.name, key
-    if _use_cache():
-        try:
-            cached = json.loads(_sha_cache_path().read_text()).get(key)
-            if cached:
-                return cached, key
-        except (OSError, ValueError, AttributeError):
-            pass
-    return None, key
+    cache: dict | None = None
+    found: list[tuple[str | None, str]] = []
+    for path in paths:
+        real, key = _identity(path)
+        if real.parent.name == "blobs" and len(real.name) == 64 and set(real.name) <= _HEX64:
+            found.append((real.name, key))
+            continue
+        if cache is None:
+            cache = {}
+            if _use_cache():
+                try:
+                    loaded = json.loads(_sha_cache_path().read_text())
+                    cache = loaded if isinstance(loaded, dict) else {}
+                except (OSError, ValueError):
+                    pass
+        cached = cache.get(key)
+        found.append((cached if isinstance(cached, str) and cached else None, key))
+    return found
 
 
 def remember_sha256(key: str, digest: str) -> None:
@@ -165,7 +172,7 @@ def file_sha256(path: Path) -> str:
     """sha256 of one file, without re-reading it when the answer is already known (a Hugging
     Face blob's name, or ``$SURGERY_CACHE/sha256.json``; ``SURGERY_NO_HASH_CACHE=1`` turns
     that cache off)."""
-    digest, key = known_sha256(path)
+    [(digest, key)] = known_sha256([path])
     if digest is None:
         digest = hash_file(Path(os.path.realpath(path)))
         remember_sha256(key, digest)
@@ -202,12 +209,9 @@ class InputDigest:
 
     def __init__(self, files: list[Path], follow_reads: bool = True):
         self.files = list(files)
-        self._digests: list[str | None] = []
-        self._keys: list[str] = []
-        for f in self.files:
-            d, k = known_sha256(f)
-            self._digests.append(d)
-            self._keys.append(k)
+        known = known_sha256(self.files)
+        self._digests: list[str | None] = [d for d, _ in known]
+        self._keys = [k for _, k in known]
         self._todo = [i for i, d in enumerate(self._digests) if d is None]
         self._events: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None

@@ -133,3 +133,18 @@ def test_gguf_source_hashed_from_its_row_reads(tmp_path, fixtures_dir, monkeypat
 
     assert sum(b - a for _, a, b in fed) >= sum(t.nbytes for t in read_gguf(src).tensors)  # every tensor reported
     assert digest_module._FOLLOWED == {}
+
+
+def test_a_cached_digest_is_not_hashed_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SURGERY_NO_HASH_CACHE")
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 5000)
+    first = InputDigest(files)
+    assert first._thread is not None and digest_module._FOLLOWED
+    want = first.result()
+    again = InputDigest(files)  # both digests come from the cache: nothing to hash, nothing followed
+    assert again._thread is None and not digest_module._FOLLOWED
+    assert again.result() == want == hashlib.sha256("".join(
+        f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n" for f in files).encode()).hexdigest()
