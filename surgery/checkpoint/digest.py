@@ -252,7 +252,10 @@ class InputDigest:
                 if event is None or self._cancelled:
                     break
                 i, _, stop = event
-                hashes[i].advance(stop)  # a gap before ``start`` is hashed first: sha256 is in order
+                h = hashes[i]
+                stop = min(stop, h.size)
+                while h.pos < stop and not self._cancelled:  # a gap before ``start`` goes first: in order
+                    h.advance(min(stop, h.pos + HASH_CHUNK))
             if self._cancelled:
                 return
             for i in self._todo:

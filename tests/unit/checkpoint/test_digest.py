@@ -148,3 +148,17 @@ def test_a_cached_digest_is_not_hashed_again(tmp_path, monkeypatch):
     assert again._thread is None and not digest_module._FOLLOWED
     assert again.result() == want == hashlib.sha256("".join(
         f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n" for f in files).encode()).hexdigest()
+
+
+def test_cancel_stops_a_whole_file_hash(tmp_path, monkeypatch):
+    f = tmp_path / "big.safetensors"
+    f.write_bytes(b"\1" * (8 << 20))
+    monkeypatch.setattr(digest_module, "HASH_CHUNK", 1 << 16)  # 128 chunks of 20 ms: 2.6 s uncancelled
+    real_advance = digest_module._FileHash.advance
+    monkeypatch.setattr(digest_module._FileHash, "advance", lambda self, stop: (time.sleep(0.02), real_advance(self, stop)))
+    d = InputDigest([f], follow_reads=False)
+    time.sleep(0.1)
+    thread = d._thread
+    d.cancel()
+    thread.join(timeout=1.0)
+    assert not thread.is_alive() and d._hashes[0].pos < f.stat().st_size
