@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -396,6 +397,8 @@ def convert_to_gguf(source: str | Path | Checkpoint, output: str | Path, *, quan
                     progress.advance(tensor_nbytes(e.shape, e.ggml_type))
                 end = len(header) + (offsets[-1] + tensor_nbytes(plan[-1].shape, plan[-1].ggml_type) if plan else 0)
                 fh.truncate(end)
+                fh.flush()
+                os.fdatasync(fh.fileno())  # the disk flush overlaps what is left of the input's hashing
                 rec = record(ckpt.sha256())
                 final, _ = encode_header(metadata + [("surgery.record", rec, "string")], tensors)
                 assert len(final) == len(header)  # same-length sha256: the header is rewritten in place
