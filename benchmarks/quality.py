@@ -134,8 +134,16 @@ def tune_row(target: str, work: Path, base: Path, fts: list[Path], probes: dict[
            "-o", str(out), "--budget", budget, "--ctx", "128", "--seed", str(seed), "--json", "--quiet"]
     r = measured(cmd)
     rep = json.loads(r.pop("stdout"))
-    fresh = [t["seconds"] for t in rep["trials"] if not t.get("replayed") and t.get("seconds") is not None]
+    ran = [t for t in rep["trials"] if not t.get("replayed") and t.get("seconds") is not None]
+    fresh = [t["seconds"] for t in ran]
     later = sorted(fresh[1:])
+    # the slowest trial after the first, and what it was (method, phase, settings, its merge's share)
+    slow = max(ran[1:], key=lambda t: t["seconds"], default=None)
+    slowest = None if slow is None else (
+        f"{slow['method']} ({slow['phase']}"
+        + (", pruned" if slow.get("pruned") else "") + "): "
+        + ", ".join(f"{k}={v:g}" for k, v in slow["settings"].items())
+        + f"; merge {slow.get('merge_seconds', float('nan')):.1f} s of {slow['seconds']:.1f} s")
     best = rep["best"]
     settings = ", ".join(f"{k}={v:g}" for k, v in best["settings"].items())
     row = {"label": f"tune {target}", "kind": "tuned", "method": best["method"], "settings": settings, **r,
@@ -143,6 +151,7 @@ def tune_row(target: str, work: Path, base: Path, fts: list[Path], probes: dict[
            "stopped": rep["stopped"], "first_trial_s": fresh[0] if fresh else None,
            "trial_median_s": later[len(later) // 2] if later else None, "trial_max_s": later[-1] if later else None,
            "prepare_s": rep.get("prepare_seconds", 0.0), "pruned": rep.get("trials_pruned", 0),
+           "slowest_trial": slowest,
            "rescore_s": rep.get("rescore_seconds", 0.0), "rescored": len(rep.get("rescored") or []),
            "recipe": rep.get("recipe"), **evaluate(out / "model", texts)}
     shutil.rmtree(out, ignore_errors=True)
@@ -205,6 +214,23 @@ def ordered(rows: list[dict]) -> list[dict]:
                                        r["geomean"] if r["geomean"] == r["geomean"] else math.inf))
 
 
+def same_merges(rows: list[dict]) -> dict[str, str]:
+    """Rows whose held-out perplexities equal an earlier row's exactly -> that row's label: the
+    same merge reached by two methods (at density 1 DARE and breadcrumbs drop nothing, so
+    dare_ties and breadcrumbs_ties are TIES' sign election without normalizing, and della is ties)."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for r in rows:
+        if r["kind"] == "reference":
+            continue
+        key = tuple(sorted(r["ppl"].items()))
+        if key in seen:
+            out[r["label"]] = seen[key]
+        else:
+            seen[key] = r["label"]
+    return out
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -258,10 +284,13 @@ def write_doc(results: dict, out: Path) -> None:
         lines += [f"![held-out perplexity per row]({png.name})", ""]
     lines += ["| row | kind | method: settings | wall | peak RSS | code | license | prose | geo. mean | prose (unseen) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    same = same_merges(rows)
     for r in rows:
         wall = f"{r['wall_s']:.1f} s" if "wall_s" in r else "–"
         rss = f"{r['rss_mb']:.0f} MB" if "rss_mb" in r else "–"
         what = "–" if r["kind"] == "reference" else f"`{r['method']}`: {r['settings']}"
+        if r["label"] in same:
+            what += f" (the same numbers as {same[r['label']]})"
         lines.append(f"| {r['label']} | {r['kind']} | {what} | {wall} | {rss} | "
                      + " | ".join(_num(r["ppl"].get(d)) for d in DOMAINS)
                      + f" | {_num(r['geomean'])} | {_num(r['ppl'].get('prose-unseen'))} |")
@@ -277,6 +306,9 @@ def write_doc(results: dict, out: Path) -> None:
                          f"{_num(r['first_trial_s'], '.1f')} s | {_num(r['trial_median_s'], '.1f')} s / "
                          f"{_num(r['trial_max_s'], '.1f')} s | {_num(r.get('prepare_s'), '.1f')} s | "
                          f"{r.get('rescored', '–')} in {_num(r.get('rescore_s'), '.1f')} s | {r['stopped']} |")
+        for r in tuned:
+            if r.get("slowest_trial"):
+                lines += ["", f"{r['label']}: the slowest trial after the first was {r['slowest_trial']}."]
         b = results.get("merge_eval_baseline")
         if b:
             lines += ["", f"One `surgery merge` (task arithmetic λ=0.5, {b['merge_s']:.1f} s) + one `surgery eval ppl` of "
@@ -289,12 +321,17 @@ def write_doc(results: dict, out: Path) -> None:
               "and the papers' defaults: task arithmetic and TIES add the three task vectors at weight 1, TIES keeps "
               "every entry at density 1, ...); the continual methods merge the three in that order. Methods that "
               "take one or two models (slerp, nuslerp, nearswap, arcee_fusion, passthrough) are left out. `linear` "
-              "ignores a base and averages the three fine-tunes.",
+              "ignores a base and averages the three fine-tunes. Rows marked *the same numbers as* are the same "
+              "merge: at density 1 (mergekit's default) DARE and breadcrumbs drop nothing (DARE's rescale is 1/1, "
+              "breadcrumbs' outlier cut applies only below density 1), so dare_ties and breadcrumbs_ties are TIES' "
+              "sign election without normalizing the weights, and della (normalizing, like ties) is ties.",
               "- *tuned*: `surgery tune` on probes cut from the training side of each domain's text (`--probe-windows` "
               "windows evenly spaced over the training windows, decoded): tune searches on the first half of each "
               "probe and reports on the second, and this page reports on the workload's held-out windows, which tune "
               "never sees. `--ctx 128` as in the held-out evaluation; seed 0. `tune auto` searches "
-              "task_arithmetic, ties, breadcrumbs_ties and tsv. See [docs/tune.md](../tune.md).",
+              "task_arithmetic, ties, breadcrumbs_ties and tsv, with weights and λ up to 1 (tune's default; the probes are "
+              "the fine-tunes' training text, which rewards larger scales that held-out text does not: docs/tune.md, "
+              "*Why the scales stop at 1*). See [docs/tune.md](../tune.md).",
               "- The trial-cost goal compares tune's median and slowest trial after the first (an in-memory merge and "
               "the scoring of its surrogate: 3 of the 8 windows of each probe's search half, evenly spaced, "
               "`--search-windows 3`, the default) with one `surgery merge` plus one `surgery eval ppl` of the same "

@@ -54,6 +54,7 @@ def tune(
     stride: Annotated[Optional[int], typer.Option("--stride", metavar="N", help="Window step (default: --ctx, disjoint windows).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Sequences per forward pass.")] = 8,
     search_windows: Annotated[str, typer.Option("--search-windows", metavar="N|all", help="Windows of each probe's search part a trial is ranked on (evenly spaced, placed by --seed); the best 3 trials are then scored on all windows and the winner is chosen on those. `all` or 0: every trial scores every window.")] = "3",
+    extrapolate: Annotated[bool, typer.Option("--extrapolate", help="Search weights, lambda and scaling_factor up to their declared maximum (2) instead of 1. Text the fine-tunes were trained on rewards scales above 1 that other text does not; use it only with probes the models never saw.")] = False,
     no_references: Annotated[bool, typer.Option("--no-references", help="Do not score the base and the models on the report parts.")] = False,
     dtype: DtypeOpt = None,
     shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
@@ -87,7 +88,7 @@ def tune(
     result = run(target, base=base, models=list(models or []), probes=list(probe or []), output=output,
                  groups=groups, budget=None if budget.strip().lower() == "none" else budget, trials=trials,
                  seed=seed, objective_kind=choice(objective), holdout=holdout, ctx=ctx, stride=stride, batch_size=batch_size,
-                 search_windows=search_windows,
+                 search_windows=search_windows, extrapolate=extrapolate,
                  dtype=choice(dtype), shard_size=shard_size, force=force, resume=resume, references=not no_references,
                  device=device, progress=_render.progress(quiet), on_trial=on_trial)
 

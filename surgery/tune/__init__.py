@@ -54,7 +54,8 @@ AUTO_METHODS = ("task_arithmetic", "ties", "breadcrumbs_ties", "tsv")
 BUDGET_MARGIN_S, BUDGET_MARGIN_SHARE = 5.0, 0.02
 MAX_HELD_OUT_FRONT = 6
 # multi-fidelity: trials are ranked on a few windows of each probe's search part (the
-# surrogate); the best RESCORE_TOP of them are scored on the whole search parts before the
+# surrogate); the best RESCORE_TOP of them, and the best starting point (a method's defaults,
+# when the search moved away from them), are scored on the whole search parts before the
 # winner is chosen
 DEFAULT_SEARCH_WINDOWS = 3
 RESCORE_TOP = 3
@@ -136,7 +137,8 @@ def searchable_methods() -> list[str]:
 def tune(target: str, *, base: str | None, models: list[str], probes: list[str], output: str | Path,
          groups: bool = False, budget: str | float | None = "10m", trials: int | None = None, seed: int = 0,
          objective_kind: str = "mean", holdout: float = 0.5, ctx: int | None = None, stride: int | None = None,
-         batch_size: int = 8, search_windows: int | str | None = DEFAULT_SEARCH_WINDOWS, dtype: str | None = None, shard_size: str | int = "5GB", force: bool = False,
+         batch_size: int = 8, search_windows: int | str | None = DEFAULT_SEARCH_WINDOWS,
+         extrapolate: bool = False, dtype: str | None = None, shard_size: str | int = "5GB", force: bool = False,
          resume: str | Path | None = None, references: bool = True, device: str = "cpu",
          progress: Progress | None = None, on_trial: Callable[[dict[str, Any]], None] | None = None) -> Result:
     """Search merge settings on probe texts and write the best merge, its recipe and a report.
@@ -159,6 +161,9 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         search_windows: Windows of each probe's search part a trial is ranked on (evenly spaced,
             placed by the seed); the best few trials are then scored on the whole search parts
             and the winner is chosen on those. 0 or None: every trial scores every window.
+        extrapolate: Search the scales (weights, ``lambda``, ``scaling_factor``) over their
+            whole declared range (up to 2); by default they stop at 1 (see
+            :data:`surgery.tune.space.SCALES`).
         dtype: Output dtype (default: the inputs'); candidates are scored rounded to it.
         shard_size, force: As for ``merge``.
         resume: A log of an earlier run with the same setup: its trials are replayed, not re-run.
@@ -228,7 +233,8 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
     ev = Evaluator(template.base, [m.location for m in template.models], texts, holdout=holdout, ctx=ctx,
                    stride=stride, batch_size=batch_size, search_windows=search_windows, seed=seed, device=device)
     filters = group_filters(ev.base.names) if groups else None
-    spaces = [Space(get_method(n), dataclasses.replace(template, method=n)) for n in method_names]
+    spaces = [Space(get_method(n), dataclasses.replace(template, method=n), extrapolate=extrapolate)
+              for n in method_names]
     setup = {"base": file_identity(template.base), "models": [file_identity(m.location) for m in template.models],
              "probes": [{"name": p.name, "sha256": p.sha256, "tokens": p.tokens, "weight": p.weight}
                         for p in ev.probes],
@@ -237,6 +243,8 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
              "dtype": template.dtype, "template": recipe_dict(template) | {"merge_method": None}}
     if not ev.exact:            # (absent when exact: logs of the exact search stay resumable)
         setup["search_windows"] = {p.name: p.windows for p in ev.probes}
+    if extrapolate:
+        setup["extrapolate"] = True
     cache: dict[str, dict[str, Any]] = {}
     replayed_from: str | None = None
     if resume is not None:
@@ -272,7 +280,7 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         # the best few trials scored on the whole search parts (with their merges)
         if ev.exact:
             return 0.0
-        return RESCORE_TOP * (typical("merge_seconds") + per_token() * ev.tokens("search"))
+        return (RESCORE_TOP + 1) * (typical("merge_seconds") + per_token() * ev.tokens("search"))
 
     def final_reserve() -> float:
         # the re-scoring, the winner's held-out score and the final merge: a report part costs
@@ -404,6 +412,7 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
     request = best_space.request(best_x)
     report: dict[str, Any] = {
         "method": request.method, "objective": objective_kind, "seed": seed, "groups": groups,
+        "extrapolate": extrapolate,
         "best": {"trial": winner, "method": request.method, "settings": records[winner]["settings"],
                  "search_nll": records[winner].get("full_nll", records[winner]["nll"]),
                  "surrogate_nll": None if ev.exact else records[winner]["nll"], "held_out_nll": held[0]["nll"],
@@ -466,17 +475,23 @@ def _exp(v: float) -> float:
 def _rescore(records: list[dict[str, Any]], spaces_by_key: dict[str, Any], ev: Evaluator, seed: int,
              objective_kind: str, weights: dict[str, float], remaining: Callable[[], float], state: dict[str, Any],
              need: Callable[[], float], progress: Progress) -> str:
-    """Score the best :data:`RESCORE_TOP` trials by their surrogate on the whole search parts
-    (the first always, the others while the budget allows) and return the key of the best by
-    that full score. Trials re-scored by an earlier run (their log has ``full_nll``) are not
-    scored again."""
-    ranked = sorted((r for r in records if not r.get("pruned")), key=lambda r: r["objective"])[:RESCORE_TOP]
+    """Score the best starting point (the screened trial with the lowest surrogate objective)
+    and the best :data:`RESCORE_TOP` trials by their surrogate on the whole search parts (the
+    best trial and the best start always, the others while the budget allows), and return the
+    key of the best by that full score. So the winner is never worse on the whole search parts
+    than the start it was searched from. Trials re-scored by an earlier run (their log has
+    ``full_nll``) are not scored again."""
+    complete = sorted((r for r in records if not r.get("pruned")), key=lambda r: r["objective"])
+    ranked = complete[:RESCORE_TOP]
+    start = next((r for r in complete if r["phase"] == "screen"), None)
+    if start is not None and start not in ranked:
+        ranked.insert(1, start)
     progress.start(len(ranked), "tune: the best trials on the whole search parts")
     try:
         for n, r in enumerate(ranked):
             if "full_nll" not in r:
-                if n > 0 and remaining() < need():
-                    break
+                if n > 0 and r is not start and remaining() < need():
+                    continue
                 t0 = time.perf_counter()
                 space, x = spaces_by_key[r["key"]]
                 ev.load(space.request(x), seed=seed)
@@ -498,7 +513,8 @@ def _loggable(r: dict[str, Any]) -> dict[str, Any]:
 def _reported(r: dict[str, Any]) -> dict[str, Any]:
     return {"method": r["method"], "phase": r["phase"], "settings": r["settings"], "nll": r["nll"],
             "perplexity": {k: _exp(v) for k, v in r["nll"].items()}, "objective": r["objective"],
-            "seconds": r.get("seconds"), "prepare_seconds": r.get("prepare_seconds") or 0.0,
+            "seconds": r.get("seconds"), "merge_seconds": r.get("merge_seconds"),
+            "prepare_seconds": r.get("prepare_seconds") or 0.0,
             "replayed": bool(r.get("replayed")), "pruned": bool(r.get("pruned")),
             "fidelity": r.get("fidelity", "full"),
             **({"full_nll": r["full_nll"], "full_objective": r["full_objective"],

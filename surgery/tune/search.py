@@ -1,8 +1,10 @@
 """The search: a deterministic, budgeted descent over the candidates' probe objective.
 
 1. **Screen**: every candidate method at its starting point (the template's values, else the
-   declared defaults).
-2. **Refine** the best two methods a few steps each, then the better of them to the end: a
+   declared defaults), then every method with per-model weights at that point with its weights
+   halved (for task arithmetic: λ = 0.5, the usual default merge). So the defaults are always
+   scored, and the winner is never worse than them on the score the search ranks by.
+2. **Refine** the best two methods (each from its better screened point) a few steps each, then the better of them to the end: a
    pattern search over its dimensions and along the uniform scaling of all its model
    weights (the direction that matters most for task-vector methods). Each direction is
    tried one step up and one step down; when neither improves, the parabola through the three
@@ -131,6 +133,13 @@ class _Enough(Exception):
     pass
 
 
+def halved(space: Space) -> list[float] | None:
+    """The starting point with every per-model weight halved (None: the method has none)."""
+    if not space.weight_dims:
+        return None
+    return [v / 2 if i in space.weight_dims else v for i, v in enumerate(space.start)]
+
+
 def search(spaces: list[Space], evaluate: Evaluate, *, seed: int, group_space: Callable[[Point], Point] | None,
            log: Callable[[str], None] | None = None) -> Point | None:
     """Run the three phases (module docstring) and return the best point found (None when
@@ -157,16 +166,19 @@ def search(spaces: list[Space], evaluate: Evaluate, *, seed: int, group_space: C
         return v
 
     try:
-        screened: list[Point] = []
-        for s in spaces:
-            x = s.point(s.start)
-            v = tracked(s, x, "screen")
-            if v is not None:
-                screened.append(Point(s, x, v))
-        screened.sort(key=lambda p: p.value)
+        screened: dict[int, Point] = {}            # the best screened point of each space
+        for x_of in (lambda s: s.start, halved):
+            for i, s in enumerate(spaces):
+                x = x_of(s)
+                if x is None:
+                    continue
+                x = s.point(x)
+                v = tracked(s, x, "screen")
+                if v is not None and (i not in screened or v < screened[i].value):
+                    screened[i] = Point(s, x, v)
         if not screened:
             return None
-        finalists = screened[:2]
+        finalists = sorted(screened.values(), key=lambda p: p.value)[:2]
         if len(finalists) > 1:
             finalists = [PatternSearch(tracked, rng, "refine").run(p, steps=SCREEN_REFINE_TRIALS) for p in finalists]
         lead = min(finalists, key=lambda p: p.value)

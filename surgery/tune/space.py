@@ -26,6 +26,12 @@ GROUPS = ("attention", "mlp", "rest")
 ATTENTION = {"q", "k", "v", "qkv", "o"}
 MLP = {"gate", "up", "down"}
 DIGITS = 4                  # candidate values are rounded to this many decimals (stable keys, clean recipes)
+# parameters that scale task vectors: searched up to 1 (each fine-tune's own step, what the
+# defaults and the papers use), not to the declared 2, unless extrapolation is asked for —
+# probe text a fine-tune was trained on rewards going further along its task vector, which
+# does not carry over to other text (docs/tune.md, "Why the weights stop at 1")
+SCALES = ("weight", "lambda", "scaling_factor")
+SCALE_CAP = 1.0
 
 
 def _module_path(name: str) -> str:
@@ -106,18 +112,23 @@ class Space:
         method: The method's declaration.
         template: Base, models, dtype and fixed parameter settings (from the command line or a recipe).
         filters: Layer-group filters (:func:`group_filters`), or None to search without groups.
+        extrapolate: Search the scales (:data:`SCALES`) over their whole declared range; by
+            default they stop at :data:`SCALE_CAP` (or at the template's own value when it is larger).
 
     Raises:
         UsageError: The method declares nothing to search.
     """
 
-    def __init__(self, method: Method, template: MergeRequest, filters: dict[str, list[str]] | None = None):
-        self.method, self.template, self.filters = method, template, filters
+    def __init__(self, method: Method, template: MergeRequest, filters: dict[str, list[str]] | None = None,
+                 extrapolate: bool = False):
+        self.method, self.template, self.filters, self.extrapolate = method, template, filters, extrapolate
         self.dims: list[Dim] = []
         for p in method.params:
             if p.search is None:
                 continue
             lo, hi = p.search
+            if p.name in SCALES and not extrapolate:
+                hi = max(lo, min(hi, max([SCALE_CAP, *self._template_values(p.name)])))
             if p.per_model and p.name == "weight":
                 for i in range(len(template.models)):
                     for g in (GROUPS if filters else (None,)):
@@ -133,6 +144,11 @@ class Space:
     def weight_dims(self) -> list[int]:
         """Indices of the per-model weight dimensions (moved together by a uniform scaling)."""
         return [i for i, d in enumerate(self.dims) if d.param == "weight" and d.model is not None]
+
+    def _template_values(self, param: str) -> list[float]:
+        """The plain numbers the template sets for ``param`` (top level and per model)."""
+        values = [self.template.parameters.get(param)] + [m.parameters.get(param) for m in self.template.models]
+        return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
     def _initial(self, d: Dim) -> float:
         """The template's value when it sets a plain number, else the declared default (clipped)."""
@@ -155,7 +171,7 @@ class Space:
 
     def grouped(self, filters: dict[str, list[str]], x: list[float]) -> tuple["Space", list[float]]:
         """The same method searched by layer group, and ``x`` in it (every group at the model's weight)."""
-        space = Space(self.method, self.template, filters)
+        space = Space(self.method, self.template, filters, self.extrapolate)
         values = {(d.param, d.model): v for d, v in zip(self.dims, x)}
         return space, space.point([values.get((d.param, d.model), s) for d, s in zip(space.dims, space.start)])
 

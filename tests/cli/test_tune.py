@@ -146,13 +146,17 @@ def test_tune_writes_a_rerunnable_merge_recipe_and_report(cli, tmp_path, probes)
     assert not (tmp_path / "tuned.tune.jsonl").exists()       # the running log moved into the output
     assert doc["trials_evaluated"] == 8 and len(doc["trials"]) == 8
     assert doc["stopped"] == "the trial limit (8) was reached"
-    assert [t["phase"] for t in doc["trials"][:2]] == ["screen", "screen"]
-    # ranked on a surrogate (3 windows of each search part); the best 3 by it re-scored on the
-    # whole search parts, the winner the best of those
+    # screened: each method's defaults, then each with its weights halved
+    assert [t["phase"] for t in doc["trials"][:5]] == ["screen"] * 4 + ["refine"]
+    assert [(t["method"], t["settings"]) for t in doc["trials"][:4]] == [
+        (m, {f"weight[{i}]": w for i in range(len(MODELS))}) for w in (1.0, 0.5) for m in ("task_arithmetic", "tsv")]
+    # ranked on a surrogate (3 windows of each search part); the best 3 by it and the best
+    # starting point re-scored on the whole search parts, the winner the best of those
     trials = doc["trials"]
     assert all(t["fidelity"] == "surrogate" for t in trials)
-    top = sorted((i for i, t in enumerate(trials) if not t["pruned"]), key=lambda i: trials[i]["objective"])[:3]
-    assert doc["rescored"] == sorted(top)
+    complete = sorted((i for i, t in enumerate(trials) if not t["pruned"]), key=lambda i: trials[i]["objective"])
+    top = sorted(set(complete[:3]) | {next(i for i in complete if trials[i]["phase"] == "screen")})
+    assert doc["rescored"] == top
     assert [i for i, t in enumerate(trials) if "full_objective" in t] == sorted(top)
     best = trials[doc["best"]["trial"]]
     assert best["full_objective"] == min(trials[i]["full_objective"] for i in top) == doc["best"]["objective"]

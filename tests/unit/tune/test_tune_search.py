@@ -67,7 +67,18 @@ def test_space_of_task_arithmetic_is_one_weight_per_model():
     assert [d.label for d in s.dims] == ["weight[0]", "weight[1]", "weight[2]"]
     assert s.start == [1.0, 1.0, 1.0]
     req = s.request([0.5, 1.23456, 3.0])
+    # weights stop at 1 (each fine-tune's own step) unless extrapolation is asked for
+    assert [(d.low, d.high) for d in s.dims] == [(0.0, 1.0)] * 3
+    assert [m.parameters["weight"] for m in req.models] == [0.5, 1.0, 1.0]
+    wide = Space(get_method("task_arithmetic"), _template(), extrapolate=True)
+    assert [(d.low, d.high) for d in wide.dims] == [(0.0, 2.0)] * 3          # the declared range
+    req = wide.request([0.5, 1.23456, 3.0])
     assert [m.parameters["weight"] for m in req.models] == [0.5, 1.2346, 2.0]   # rounded, clipped to the range
+    # a recipe's own larger value stays inside the range (the start is never clipped)
+    t = _template()
+    t.models[1].parameters["weight"] = 1.5
+    s = Space(get_method("task_arithmetic"), t)
+    assert s.start == [1.0, 1.5, 1.0] and [d.high for d in s.dims] == [1.5] * 3
 
 
 def test_space_of_ties_searches_shared_density_and_lambda():
@@ -76,15 +87,19 @@ def test_space_of_ties_searches_shared_density_and_lambda():
     s = Space(get_method("ties"), template)
     assert [d.label for d in s.dims] == ["weight[0]", "weight[1]", "density", "lambda"]
     assert s.start == [1.0, 1.0, 1.0, 0.8]
+    assert [(d.low, d.high) for d in s.dims] == [(0.0, 1.0), (0.0, 1.0), (0.1, 1.0), (0.5, 1.0)]
     req = s.request([1.0, 0.5, 0.4, 1.5])
+    assert req.parameters == {"lambda": 1.0, "density": 0.4}
+    req = Space(get_method("ties"), template, extrapolate=True).request([1.0, 0.5, 0.4, 1.5])
     assert req.parameters == {"lambda": 1.5, "density": 0.4}
     assert all("density" not in m.parameters for m in req.models)   # a model's own value would win
 
 
 def test_grouped_space_writes_mergekit_filters_that_resolve_per_tensor():
     filters = group_filters(LLAMA_NAMES)
-    flat = Space(get_method("task_arithmetic"), _template(2))
+    flat = Space(get_method("task_arithmetic"), _template(2), extrapolate=True)
     grouped, x = flat.grouped(filters, [0.7, 1.3])
+    assert grouped.extrapolate
     assert [d.label for d in grouped.dims][:3] == ["weight[0].attention", "weight[0].mlp", "weight[0].rest"]
     assert x == [0.7, 0.7, 0.7, 1.3, 1.3, 1.3]
     x = [0.1, 0.2, 0.3, 1.1, 1.2, 1.3]
@@ -120,7 +135,7 @@ def _quadratic(target):
 
 
 def test_pattern_search_finds_a_quadratic_minimum():
-    s = Space(get_method("task_arithmetic"), _template())
+    s = Space(get_method("task_arithmetic"), _template(), extrapolate=True)
     evaluate, calls = _quadratic({"task_arithmetic": [0.4, 1.3, 0.9]})
     best = PatternSearch(evaluate, random.Random(0), "refine").run(Point(s, s.start, evaluate(s, s.start, "x")))
     assert best.value < 0.01 and len(calls) < 80
@@ -139,7 +154,11 @@ def test_search_screens_methods_refines_the_best_and_is_deterministic():
         runs.append(calls)
         assert best.space.method.name == "task_arithmetic" and best.value < 0.01
     assert runs[0] == runs[1]
-    assert [c[2] for c in runs[0][:3]] == ["screen"] * 3
+    # screened: each method's defaults, then each at its weights halved (task arithmetic λ = 0.5)
+    assert [c[2] for c in runs[0][:6]] == ["screen"] * 6 and runs[0][6][2] == "refine"
+    assert [(c[0], c[1]) for c in runs[0][:6]] == [
+        ("task_arithmetic", (1.0, 1.0)), ("ties", (1.0, 1.0, 1.0, 1.0)), ("tsv", (1.0, 1.0)),
+        ("task_arithmetic", (0.5, 0.5)), ("ties", (0.5, 0.5, 1.0, 1.0)), ("tsv", (0.5, 0.5))]
 
 
 def test_search_stops_on_the_budget_with_the_best_so_far():
