@@ -2,7 +2,8 @@
 
 1. **Screen**: every candidate method at its starting point (the template's values, else the
    declared defaults), then every method with per-model weights at that point with its weights
-   halved (for task arithmetic: λ = 0.5, the usual default merge). So the defaults are always
+   halved (for task arithmetic: λ = 0.5, the usual default merge; not when the method
+   normalizes the weights, where it would be the same merge). So the defaults are always
    scored, and the winner is never worse than them on the score the search ranks by.
 2. **Refine** the best two methods (each from its better screened point) a few steps each, then the better of them to the end: a
    pattern search over its dimensions and along the uniform scaling of all its model
@@ -134,8 +135,9 @@ class _Enough(Exception):
 
 
 def halved(space: Space) -> list[float] | None:
-    """The starting point with every per-model weight halved (None: the method has none)."""
-    if not space.weight_dims:
+    """The starting point with every per-model weight halved (None: the method has none, or it
+    normalizes the weights by their sum, so that halving them all would merge the same model)."""
+    if not space.weight_dims or space.normalizes_weights:
         return None
     return [v / 2 if i in space.weight_dims else v for i, v in enumerate(space.start)]
 

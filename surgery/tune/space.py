@@ -141,6 +141,15 @@ class Space:
         self.start = [self._initial(d) for d in self.dims]
 
     @property
+    def normalizes_weights(self) -> bool:
+        """The method divides the weights by their sum (its ``normalize`` is on for this template)."""
+        declared = next((p for p in self.method.params if p.name == "normalize"), None)
+        if declared is None:
+            return False
+        value = self.template.parameters.get("normalize", declared.default)
+        return bool(value) if isinstance(value, (bool, int)) else False
+
+    @property
     def weight_dims(self) -> list[int]:
         """Indices of the per-model weight dimensions (moved together by a uniform scaling)."""
         return [i for i, d in enumerate(self.dims) if d.param == "weight" and d.model is not None]
