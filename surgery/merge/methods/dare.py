@@ -6,8 +6,8 @@ the paper divides by the density, which is the same in expectation), then combin
 
 The drop is decided by flat position (:func:`.sparsify.draw_bits`): model i keeps entry e
 when u_e = r_e / 2^24 is below the density, r_e the top 24 bits of the e-th output of a
-SplitMix64 stream keyed by ``drop_seed(seed, tensor, i)`` (integer tensor ops on the
-tensor's device, equal on every device). A merge is
+SplitMix64 stream keyed by ``drop_seed(seed, tensor, i)`` (integer arithmetic: numpy on
+the CPU, tensor ops on other devices, equal on every device). A merge is
 therefore reproducible bit for bit whatever the device, the order tensors are processed in,
 and the row blocks the work is split into. The L1 norms are summed over fixed blocks in
 float64 in a first pass; the output is streamed in row blocks in a second.

@@ -30,7 +30,7 @@ Which entries survive:
 Random draws are made by flat position (:func:`uniforms`): entry e of tensor T, model i, is
 kept when u_e, the e-th output of a SplitMix64 stream keyed by (seed, T, i), cut to 24 bits,
 is below its probability; a counter-based draw any entry of which is computed directly in
-int64 tensor ops, so a merge is reproducible bit for bit from ``--seed`` on any device, in any
+unsigned 64-bit integer arithmetic (numpy on the CPU, int64 tensor ops elsewhere), so a merge is reproducible bit for bit from ``--seed`` on any device, in any
 tensor order and whatever the row blocks. mergekit draws from torch's global RNG, so its
 random methods agree with these in distribution (kept fraction, rescaling, sign election),
 not entry by entry.
@@ -47,6 +47,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..method import Param, TensorContext, flag, unit
@@ -82,18 +83,58 @@ def _xor_shift_(z: torch.Tensor, s: int) -> torch.Tensor:
     return z.bitwise_xor_((z >> s).bitwise_and_((1 << (64 - s)) - 1))
 
 
+_U64 = tuple(np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_CPU_CHUNK = 1 << 16        # entries per piece of a CPU draw (its uint64 temporaries stay in cache)
+
+
+def _on_cpu(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def _mixed(seed: int, tensor_name: str, model_index: int, start: int, stop: int) -> np.ndarray:
+    """SplitMix64's outputs z_e for the flat entries ``[start, stop)`` before its last
+    xor-shift, as uint64 on the CPU (numpy's unsigned integers: logical shifts and wrapping
+    products without the masking int64 tensors need; several times faster than the tensor ops)."""
+    golden, mix1, mix2 = _U64
+    key = np.uint64(drop_seed(seed, tensor_name, model_index))
+    z = np.arange(start + 1, stop + 1, dtype=np.uint64)
+    tmp = np.empty(min(len(z), _CPU_CHUNK), dtype=np.uint64)
+    for a in range(0, len(z), _CPU_CHUNK):
+        c = z[a:a + _CPU_CHUNK]
+        t = tmp[:len(c)]
+        c *= golden
+        c += key
+        np.right_shift(c, np.uint64(30), out=t)
+        c ^= t
+        c *= mix1
+        np.right_shift(c, np.uint64(27), out=t)
+        c ^= t
+        c *= mix2
+    return z
+
+
+def _mixed_torch(seed: int, tensor_name: str, model_index: int, start: int, stop: int,
+                 device: str | torch.device) -> torch.Tensor:
+    """:func:`_mixed` in int64 tensor ops on ``device`` (the same bit patterns)."""
+    z = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=device)
+    z.mul_(_GOLDEN).add_(_signed(drop_seed(seed, tensor_name, model_index)))
+    z = _xor_shift_(z, 30).mul_(_MIX1)
+    return _xor_shift_(z, 27).mul_(_MIX2)
+
+
 def draw_bits(seed: int, tensor_name: str, model_index: int, start: int, stop: int,
               device: str | torch.device = "cpu") -> torch.Tensor:
     """The integers r_e in [0, 2^24) of the flat entries ``[start, stop)`` (int64): the top 24
     bits of SplitMix64's e-th output for the key k = :func:`drop_seed` — z = k + (e + 1) ·
     0x9E3779B97F4A7C15, z = (z ^ z >>> 30) · 0xBF58476D1CE4E5B9, z = (z ^ z >>> 27) ·
     0x94D049BB133111EB, z ^= z >>> 31, all mod 2^64; r_e = z >>> 40. Integer ops only, so the
-    same on every device and for any split of the range."""
-    z = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=device)
-    z.mul_(_GOLDEN).add_(_signed(drop_seed(seed, tensor_name, model_index)))
-    z = _xor_shift_(z, 30).mul_(_MIX1)
-    z = _xor_shift_(z, 27).mul_(_MIX2)
-    # SplitMix64's last step, z ^= z >>> 31, leaves the top 33 bits as they are: r needs only those
+    same on every device and for any split of the range. SplitMix64's last step, z ^= z >>> 31,
+    leaves the top 33 bits as they are, so it is skipped."""
+    if _on_cpu(device):
+        z = _mixed(seed, tensor_name, model_index, start, stop)
+        z >>= np.uint64(64 - UNIFORM_BITS)
+        return torch.from_numpy(z.view(np.int64))
+    z = _mixed_torch(seed, tensor_name, model_index, start, stop, device)
     return (z >> (64 - UNIFORM_BITS)).bitwise_and_((1 << UNIFORM_BITS) - 1)
 
 
@@ -108,9 +149,15 @@ def uniforms(seed: int, tensor_name: str, model_index: int, numel: int, start: i
 def keep_mask(seed: int, tensor_name: str, model_index: int, numel: int, start: int, stop: int,
               density: float, device: str | torch.device = "cpu") -> torch.Tensor:
     """Which of the flat entries ``[start, stop)`` DARE keeps: u_e < ``density`` (bool), compared
-    exactly as r_e < ⌈density · 2^24⌉."""
+    exactly as r_e < ⌈density · 2^24⌉ (on the CPU as z < ⌈density · 2^24⌉ · 2^40 on the unsigned
+    64-bit z of :func:`draw_bits`, the same test without the shift)."""
     del numel
     limit = math.ceil(density * (1 << UNIFORM_BITS))
+    if limit >= 1 << UNIFORM_BITS:
+        return torch.ones(stop - start, dtype=torch.bool, device=device)
+    if _on_cpu(device):
+        return torch.from_numpy(_mixed(seed, tensor_name, model_index, start, stop)
+                                < np.uint64(limit << (64 - UNIFORM_BITS)))
     return draw_bits(seed, tensor_name, model_index, start, stop, device) < limit
 
 
@@ -171,6 +218,52 @@ def della_probabilities(magnitudes: torch.Tensor, density: float, epsilon: float
     return probs.reshape(magnitudes.shape)
 
 
+def della_limits(m: int, density: float, epsilon: float) -> torch.Tensor:
+    """⌈p_r · 2^24⌉ for every rank r of a row of m (int64), p_r the probability of
+    :func:`della_probabilities` (computed the same way, in float64): u_e = r_e / 2^24 < p_r
+    exactly when the integer draw r_e is below it."""
+    p = torch.arange(m, dtype=torch.float64).mul_(2 * epsilon / (m - 1)).add_(density - epsilon)
+    return p.mul_(float(1 << UNIFORM_BITS)).ceil_().to(torch.int64)
+
+
+def row_order(magnitudes: torch.Tensor) -> torch.Tensor:
+    """The indices of a stable ascending sort of every row of the 2-D ``magnitudes`` (int64).
+
+    Non-negative float32 values order as their bit patterns, so on the CPU each entry becomes
+    the unique integer key bits · 2^s + column (2^s ≥ the row length) and the keys are sorted
+    with numpy's vectorized integer sort, which needs no stability: equal magnitudes are
+    ordered by column, as a stable sort orders them (several times faster than torch's stable
+    sort of the floats)."""
+    m = magnitudes.shape[1]
+    if magnitudes.dtype != torch.float32 or not _on_cpu(magnitudes.device) or m > 1 << 32:
+        return torch.sort(magnitudes, dim=1, stable=True).indices
+    shift = max(1, (m - 1).bit_length())
+    keys = magnitudes.contiguous().numpy().view(np.int32).astype(np.int64)
+    keys <<= shift
+    keys |= np.arange(m, dtype=np.int64)
+    keys.sort(axis=1)
+    keys &= (1 << shift) - 1
+    return torch.from_numpy(keys)
+
+
+def della_keep(magnitudes: torch.Tensor, density: float, epsilon: float, *, seed: int, tensor_name: str,
+               model_index: int, start: int) -> torch.Tensor:
+    """Which entries DELLA keeps of ``magnitudes`` (|τ| of the flat entries from ``start``;
+    rows along dim 1, a 1-D tensor is one row): u_e < :func:`della_probabilities`, decided on
+    the integer draws in rank order — each row's draws are gathered in ascending order of
+    magnitude, compared with :func:`della_limits` and scattered back (no float64 ranks or
+    probabilities)."""
+    x = magnitudes if magnitudes.dim() >= 2 else magnitudes.reshape(1, -1)
+    rows, m = x.shape[0], x.shape[1]
+    if m < 2:
+        return keep_mask(seed, tensor_name, model_index, 0, start, start + x.numel(), density,
+                         x.device).view(magnitudes.shape)
+    draws = draw_bits(seed, tensor_name, model_index, start, start + x.numel(), x.device).view(rows, m)
+    order = row_order(x).to(x.device)
+    kept = draws.gather(1, order) < della_limits(m, density, epsilon).to(x.device)
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).scatter_(1, order, kept).view(magnitudes.shape)
+
+
 class _Masker:
     """The kept entries of one model's τ, block by block in row order."""
 
@@ -191,9 +284,8 @@ class _Masker:
                              tau.device)
             return keep.view(tau.shape)
         if r.kind == "della":
-            probs = della_probabilities(tau.abs(), r.density, r.epsilon)
-            u = uniforms(self.seed, self.name, self.index, self.numel, start, start + tau.numel(), probs.device)
-            return u.view(tau.shape) < probs
+            return della_keep(tau.abs(), r.density, r.epsilon, seed=self.seed, tensor_name=self.name,
+                              model_index=self.index, start=start)
         bits = _bits(tau.abs().float())
         keep = self.keepers[0](bits)
         if r.kind == "outliers":
@@ -327,8 +419,10 @@ class GtaRows(OrderedRows):
                     if hold:
                         self.cached[i][a:e] = mask
                     if i in total:
-                        total[i] += sum64(as64(tau))
-                        kept[i] += sum64(as64(tau.mul_(mask)))      # exact: the mask is 0 or 1
+                        mags = as64(tau)
+                        total[i] += sum64(mags)
+                        # the same float64 copy times the 0/1 mask: exactly the kept magnitudes
+                        kept[i] += sum64(np.multiply(mags, mask.reshape(-1).cpu().numpy(), out=mags))
             for i in live:
                 self.factors[i] = l1_factor(total[i], kept[i])
 

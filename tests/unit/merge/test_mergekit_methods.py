@@ -177,6 +177,23 @@ def test_della_drop_is_seeded_rank_driven_and_rescaled():
     assert torch.allclose(a[kept] / tau[kept], a[kept][0] / tau[kept][0])  # one factor for the tensor
 
 
+def test_della_keep_of_float32_rows_equals_the_rank_probability_draw():
+    # bf16-rounded task vectors: many equal magnitudes per row (ties ranked by column), zeros too
+    tau = _rand(300, 257, seed=4).bfloat16().float()
+    tau[:, ::7] = 0.0
+    mags = tau.abs()
+    order = sparsify.row_order(mags)
+    assert torch.equal(order, torch.sort(mags, dim=1, stable=True).indices)
+    for start in (0, 12_345):
+        kept = sparsify.della_keep(mags, 0.4, 0.2, seed=3, tensor_name="t", model_index=1, start=start)
+        u = sparsify.uniforms(3, "t", 1, 0, start, start + tau.numel()).view(tau.shape)
+        assert torch.equal(kept, u < sparsify.della_probabilities(mags, 0.4, 0.2))
+    row = mags[0]                                              # a 1-D tensor is one row
+    u = sparsify.uniforms(3, "t", 1, 0, 0, row.numel())
+    assert torch.equal(sparsify.della_keep(row, 0.4, 0.2, seed=3, tensor_name="t", model_index=1, start=0),
+                       u < sparsify.della_probabilities(row, 0.4, 0.2))
+
+
 def test_della_epsilon_is_checked_per_model():
     from surgery.merge.method import TensorContext
     from surgery.merge.methods import della

@@ -223,6 +223,18 @@ def test_draws_are_uniform_and_any_range_equals_the_whole():
     assert torch.equal(sparsify.uniforms(3, "w", 1, 1 << 20, 5, 9), u[5:9])
 
 
+def test_cpu_draws_equal_the_tensor_op_draws_of_other_devices():
+    # the CPU computes SplitMix64 in numpy uint64; other devices in int64 tensor ops: same bits
+    z = sparsify._mixed_torch(5, "layer.w", 2, 70_000, 200_001, "cpu")
+    assert torch.equal(torch.from_numpy(sparsify._mixed(5, "layer.w", 2, 70_000, 200_001).view("int64")), z)
+    r = (z >> 40).bitwise_and_((1 << 24) - 1)
+    assert torch.equal(sparsify.draw_bits(5, "layer.w", 2, 70_000, 200_001), r)
+    for density in (0.3, 0.5, 1 - 2 ** -30):       # the last rounds up to 2^24: every entry kept
+        want = r < math.ceil(density * 2 ** 24)
+        assert torch.equal(sparsify.keep_mask(5, "layer.w", 2, 0, 70_000, 200_001, density), want)
+    assert bool(sparsify.keep_mask(5, "layer.w", 2, 0, 0, 1000, 1 - 2 ** -30).all())
+
+
 def test_dare_linear_and_ties_match_manual_drop():
     base = _rand(30, 20)
     ms = [base + _rand(30, 20, seed=i + 1) for i in range(2)]
