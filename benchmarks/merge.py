@@ -23,11 +23,13 @@ Prints the ratios and writes docs/benchmarks/merge.md.
     python benchmarks/merge.py [--stages batch,synthetic,opcm,growth] [--methods ties,sce]
                                [--skip-ppl] [--skip-fusionbench] [--keep DIR]
 
-Each stage's numbers are kept in ~/.cache/surgery/bench-merge.json, so stages can be run
-separately; the page is rendered from the latest numbers of every stage. ``--methods``
-re-measures only those methods (batch and synthetic stages; the others keep their cached
-rows). Every method's row is saved and the page re-rendered as soon as it is measured, so a
-run that dies or is stopped still keeps what it measured.
+Every row carries the time it was measured (``when``). The rows the page shows are kept in
+docs/benchmarks/merge.json, committed with the page (and copied to
+~/.cache/surgery/bench-merge.json); a run merges its new rows into them — per method (per
+section for OPCM and growth) the later measurement wins — so stages can be run separately and
+a partial ``--methods`` run updates only its rows, on any machine, without dropping the others.
+Every method's row is saved and the page re-rendered as soon as it is measured, so a run that
+dies or is stopped still keeps what it measured.
 """
 
 from __future__ import annotations
@@ -53,6 +55,49 @@ sys.path.insert(0, str(HERE))
 FUSIONBENCH_PY = Path("/work/venvs/fusionbench/bin/python")
 DOC = ROOT / "docs" / "benchmarks" / "merge.md"
 RESULTS = Path.home() / ".cache" / "surgery" / "bench-merge.json"
+RECORD = DOC.with_suffix(".json")       # the rows the page shows, committed with it
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def _when(x) -> str:
+    """When a row (or a section: a dict, or a list of rows) was measured; "" when unknown."""
+    if isinstance(x, list):
+        return max((_when(r) for r in x), default="")
+    return str(x.get("when", "")) if isinstance(x, dict) else ""
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``old`` updated by ``new``: per method of a stage's rows (lists of ``{"method": ...}``)
+    and per section otherwise (``opcm``, ``growth``, ``inputs_ppl``), whichever was measured
+    later wins (``new`` on a tie or when neither is dated); ``when`` is the later of the two."""
+    out = dict(old)
+    for key, val in new.items():
+        prev = out.get(key)
+        if key == "when":
+            out[key] = max(str(val), str(prev or ""))
+        elif isinstance(val, list) and isinstance(prev, list) and all("method" in r for r in val + prev):
+            by = {r["method"]: r for r in prev}
+            for r in val:
+                if _when(r) >= _when(by.get(r["method"], {})):
+                    by[r["method"]] = r
+            order = list(BATCH_METHODS)
+            out[key] = sorted(by.values(), key=lambda r: (order.index(r["method"]) if r["method"] in order
+                                                          else len(order), r["method"]))
+        elif prev is None or _when(val) >= _when(prev):
+            out[key] = val
+    return out
+
+
+def load_results() -> dict:
+    """The committed record merged with this machine's cache (the later row of each method wins)."""
+    results: dict = {}
+    for path in (RECORD, RESULTS):
+        if path.is_file():
+            results = merge_results(results, json.loads(path.read_text()))
+    return results
 
 
 def measured(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
@@ -465,6 +510,10 @@ def _ppl_cells(ppl: dict | None) -> str:
     return " | ".join(f"{ppl[d]:.2f}" if ppl and d in ppl else "–" for d in DOMAINS)
 
 
+def _load(r: dict) -> str:
+    return f"{r['load_before']:.2f}" if isinstance(r.get("load_before"), (int, float)) else "–"
+
+
 def write_doc(results: dict) -> None:
     b = [r for r in results.get("batch", []) if "surgery" in r]
     lines = ["# `surgery merge` benchmark", "",
@@ -482,8 +531,9 @@ def write_doc(results: dict) -> None:
              "Perplexity is `surgery eval ppl` of surgery's output on each domain's held-out windows (never "
              "trained on; disjoint 128-token windows); lower is better.", "",
              "| method | surgery wall | surgery peak RSS | mergekit wall | mergekit peak RSS | wall ratio | RSS ratio "
-             "| max diff vs mergekit | entries differing | ppl code | ppl license | ppl prose | load before |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| max diff vs mergekit | entries differing | ppl code | ppl license | ppl prose | load before "
+             "| measured |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in b:
         if r.get("random"):
             diff = "random: in distribution (anchor tests)", "–"
@@ -492,14 +542,18 @@ def write_doc(results: dict) -> None:
         lines.append(f"| {r['method']} | {r['surgery']['wall_s']:.1f} s | {r['surgery']['rss_mb']:.0f} MB | "
                      f"{r['mergekit']['wall_s']:.1f} s | {r['mergekit']['rss_mb']:.0f} MB | {r['wall_ratio']:.2f}× | "
                      f"{r['rss_ratio']:.2f}× | {diff[0]} | {diff[1]} | {_ppl_cells(r.get('ppl'))} | "
-                     f"{r.get('load_before', float('nan')):.2f} |")
+                     f"{_load(r)} | {r.get('when', '–')} |")
     for name, ppl in results.get("inputs_ppl", {}).items():
-        lines.append(f"| *{name}* (input) | | | | | | | | | {_ppl_cells(ppl)} | |")
-    commits = sorted({r.get("commit", "?") for r in b})
+        lines.append(f"| *{name}* (input) | | | | | | | | | {_ppl_cells(ppl)} | | |")
+    commits = sorted({r["commit"] for r in b if r.get("commit")}) or ["?"]
     miss = [r["method"] for r in b if r["wall_ratio"] > 0.5 or r["rss_ratio"] > 0.4]
+    dates = sorted({r.get("when", "?") for r in b})
     lines += ["", f"Targets from the issue: wall ≤ 0.5×, peak RSS ≤ 0.4× mergekit's"
-              + (f" (missed by: {', '.join(miss)})" if miss else " (met by every method in this run)")
-              + f". (surgery commit {', '.join(commits)}.)"]
+              + (f" (missed by: {', '.join(miss)})" if miss else " (met by every method in the table)")
+              + f". (surgery commit {', '.join(commits)}.)"
+              + (f" The rows come from {len(dates)} runs (the *measured* column; both tools of a row always ran "
+                 "back to back); a run with `--methods` replaces only its methods' rows." if len(dates) > 1 else "")
+              + " Held-out perplexities of every method are in [quality.md](quality.md)."]
     stable = [r for r in b if "stable_max_bf16_steps" in r]
     if stable:
         lines += ["", "mergekit keeps entries through `torch.argsort` (ties), `torch.sort` (breadcrumbs) and "
@@ -516,13 +570,13 @@ def write_doc(results: dict) -> None:
                   "The same recipes on benchmarks/io.py's synthetic checkpoint (5 layers of 4096×4096 attention "
                   "and 4096×11008 MLP matrices, bf16) as the base and three noisy copies of it as the models, "
                   "against surgery's run on SmolLM2 above (target: within 1.2×).", "",
-                  "| method | 7B-shaped wall | 7B-shaped peak RSS | SmolLM2 peak RSS | ratio |",
-                  "| --- | --- | --- | --- | --- |"]
+                  "| method | 7B-shaped wall | 7B-shaped peak RSS | SmolLM2 peak RSS | ratio | measured |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for r in syn:
             ratio = f"{r['rss_growth']:.2f}×" if r.get("rss_growth") else "–"
             small = f"{r['smollm2_rss_mb']:.0f} MB" if r.get("smollm2_rss_mb") else "–"
             lines.append(f"| {r['method']} | {r['synthetic']['wall_s']:.1f} s | {r['synthetic']['rss_mb']:.0f} MB | "
-                         f"{small} | {ratio} |")
+                         f"{small} | {ratio} | {r.get('when', '–')} |")
     if "opcm" in results:
         lines += _opcm_lines(results["opcm"])
     if "growth" in results:
@@ -548,6 +602,7 @@ def write_doc(results: dict) -> None:
 def _opcm_lines(o: dict) -> list[str]:
     lines = ["",
               "## OPCM over 3 fine-tunes (alpha 0.5, command-line order)", "",
+              f"Measured {o.get('when', '–')}.", "",
               "| run | wall | peak RSS |", "| --- | --- | --- |",
               f"| surgery, `--decomposition gram` (default) | {o['gram']['wall_s']:.1f} s | {o['gram']['rss_mb']:.0f} MB |",
               f"| surgery, `--decomposition svd` | {o['svd']['wall_s']:.1f} s | {o['svd']['rss_mb']:.0f} MB |"]
@@ -577,6 +632,7 @@ def _opcm_lines(o: dict) -> list[str]:
 
 def _growth_lines(g: list) -> list[str]:
     lines = ["", "## Memory as models are added (OPCM state resumed from 2 to 8 models)", "",
+             f"Measured {_when(g) or '–'}.", "",
              "| models in the state | wall | peak RSS |", "| --- | --- | --- |"]
     for r in g:
         lines.append(f"| {r['models']} | {r['wall_s']:.1f} s | {r['rss_mb']:.0f} MB |")
@@ -604,7 +660,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="Keep the outputs in this folder.")
     args = ap.parse_args()
     if args.render_only:
-        write_doc(json.loads(RESULTS.read_text()))
+        write_doc(load_results())
         return
     from workload import build_workload
 
@@ -613,23 +669,22 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="surgery-bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-        results.update({"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+        results = load_results()
+        results.update({"machine": machine(), "when": _now()})
         only = [m for m in args.methods.split(",") if m]
         unknown = [m for m in only if m not in BATCH_METHODS]
         if unknown:
             sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BATCH_METHODS)}")
 
         def merged(stage: str, new: list[dict]) -> list[dict]:
-            new = [{**r, "commit": _commit()} for r in new]
-            kept = [r for r in results.get(stage, []) if r["method"] not in {n["method"] for n in new}
-                    and r["method"] in BATCH_METHODS]
-            order = list(BATCH_METHODS)
-            return sorted(kept + new, key=lambda r: order.index(r["method"]))
+            new = [{"when": _now(), **r, "commit": _commit()} for r in new]
+            return merge_results({stage: results.get(stage, [])}, {stage: new})[stage]
 
         def save() -> None:
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=2, default=str))
+            text = json.dumps(results, indent=2, default=str) + "\n"
+            for path in (RESULTS, RECORD):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
             write_doc(results)
 
         def keep(stage: str):
@@ -652,9 +707,10 @@ def main() -> None:
         for stage in args.stages.split(","):
             results[stage] = stages[stage]()
             if isinstance(results[stage], dict):
-                results[stage]["commit"] = _commit()
+                results[stage].update({"commit": _commit(), "when": _now()})
             else:
-                results[stage] = [r if "commit" in r else {**r, "commit": _commit()} for r in results[stage]]
+                results[stage] = [{"when": _now(), **r} if "commit" in r else {**r, "commit": _commit(), "when": _now()}
+                                  for r in results[stage]]
             save()
             print(f"wrote {DOC}")
     finally:
