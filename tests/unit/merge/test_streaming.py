@@ -167,18 +167,21 @@ def test_batch_methods_against_float64_reference(tmp_path):
         assert torch.allclose(out.get(n, dtype=torch.float64), (fts[0][n] + fts[1][n]) / 2, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "della", "slerp"])
 @pytest.mark.slow
 def test_row_blocked_batch_merges_equal_whole_tensor_ones(tmp_path, monkeypatch, method):
-    """Elementwise methods in sub-blocks and TIES' streamed thresholds (tiny blocks forced,
-    several per tensor and several engine blocks per tensor) give the same bytes as one
-    block per tensor."""
+    """Elementwise methods in sub-blocks and the streamed statistics (TIES' thresholds, L1
+    sums, slerp's norms; tiny blocks forced, several per tensor and several engine blocks per
+    tensor) give the same bytes as one block per tensor."""
     from surgery.core import engine
     from surgery.merge import batch
     from surgery.merge.methods import streaming
 
-    req = lambda: _req(method, None if method == "linear" else LLAMA / "base",  # noqa: E731
-                       [LLAMA / "ft-a", LLAMA / "ft-b", LLAMA / "ft-c"], **({"density": 0.4} if "ties" in method or "dare" in method else {}))
+    extra = {"density": 0.4} if method in ("ties", "dare_linear", "dare_ties", "della") else {}
+    models = [LLAMA / "ft-a", LLAMA / "ft-b", LLAMA / "ft-c"]
+    if method == "slerp":
+        models, extra = models[:1], {"t": 0.3}
+    req = lambda: _req(method, None if method == "linear" else LLAMA / "base", models, **extra)  # noqa: E731
     merge(req(), tmp_path / "whole", dtype="float32")
     monkeypatch.setattr(batch, "SUB_BLOCK_ELEMENTS", 40)
     monkeypatch.setattr(streaming, "SUB_ELEMENTS", 40)
