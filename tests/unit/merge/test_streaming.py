@@ -194,6 +194,24 @@ def test_row_blocked_batch_merges_equal_whole_tensor_ones(tmp_path, monkeypatch,
         assert torch.equal(a.get_raw(n), b.get_raw(n)), n
 
 
+def test_passthrough_at_scale_one_copies_the_stored_tensors(tmp_path):
+    src = open_checkpoint(LLAMA / "ft-a")
+    merge(_req("passthrough", None, [LLAMA / "ft-a"]), tmp_path / "same")
+    out = open_checkpoint(tmp_path / "same")
+    assert out.names == src.names
+    for n in src.names:
+        assert out.info(n).dtype == src.info(n).dtype and torch.equal(out.get_raw(n), src.get_raw(n)), n
+    other = torch.float16 if src.info(src.names[0]).dtype != torch.float16 else torch.float32
+    merge(_req("passthrough", None, [LLAMA / "ft-a"]), tmp_path / "cast", dtype=str(other).removeprefix("torch."))
+    cast = open_checkpoint(tmp_path / "cast")
+    merge(_req("passthrough", None, [LLAMA / "ft-a"], scale=0.5), tmp_path / "half", dtype="float32")
+    half = open_checkpoint(tmp_path / "half")
+    for n in src.names:
+        if src.info(n).dtype.is_floating_point:
+            assert torch.equal(cast.get_raw(n), src.get(n, dtype=torch.float32).to(other)), n
+            assert torch.equal(half.get(n), src.get(n, dtype=torch.float32) * 0.5), n
+
+
 def test_dare_is_reproducible_bit_for_bit(tmp_path):
     req = _req("dare_ties", LLAMA / "base", [LLAMA / "ft-a", LLAMA / "ft-b"], )
     req.models[0].parameters["density"] = 0.4
