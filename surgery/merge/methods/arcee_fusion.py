@@ -8,8 +8,8 @@ importance ≥ median + 1.5 (q3 − q1) take θ1, the others keep θ0.
 
 mergekit estimates the quartiles of a tensor with more than 1,000,000 entries from 1,000,000
 entries drawn at random with torch's global RNG, so its output on such tensors is not
-reproducible; here the quartiles are exact, always (radix selection over row blocks, no
-sort and no sample). On smaller tensors the two agree.
+reproducible; here the quartiles are exact, always (``torch.kthvalue`` of a tensor held in
+memory, radix selection over row blocks of a larger one; no sort and no sample). On smaller tensors the two agree.
 """
 
 from __future__ import annotations
@@ -42,25 +42,42 @@ def quartile_ranks(numel: int) -> list[int]:
 
 
 class FusionRows(OrderedRows):
-    """Quartiles of the importance from two radix passes, then the output row blocks."""
+    """Quartiles of the importance from two radix passes, then the output row blocks.
+
+    A tensor held in memory (:class:`.streaming.Inputs`) computes its importance once, over
+    the canonical blocks, and keeps it for both passes and the output (the importance of a
+    row depends on that row only, so the values are those of any blocking); a streamed one
+    recomputes it block by block on every pass."""
 
     def __init__(self, inputs: Inputs):
         self.one_block = len(inputs.shape) == 1       # a 1-D tensor is one softmax row
         super().__init__(inputs)
         self.threshold = 0.0
+        self.cached: torch.Tensor | None = None
 
     def _importance(self, a: int, e: int) -> torch.Tensor:
-        return importance(self.inputs.model(0, a, e), self.inputs.base(a, e))
+        if self.cached is not None:
+            return self.cached[a:e]
+        return importance(self.inputs.model_view(0, a, e), self.inputs.base(a, e))
 
     def prepare(self) -> None:
-        values = order_values(lambda: (self._importance(a, e) for a, e in self.blocks),
-                              quartile_ranks(self.inputs.numel))
+        ranks = quartile_ranks(self.inputs.numel)
+        if self.inputs.held:
+            self.cached = torch.cat([self._importance(a, e) for a, e in self.blocks])
+            flat = self.cached.reshape(-1)
+            # the k-th smallest value is the value at rank k − 1 of the ascending order, as the radix passes find it
+            values = [float(torch.kthvalue(flat, r + 1).values) for r in ranks]
+        else:
+            values = order_values(lambda: (self._importance(a, e) for a, e in self.blocks), ranks)
         self.threshold = fusion_threshold(*values)
 
     def block(self, a: int, e: int) -> torch.Tensor:
-        base, model = self.inputs.base(a, e), self.inputs.model(0, a, e)
-        mask = importance(model, base) >= self.threshold
+        base, model = self.inputs.base(a, e), self.inputs.model_view(0, a, e)
+        mask = self._importance(a, e) >= self.threshold
         return base + (model - base) * mask
+
+    def drop(self) -> None:
+        self.cached = None
 
 
 def _merge(ctx: TensorContext) -> FusionRows:
