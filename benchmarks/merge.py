@@ -22,6 +22,7 @@ Prints the ratios and writes docs/benchmarks/merge.md.
 
     python benchmarks/merge.py [--stages batch,synthetic,opcm,growth] [--methods ties,sce]
                                [--skip-ppl] [--skip-fusionbench] [--keep DIR]
+    python benchmarks/merge.py --stages synthetic --synthetic-layers 1 --methods slerp   # smoke, saves nothing
 
 Every row carries the time it was measured (``when``). The rows the page shows are kept in
 docs/benchmarks/merge.json, committed with the page (and copied to
@@ -309,7 +310,7 @@ def _bench_io():
     return mod
 
 
-def synthetic_models(n: int = 3, scale: float = 2e-3) -> tuple[Path, list[Path]]:
+def synthetic_models(n: int = 3, scale: float = 2e-3, layers: int | None = None) -> tuple[Path, list[Path]]:
     """The 2 GB Llama-7B-shaped bf16 checkpoint of benchmarks/io.py as the base, and ``n``
     "fine-tunes" of it (base + seeded Gaussian noise of std ``scale``, bf16), generated once and
     streamed to disk one row block at a time."""
@@ -318,6 +319,8 @@ def synthetic_models(n: int = 3, scale: float = 2e-3) -> tuple[Path, list[Path]]
     from surgery.checkpoint import open_checkpoint
 
     bio = _bench_io()
+    if layers:
+        bio.LAYERS = layers             # a smaller checkpoint of the same shapes (its own cache folder)
     base = bio.synthetic_checkpoint("bfloat16")
     src = open_checkpoint(base)
     header = json.loads((base / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
@@ -353,9 +356,9 @@ def synthetic_models(n: int = 3, scale: float = 2e-3) -> tuple[Path, list[Path]]
 
 
 def synthetic(work: Path, smollm2_rows: list[dict], only: list[str] | None = None,
-              on_row: Callable[[dict], None] | None = None) -> list[dict]:
+              on_row: Callable[[dict], None] | None = None, layers: int | None = None) -> list[dict]:
     """Every method's recipe on the 7B-shaped checkpoint: surgery's peak RSS against its SmolLM2 run."""
-    base, fts = synthetic_models()
+    base, fts = synthetic_models(layers=layers)
     by_method = {r["method"]: r for r in smollm2_rows}
     rows = []
     for method in BATCH_METHODS:
@@ -656,6 +659,9 @@ def main() -> None:
     ap.add_argument("--methods", "--batch-methods", dest="methods", default="",
                     help="Comma-separated: only these methods in the batch and synthetic stages "
                          "(the others keep their cached rows).")
+    ap.add_argument("--synthetic-layers", type=int, default=None,
+                    help="Smoke test of the synthetic stage on a checkpoint of this many 7B-shaped layers (1: "
+                         "400 MB) instead of benchmarks/io.py's 5 (2 GB): rows are printed, nothing is saved.")
     ap.add_argument("--render-only", action="store_true", help="Rewrite the page from the cached numbers.")
     ap.add_argument("--keep", type=Path, help="Keep the outputs in this folder.")
     args = ap.parse_args()
@@ -699,6 +705,9 @@ def main() -> None:
                 results["inputs_ppl"] = inputs_ppl(work, base, fts)
             return merged("batch", batch(work, base, fts, only or None, ppl=not args.skip_ppl, on_row=keep("batch")))
 
+        if args.synthetic_layers:
+            synthetic(work, results.get("batch", []), only or None, layers=args.synthetic_layers)
+            return
         stages = {"batch": run_batch,
                   "synthetic": lambda: merged("synthetic", synthetic(work, results.get("batch", []), only or None,
                                                                      on_row=keep("synthetic"))),

@@ -40,11 +40,10 @@ def mean_cosine(gram: torch.Tensor) -> torch.Tensor:
 
 def stock(base: torch.Tensor, models: Sequence[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
     """t · mean(models) + (1 − t) · base (``t`` broadcast: a scalar or one value per row)."""
-    average = models[0].clone()
-    for m in models[1:]:
+    average = models[0] + models[1] if len(models) > 1 else models[0].clone()
+    for m in models[2:]:
         average.add_(m)
-    average.div_(len(models))
-    return t * average + (1 - t) * base
+    return average.div_(len(models)).mul_(t).add_((1 - t) * base)      # in place: the same bytes, fewer buffers
 
 
 def _filter_wise_block(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
