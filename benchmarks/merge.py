@@ -92,6 +92,12 @@ def merge_results(old: dict, new: dict) -> dict:
     return out
 
 
+def stamp_rows(rows: list[dict]) -> list[dict]:
+    """A stage's rows after a run: the rows measured in it are already stamped (``merged``);
+    rows kept from an earlier run keep their own date and commit; an undated row is dated now."""
+    return [r if "when" in r else {**r, "when": _now()} for r in rows]
+
+
 def load_results() -> dict:
     """The committed record merged with this machine's cache (the later row of each method wins)."""
     results: dict = {}
@@ -718,8 +724,7 @@ def main() -> None:
             if isinstance(results[stage], dict):
                 results[stage].update({"commit": _commit(), "when": _now()})
             else:
-                results[stage] = [{"when": _now(), **r} if "commit" in r else {**r, "commit": _commit(), "when": _now()}
-                                  for r in results[stage]]
+                results[stage] = stamp_rows(results[stage])
             save()
             print(f"wrote {DOC}")
     finally:

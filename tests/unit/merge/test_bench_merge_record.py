@@ -48,3 +48,14 @@ def test_the_committed_record_renders_every_method(tmp_path, monkeypatch):
     for method in m.BATCH_METHODS:
         assert f"\n| {method} | " in page
     assert "## OPCM over 3 fine-tunes" in page and "## Memory as models are added" in page
+
+
+def test_rows_kept_from_an_earlier_run_keep_their_date_and_commit():
+    m = _bench()
+    rows = [{"method": "linear", "when": "2026-11-30 10:54 UTC"},              # kept, no commit recorded
+            {"method": "slerp", "when": "2026-11-30 17:11 UTC", "commit": "abc1234"},   # measured now
+            {"method": "ties"}]                                                # undated
+    out = m.stamp_rows(rows)
+    assert out[0] == {"method": "linear", "when": "2026-11-30 10:54 UTC"}
+    assert out[1] == rows[1]
+    assert out[2]["when"] == m._now() and "commit" not in out[2]
