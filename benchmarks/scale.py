@@ -399,8 +399,10 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def render(results: dict, args: argparse.Namespace) -> str:
+    runs = sorted({(c.get("when", results["when"]), c.get("command") or results.get("command") or command_line(args))
+                   for c in results["cases"]})
     lines = ["# Scale benchmark: `--ray` (benchmarks/scale.py)", "",
-             f"Run {results['when']} on {results['machine']}. `{results.get('command') or command_line(args)}`.", "",
+             *[f"Run {when} on {results['machine']}: `{cmd}`." for when, cmd in runs], "",
              "Each run is a whole `surgery merge` process (median of the reps); `--ray` runs connect to a 2-CPU",
              "Ray head started before the runs (connecting, the job's workers starting and importing torch are",
              "counted; cluster start-up is not). Peak RSS is the driver process's own (`wait4`).", "",
@@ -494,6 +496,13 @@ def main() -> int:
         cluster.stop()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    # cases not re-run keep their last measurement (each case records its own command and time)
+    for c in results["cases"]:
+        c.update({"when": results["when"], "command": results["command"]})
+    if RESULTS.is_file():
+        ran = {c["case"] for c in results["cases"]}
+        kept = [c for c in json.loads(RESULTS.read_text()).get("cases", []) if c["case"] not in ran]
+        results["cases"] = sorted(results["cases"] + kept, key=lambda c: c["case"] != "ties")
     add_predictions(results, args)
     return report(results, args)
 
