@@ -78,6 +78,11 @@ class _FileSource:
     def start_sha256(self, follow_reads: bool = True) -> None:
         Checkpoint.start_sha256(self, follow_reads=follow_reads and self.reads_reported)  # type: ignore[arg-type]
 
+    def __getstate__(self) -> dict:
+        """Travels to other processes (Ray tasks) without the input digest running here: its
+        thread and queue belong to this process, which alone records the sha256."""
+        return {**self.__dict__, "_digest": None}
+
     stop_sha256 = Checkpoint.stop_sha256
     sha256 = Checkpoint.sha256
 

@@ -162,3 +162,20 @@ def test_cancel_stops_a_whole_file_hash(tmp_path, monkeypatch):
     d.cancel()
     thread.join(timeout=1.0)
     assert not thread.is_alive() and d._hashes[0].pos < f.stat().st_size
+
+
+def test_a_pickle_source_travels_to_tasks_without_its_running_digest(tmp_path, monkeypatch):
+    # the engine's non-finite check sends its inputs to Ray tasks; a source whose digest is
+    # running here (a thread and a queue) must still pickle, and its sha256 stays the file's
+    import pickle
+
+    from surgery.convert import _FileSource
+
+    monkeypatch.setenv("SURGERY_NO_HASH_CACHE", "1")
+    file = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.arange(6.0)}, file)
+    src = _FileSource(tmp_path, [file], "pt")
+    src.start_sha256()
+    copy = pickle.loads(pickle.dumps(src))
+    assert copy._digest is None and copy.files == [file]
+    assert src.sha256() == hashlib.sha256(file.read_bytes()).hexdigest()
