@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint.reader import Checkpoint
-from ..core.engine import OutputTensor, copy_tensor, rows_in_blocks
+from ..core.engine import OutputTensor, cast_tensor, copy_tensor, rows_in_blocks
 from .inputs import FusedCheckpoint
 from .method import Batch, TensorContext
 from .plan import SUB_BLOCK_ELEMENTS, MergePlan, PlannedTensor
@@ -81,7 +81,25 @@ def _copied(plan: MergePlan, t: PlannedTensor) -> OutputTensor:
     return copy_tensor(model, src.name, new_name=t.name)
 
 
-def output_tensors(plan: MergePlan, *, seed: int, device: str, options: dict[str, Any]) -> list[OutputTensor]:
+def _unchanged(plan: MergePlan, t: PlannedTensor) -> OutputTensor | None:
+    """The output when the method declares it equal to one model's stored tensor (``Batch.copies``):
+    the stored bytes, or a row-block cast to the output dtype; None when it must be computed."""
+    if t.rows is not None or plan.method.copies is None:
+        return None                       # rows gathered across vocabularies are always computed
+    i = plan.method.copies(t.shared, t.per_model)
+    if i is None:
+        return None
+    src = t.models[i]
+    model = plan.models[src.model]
+    if isinstance(model, FusedCheckpoint):
+        if model.changed(src.name):
+            return None                   # an adapter changes it: computed from the fused rows
+        model = model.base
+    return cast_tensor(model, src.name, t.dtype, new_name=t.name)
+
+
+def output_tensors(plan: MergePlan, *, seed: int, device: str, options: dict[str, Any],
+                   copies: bool = True) -> list[OutputTensor]:
     """The engine's plan of a batch merge.
 
     Args:
@@ -89,12 +107,18 @@ def output_tensors(plan: MergePlan, *, seed: int, device: str, options: dict[str
         seed: The run's seed.
         device: Where the math runs.
         options: Execution options passed to the method (``trim_ties``...).
+        copies: Let a tensor the method leaves unchanged (``Batch.copies``) be a stored-bytes
+            copy (False: every floating tensor gets a ``rows`` function, as ``surgery tune`` needs).
     """
     method = plan.method
     out: list[OutputTensor] = []
     for t in plan.tensors:
         if t.copy is not None:
             out.append(_copied(plan, t))
+            continue
+        unchanged = _unchanged(plan, t) if copies else None
+        if unchanged is not None:
+            out.append(unchanged)
             continue
         scalar = not t.shape
         shape = t.shape if not scalar else (1,)

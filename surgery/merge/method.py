@@ -228,6 +228,11 @@ class Batch:
         check: ``check(ctx)`` for every tensor before any is read (``ctx`` has the resolved
             parameters, no data): raise UsageError for combinations of values no range can
             express (DELLA's density ± epsilon inside (0, 1)).
+        copies: ``copies(params, model_params) -> i | None``: for a tensor whose output is, with
+            these resolved parameters, model ``i``'s stored tensor unchanged (passthrough at
+            scale 1), the index ``i``; the engine then copies the stored bytes (or casts them to
+            the output dtype in row blocks) instead of decoding and computing. The bytes are the
+            same: a float32 round trip of a stored float is exact.
     """
 
     name: str
@@ -240,6 +245,7 @@ class Batch:
     min_models: int = 1
     max_models: int | None = None
     check: Callable[[TensorContext], None] | None = None
+    copies: Callable[[dict[str, Any], list[dict[str, Any]]], int | None] | None = None
     kind: str = field(default="batch", init=False)
 
 

@@ -208,7 +208,7 @@ class Evaluator:
         target = plan.dtype
         with torch.inference_mode():
             options = {"trim_ties": "index", "factor_cache": self.factor_cache}
-            for out in output_tensors(plan, seed=seed, device=self.device, options=options):
+            for out in output_tensors(plan, seed=seed, device=self.device, options=options, copies=False):
                 if out.rows is None:
                     continue                      # copied from an input unmerged
                 param = self.targets[out.name]

@@ -22,12 +22,17 @@ from .select import order_values
 from .streaming import Inputs, OrderedRows
 
 
-def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|θ1 − θ0| · KL(softmax θ1 ‖ softmax θ0) per row (last dimension), float32 as mergekit."""
+def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(softmax θ1 ‖ softmax θ0) of every row (last dimension, kept), float32 as mergekit."""
     p = F.softmax(model, dim=-1) + 1e-8
     q = F.softmax(base, dim=-1) + 1e-8
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    return (model - base).abs() * kl
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def importance(model: torch.Tensor, base: torch.Tensor, kl: torch.Tensor | None = None) -> torch.Tensor:
+    """|θ1 − θ0| · KL(softmax θ1 ‖ softmax θ0) per row (last dimension), float32 as mergekit
+    (``kl``: the rows' :func:`row_kl`, when already known)."""
+    return (model - base).abs() * (row_kl(model, base) if kl is None else kl)
 
 
 def fusion_threshold(q1: float, median: float, q3: float) -> float:
@@ -47,18 +52,30 @@ class FusionRows(OrderedRows):
     A tensor held in memory (:class:`.streaming.Inputs`) computes its importance once, over
     the canonical blocks, and keeps it for both passes and the output (the importance of a
     row depends on that row only, so the values are those of any blocking); a streamed one
-    recomputes it block by block on every pass."""
+    keeps each row's KL divergence (one float per row) from the first pass, so later passes
+    only form |θ1 − θ0| · KL, the same floats without the softmaxes."""
 
     def __init__(self, inputs: Inputs):
         self.one_block = len(inputs.shape) == 1       # a 1-D tensor is one softmax row
         super().__init__(inputs)
         self.threshold = 0.0
         self.cached: torch.Tensor | None = None
+        self.kl: torch.Tensor | None = None           # per-row KL of a streamed tensor, rows [0, kl_rows)
+        self.kl_rows = 0
 
     def _importance(self, a: int, e: int) -> torch.Tensor:
         if self.cached is not None:
             return self.cached[a:e]
-        return importance(self.inputs.model_view(0, a, e), self.inputs.base(a, e))
+        model, base = self.inputs.model_view(0, a, e), self.inputs.base(a, e)
+        if e <= self.kl_rows:
+            return importance(model, base, self.kl[a:e])
+        kl = row_kl(model, base)
+        if a == self.kl_rows and not self.one_block:          # the first pass walks the rows in order
+            if self.kl is None:
+                self.kl = torch.empty((self.shape[0], 1), dtype=kl.dtype, device=kl.device)
+            self.kl[a:e] = kl
+            self.kl_rows = e
+        return importance(model, base, kl)
 
     def prepare(self) -> None:
         ranks = quartile_ranks(self.inputs.numel)
@@ -77,7 +94,8 @@ class FusionRows(OrderedRows):
         return base + (model - base) * mask
 
     def drop(self) -> None:
-        self.cached = None
+        self.cached = self.kl = None
+        self.kl_rows = 0
 
 
 def _merge(ctx: TensorContext) -> FusionRows:

@@ -120,15 +120,53 @@ def gram64(blocks: Sequence[tuple[int, int]], vectors: Callable[[int, int], list
     """
     g = None
     for a, e in blocks:
-        vs = [as64(v) for v in vectors(a, e)]
+        vs = [_flat_numpy(v) for v in vectors(a, e)]
         if g is None:
             g = np.zeros((len(vs), len(vs)))
-        for i in range(len(vs)):
-            for j in range(i, len(vs)):
-                g[i, j] += sum64(vs[i] * vs[j])
-    for i in range(g.shape[0]):
-        for j in range(i):
-            g[i, j] = g[j, i]
+        g += _pairwise_products(vs)
+    return g
+
+
+def _flat_numpy(x: torch.Tensor) -> np.ndarray:
+    """``x`` flat on the CPU as float32 or float64 numpy (half types widen exactly to float32)."""
+    x = x.detach().reshape(-1).to("cpu")
+    return (x if x.dtype in (torch.float32, torch.float64) else x.float()).numpy()
+
+
+PAIRWISE_LEAF = 1 << 15       # entries per piece whose float64 products are formed at once (in cache)
+
+
+def _pairwise_products(vs: Sequence[np.ndarray]) -> np.ndarray:
+    """The k×k matrix of ``sum64(v_i * v_j)`` (float64 products of float32 vectors), with the
+    very bits of ``np.add.reduce`` over each whole product vector, without forming the vectors.
+
+    numpy sums a contiguous float64 array pairwise: above 128 entries it splits at
+    ``n2 = n // 2 − (n // 2) % 8`` and adds the two halves' sums. Recursing the same way down to
+    pieces of at most :data:`PAIRWISE_LEAF` entries, summing each piece with ``np.add.reduce``
+    (the same subtree) and adding the halves in the same order gives the same floats, while the
+    products of a piece stay in cache (about 3× faster than whole-block products for 3 models).
+    """
+    k, n = len(vs), vs[0].size
+    buf = np.empty((k, min(n, PAIRWISE_LEAF)))
+    tmp = np.empty(min(n, PAIRWISE_LEAF))
+    upper = [(i, j) for i in range(k) for j in range(i, k)]
+
+    def piece(lo: int, hi: int) -> np.ndarray:
+        m = hi - lo
+        if m > PAIRWISE_LEAF:
+            half = m // 2
+            half -= half % 8
+            return piece(lo, lo + half) + piece(lo + half, hi)
+        b = buf[:, :m]
+        for i in range(k):
+            b[i] = vs[i][lo:hi]                      # float32 → float64, exact
+        t = tmp[:m]
+        return np.array([np.add.reduce(np.multiply(b[i], b[j], out=t)) for i, j in upper])
+
+    sums = piece(0, n) if n else np.zeros(len(upper))
+    g = np.empty((k, k))
+    for (i, j), s in zip(upper, sums):
+        g[i, j] = g[j, i] = s
     return g
 
 

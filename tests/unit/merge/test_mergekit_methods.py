@@ -518,6 +518,27 @@ def test_arcee_fusion_against_sorted_quartiles():
     del ctx
 
 
+@pytest.mark.parametrize("leaf", [streaming.PAIRWISE_LEAF, 136, 1000])
+def test_gram64_has_the_bits_of_whole_vector_pairwise_sums(monkeypatch, leaf):
+    """gram64 forms products piece by piece; every entry must still be the float64
+    ``np.add.reduce`` of the whole block's product vector, summed over the blocks in order."""
+    monkeypatch.setattr(streaming, "PAIRWISE_LEAF", leaf)
+    g = torch.Generator().manual_seed(7)
+    for shape, dtype in [((1821, 577), torch.float32), ((70001,), torch.float32), ((300, 9), torch.float64),
+                         ((33, 5), torch.bfloat16), ((0, 4), torch.float32)]:
+        xs = [(torch.randn(shape, generator=g) * torch.logspace(-3, 2, shape[-1] if shape else 1)).to(dtype)
+              for _ in range(3)]
+        blocks = streaming.canonical_blocks(shape) if shape[0] else [(0, 0)]
+        want = np.zeros((3, 3))
+        for a, e in blocks:
+            vs = [x[a:e].reshape(-1).double().numpy() for x in xs]
+            for i in range(3):
+                for j in range(3):
+                    want[i, j] += np.add.reduce(vs[i] * vs[j]) if vs[i].size else 0.0
+        got = streaming.gram64(blocks, lambda a, e: [x[a:e] for x in xs])
+        assert got.tobytes() == want.tobytes(), (shape, dtype)
+
+
 def test_quartile_ranks_are_exact_floors():
     assert arcee_fusion.quartile_ranks(5) == [1, 2, 3]
     n = 28_311_552                     # SmolLM2's embedding: float32 q * (n - 1) would round up

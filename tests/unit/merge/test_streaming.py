@@ -195,8 +195,20 @@ def test_row_blocked_batch_merges_equal_whole_tensor_ones(tmp_path, monkeypatch,
 
 
 def test_passthrough_at_scale_one_copies_the_stored_tensors(tmp_path):
+    from surgery.merge.methods import passthrough
+
+    method = passthrough.METHODS[0]
+    real, calls = method.merge, []
+    # at scale 1 nothing is decoded or computed: the stored bytes, or a row-block cast
+    object.__setattr__(method, "merge", lambda ctx: calls.append(ctx.name) or real(ctx))
+    try:
+        merge(_req("passthrough", None, [LLAMA / "ft-a"]), tmp_path / "same")
+        assert calls == []
+        merge(_req("passthrough", None, [LLAMA / "ft-a"], scale=0.5), tmp_path / "scaled")
+        assert calls
+    finally:
+        object.__setattr__(method, "merge", real)
     src = open_checkpoint(LLAMA / "ft-a")
-    merge(_req("passthrough", None, [LLAMA / "ft-a"]), tmp_path / "same")
     out = open_checkpoint(tmp_path / "same")
     assert out.names == src.names
     for n in src.names:
