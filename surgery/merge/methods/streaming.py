@@ -119,11 +119,12 @@ def gram64(blocks: Sequence[tuple[int, int]], vectors: Callable[[int, int], list
         vectors: ``vectors(a, e)``: the k tensors' rows ``[a, e)``.
     """
     g = None
+    work = _Scratch()
     for a, e in blocks:
         vs = [_flat_numpy(v) for v in vectors(a, e)]
         if g is None:
             g = np.zeros((len(vs), len(vs)))
-        g += _pairwise_products(vs)
+        g += _pairwise_products(vs, work)
     return g
 
 
@@ -136,38 +137,56 @@ def _flat_numpy(x: torch.Tensor) -> np.ndarray:
 PAIRWISE_LEAF = 1 << 15       # entries per piece whose float64 products are formed at once (in cache)
 
 
-def _pairwise_products(vs: Sequence[np.ndarray]) -> np.ndarray:
+class _Scratch:
+    """float64 buffers for :func:`_pairwise_products`, kept for a whole Gram computation (one
+    allocation, not one per block: freed and re-made buffers fragment the heap)."""
+
+    def __init__(self) -> None:
+        self.buf = self.tmp = None
+
+    def get(self, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.buf is None or self.buf.shape[0] < k or self.buf.shape[1] < m:
+            self.buf, self.tmp = np.empty((k, m)), np.empty(m)
+        return self.buf, self.tmp
+
+
+def _pairwise_products(vs: Sequence[np.ndarray], work: _Scratch | None = None) -> np.ndarray:
     """The k×k matrix of ``sum64(v_i * v_j)`` (float64 products of float32 vectors), with the
     very bits of ``np.add.reduce`` over each whole product vector, without forming the vectors.
 
     numpy sums a contiguous float64 array pairwise: above 128 entries it splits at
     ``n2 = n // 2 − (n // 2) % 8`` and adds the two halves' sums. Recursing the same way down to
     pieces of at most :data:`PAIRWISE_LEAF` entries, summing each piece with ``np.add.reduce``
-    (the same subtree) and adding the halves in the same order gives the same floats, while the
-    products of a piece stay in cache (about 3× faster than whole-block products for 3 models).
+    (the same subtree) and adding the halves in the same order (Python floats: the same IEEE
+    additions) gives the same floats, while the products of a piece stay in cache (about 3×
+    faster than whole-block products for 3 models).
     """
     k, n = len(vs), vs[0].size
-    buf = np.empty((k, min(n, PAIRWISE_LEAF)))
-    tmp = np.empty(min(n, PAIRWISE_LEAF))
+    buf, tmp = (work or _Scratch()).get(k, min(n, PAIRWISE_LEAF))
     upper = [(i, j) for i in range(k) for j in range(i, k)]
-
-    def piece(lo: int, hi: int) -> np.ndarray:
-        m = hi - lo
-        if m > PAIRWISE_LEAF:
-            half = m // 2
-            half -= half % 8
-            return piece(lo, lo + half) + piece(lo + half, hi)
-        b = buf[:, :m]
-        for i in range(k):
-            b[i] = vs[i][lo:hi]                      # float32 → float64, exact
-        t = tmp[:m]
-        return np.array([np.add.reduce(np.multiply(b[i], b[j], out=t)) for i, j in upper])
-
-    sums = piece(0, n) if n else np.zeros(len(upper))
+    sums = _piece(vs, upper, buf, tmp, 0, n) if n else [0.0] * len(upper)
     g = np.empty((k, k))
     for (i, j), s in zip(upper, sums):
         g[i, j] = g[j, i] = s
     return g
+
+
+def _piece(vs: Sequence[np.ndarray], upper: list[tuple[int, int]], buf: np.ndarray, tmp: np.ndarray,
+           lo: int, hi: int) -> list[float]:
+    """:func:`_pairwise_products`' sums over entries ``[lo, hi)`` (a module function, not a
+    recursive closure: a closure that calls itself is a reference cycle, and it would keep the
+    block's vectors alive until the garbage collector happens to run)."""
+    m = hi - lo
+    if m > PAIRWISE_LEAF:
+        half = m // 2
+        half -= half % 8
+        left = _piece(vs, upper, buf, tmp, lo, lo + half)
+        return [x + y for x, y in zip(left, _piece(vs, upper, buf, tmp, lo + half, hi))]
+    b = buf[:len(vs), :m]
+    for i, v in enumerate(vs):
+        b[i] = v[lo:hi]                              # float32 → float64, exact
+    t = tmp[:m]
+    return [float(np.add.reduce(np.multiply(b[i], b[j], out=t))) for i, j in upper]
 
 
 def row_dots64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
