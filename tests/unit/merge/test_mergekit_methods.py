@@ -539,6 +539,22 @@ def test_gram64_has_the_bits_of_whole_vector_pairwise_sums(monkeypatch, leaf):
         assert got.tobytes() == want.tobytes(), (shape, dtype)
 
 
+def test_gram64_leaves_no_reference_cycles():
+    """A block's vectors must be freed by reference counting as soon as the block is summed: a
+    reference cycle (a recursive closure) held every block of a tensor until a GC pass, twice
+    model_stock's RSS. The collector must find nothing to free after a Gram computation."""
+    import gc
+
+    xs = [torch.randn(6000, 64) for _ in range(3)]
+    gc.disable()
+    try:
+        gc.collect()
+        streaming.gram64([(0, 3000), (3000, 6000)], lambda a, e: [x[a:e] - 1 for x in xs])
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
 def test_quartile_ranks_are_exact_floors():
     assert arcee_fusion.quartile_ranks(5) == [1, 2, 3]
     n = 28_311_552                     # SmolLM2's embedding: float32 q * (n - 1) would round up
