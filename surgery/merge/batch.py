@@ -11,12 +11,14 @@ the engine streams. Scalars are presented as one-row tensors. Nothing here names
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 
 from ..checkpoint.reader import Checkpoint
 from ..core.engine import OutputTensor, cast_tensor, copy_tensor, rows_in_blocks
+from .ahead import Ahead
 from .inputs import FusedCheckpoint
 from .method import Batch, TensorContext
 from .plan import SUB_BLOCK_ELEMENTS, MergePlan, PlannedTensor
@@ -32,16 +34,24 @@ def mergeable(ref: Checkpoint, name: str) -> bool:
 
 class _Lazy:
     """The rows function of one non-elementwise tensor: the method is called on the first
-    request; a tensor result is sliced, a rows function is delegated to, and both are dropped
-    after the last row."""
+    request (or its result taken from the :class:`~surgery.merge.ahead.Ahead` that computed it
+    on a worker thread); a tensor result is sliced, a rows function is delegated to, and both
+    are dropped after the last row."""
 
-    def __init__(self, method: Batch, make_ctx: Callable[[], TensorContext], shape: tuple[int, ...], scalar: bool):
+    def __init__(self, method: Batch, make_ctx: Callable[[], TensorContext], shape: tuple[int, ...], scalar: bool,
+                 ahead: Ahead | None = None):
         self.method, self.make_ctx, self.shape, self.scalar = method, make_ctx, shape, scalar
         self.result: Any = None
+        self.ahead, self.job = ahead, -1
+        if ahead is not None:
+            self.job = ahead.add(self._compute, math.prod(shape))
+
+    def _compute(self) -> Any:
+        return self.method.merge(self.make_ctx())
 
     def __call__(self, a: int, e: int) -> torch.Tensor:
         if self.result is None or a == 0:
-            self.result = self.method.merge(self.make_ctx())
+            self.result = self.ahead.result(self.job) if self.ahead is not None else self._compute()
         r = self.result
         block = r(a, e) if callable(r) else r[a:e]
         if e >= self.shape[0]:
@@ -99,7 +109,7 @@ def _unchanged(plan: MergePlan, t: PlannedTensor) -> OutputTensor | None:
 
 
 def output_tensors(plan: MergePlan, *, seed: int, device: str, options: dict[str, Any],
-                   copies: bool = True) -> list[OutputTensor]:
+                   copies: bool = True, ahead: Ahead | None = None) -> list[OutputTensor]:
     """The engine's plan of a batch merge.
 
     Args:
@@ -109,6 +119,8 @@ def output_tensors(plan: MergePlan, *, seed: int, device: str, options: dict[str
         options: Execution options passed to the method (``trim_ties``...).
         copies: Let a tensor the method leaves unchanged (``Batch.copies``) be a stored-bytes
             copy (False: every floating tensor gets a ``rows`` function, as ``surgery tune`` needs).
+        ahead: Where a ``threaded`` method's whole tensors are computed ahead of the writer
+            (the caller enters it around the write); None computes each when it is written.
     """
     method = plan.method
     out: list[OutputTensor] = []
@@ -141,5 +153,6 @@ def output_tensors(plan: MergePlan, *, seed: int, device: str, options: dict[str
 
             out.append(OutputTensor(t.name, t.shape, t.dtype, rows=rows))
         else:
-            out.append(OutputTensor(t.name, t.shape, t.dtype, rows=_Lazy(method, make_ctx, shape, scalar)))
+            lazy = _Lazy(method, make_ctx, shape, scalar, ahead if method.threaded and not scalar else None)
+            out.append(OutputTensor(t.name, t.shape, t.dtype, rows=lazy))
     return out

@@ -233,6 +233,9 @@ class Batch:
             scale 1), the index ``i``; the engine then copies the stored bytes (or casts them to
             the output dtype in row blocks) instead of decoding and computing. The bytes are the
             same: a float32 round trip of a stored float is exact.
+        threaded: Each tensor's merge is heavy whole-tensor work on one intra-op thread
+            (decompositions): ``surgery merge`` computes whole tensors ahead on one worker
+            thread per core (:mod:`surgery.merge.ahead`); the bytes do not depend on the count.
     """
 
     name: str
@@ -246,6 +249,7 @@ class Batch:
     max_models: int | None = None
     check: Callable[[TensorContext], None] | None = None
     copies: Callable[[dict[str, Any], list[dict[str, Any]]], int | None] | None = None
+    threaded: bool = False
     kind: str = field(default="batch", init=False)
 
 

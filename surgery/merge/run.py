@@ -18,6 +18,7 @@ from ..core.errors import IncompatibleCheckpointsError, InputError, UsageError
 from ..core.output import check_output
 from ..core.progress import Progress
 from ..core.result import Result
+from .ahead import Ahead
 from .batch import output_tensors
 from .layout import layout_of
 from .params import Params
@@ -229,8 +230,12 @@ def _write_plan(plan, request: MergeRequest, output, *, options: MergeOptions, g
         record["chat_template"] = request.chat_template
     if request.origin:
         record["recipe"] = request.origin
+    # a threaded method's tensors are computed ahead on worker threads here; Ray tasks compute
+    # their own, and a FactorCache is not thread-safe
+    ahead = Ahead(options.device, enabled=not getattr(executor, "remote", False) and options.factor_cache is None)
     tensors = output_tensors(plan, seed=options.seed, device=options.device, options={"trim_ties": options.trim_ties,
-                                                                              "factor_cache": options.factor_cache})
+                                                                              "factor_cache": options.factor_cache},
+                             ahead=ahead if ahead.pool.cpu else None)
     for t, out in zip(plan.tensors, tensors):     # what each computed tensor reads (work units, task memory)
         if out.source is None and out.cast_source is None:
             out.input_bytes = sum(plan.models[s.model].info(s.name).nbytes for s in t.inputs)
@@ -238,11 +243,12 @@ def _write_plan(plan, request: MergeRequest, output, *, options: MergeOptions, g
     roles = [("base" if plan.inputs.key(label) == base_key else "model") if j == 0 else "adapter"
              for m, label in zip(plan.models, plan.labels) for j, _ in enumerate(plan.inputs.recorded(m))]
     tokenizer_files = _tokenizer_files(plan.tokenizer, output) if plan.tokenizer is not None else None
-    written = write_checkpoint(tensors, output, donor=plan.models[plan.donor], operation="merge", parameters=record,
-                               inputs=recorded, input_roles=roles, input_paths=guarded, dtype=target,
-                               shard_size=shard_size, force=force, progress=progress,
-                               config_update=plan.config_update or None, tokenizer_files=tokenizer_files,
-                               allow_nonfinite=options.allow_nonfinite, executor=executor)
+    with ahead:
+        written = write_checkpoint(tensors, output, donor=plan.models[plan.donor], operation="merge",
+                                   parameters=record, inputs=recorded, input_roles=roles, input_paths=guarded,
+                                   dtype=target, shard_size=shard_size, force=force, progress=progress,
+                                   config_update=plan.config_update or None, tokenizer_files=tokenizer_files,
+                                   allow_nonfinite=options.allow_nonfinite, executor=executor)
     if request.slices is None:
         order = [plan.labels[s.model] for s in (plan.tensors[0].models if plan.tensors else [])]
     else:

@@ -16,9 +16,7 @@ byte-identical whatever the thread count (whole-model norms use :func:`~surgery.
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +29,7 @@ from ..core.errors import IncompatibleCheckpointsError
 from ..core.output import scratch_dir
 from ..core.progress import Progress, ensure
 from ..core.result import Result
+from .ahead import Pool as _Pool
 from .batch import mergeable
 from .method import Continual, StepContext, sum_sq
 from .params import Params
@@ -44,58 +43,6 @@ def _blocks(shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
     if not shape:
         return None
     return row_ranges(0, shape[0], math.prod(shape[1:]), BLOCK_ELEMENTS) or [(0, 0)]
-
-
-def _available_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
-class _Pool:
-    """Worker threads for heavy whole-tensor steps, one intra-op thread each.
-
-    One matrix per core instead of every core on each small LAPACK call: faster, far faster on
-    a busy machine (docs/merge.md, "Threads"), and the result does not depend on the thread
-    count. At most :attr:`budget` bytes of working sets are in flight. Off the CPU everything
-    runs on the calling thread.
-    """
-
-    def __init__(self, device: str, enabled: bool):
-        self.cpu = str(device) == "cpu" and enabled
-        self.workers = max(1, torch.get_num_threads()) if self.cpu else 1
-        self.window = 2 * self.workers
-        self.budget = max(512 << 20, _available_memory() // 4)
-
-    @staticmethod
-    def footprint(numel: int) -> int:
-        """Rough working set of one step (inputs, float64 copy, factors, result)."""
-        return numel * 4 * 6
-
-    def __enter__(self) -> "_Pool":
-        self._previous = torch.get_num_threads()
-        if self.cpu:
-            torch.set_num_threads(1)
-            # each worker sets its own OpenMP/MKL thread count: a new thread starts from the
-            # process default, and LAPACK teams of varying size give results that vary in the last bits
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="surgery-step",
-                                            initializer=torch.set_num_threads, initargs=(1,))
-        return self
-
-    def submit(self, fn: Callable, *args: Any):
-        if not self.cpu:
-            from concurrent.futures import Future
-
-            f: Future = Future()
-            f.set_result(fn(*args))
-            return f
-        return self._pool.submit(fn, *args)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.cpu:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(self._previous)
 
 
 class _Source:

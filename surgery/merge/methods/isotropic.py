@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 
 from ..method import WEIGHT, Batch, Param, TensorContext
-from .subspace import cached, polar, single_thread, singular_values, top_svd
+from .subspace import cached, polar, polar_and_singular_values, single_thread, top_svd
 from .tsv import mean_task_vector, weighted_taus
 
 # tune searches the scale, as the paper does on validation data; each model's weight stays
@@ -49,8 +49,9 @@ FIXED_WEIGHT = dataclasses.replace(WEIGHT, search=None)
 def iso_c_matrix(total: torch.Tensor) -> torch.Tensor:
     """Iso-C's merged task matrix mean(σ) · U Vᵀ of the summed task matrix ``total`` (float32)."""
     with single_thread():
-        mean = singular_values(total).mean()
-        return (polar(total) * mean).to(total.dtype)
+        # one Gram matrix and one eigh give both the polar factor and the singular values
+        factor, s = polar_and_singular_values(total)
+        return (factor * s.mean()).to(total.dtype)
 
 
 def common_rank(k: int, n: int, fraction: float) -> tuple[int, int]:
@@ -116,10 +117,11 @@ def _iso_cts(ctx: TensorContext) -> torch.Tensor:
 METHODS = (
     Batch("iso_c", "https://arxiv.org/abs/2502.04959",
           "Iso-C: the summed task matrix with its singular values flattened to their mean",
-          (FIXED_WEIGHT, SCALING), _iso_c),
+          (FIXED_WEIGHT, SCALING), _iso_c, threaded=True),
     Batch("iso_cts", "https://arxiv.org/abs/2502.04959",
           "Iso-CTS: common subspace of the sum plus task-specific subspaces, flattened spectrum",
           (FIXED_WEIGHT, SCALING,
            Param("common_space_fraction", 0.8, low=0.0, high=1.0,
-                 help="share of the min(m, n) directions taken from the summed task matrix")), _iso_cts),
+                 help="share of the min(m, n) directions taken from the summed task matrix")), _iso_cts,
+          threaded=True),
 )

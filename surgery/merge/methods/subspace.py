@@ -37,10 +37,9 @@ def rank_floor(s_max: float, shape: tuple[int, ...]) -> float:
     return s_max * math.sqrt(max(shape)) * EPS32
 
 
-def _gram_eigh(m: torch.Tensor, tall: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending, clamped at 0) and eigenvectors of the float64 Gram matrix of the
-    smaller side: mᵀm for a tall matrix, m mᵀ for a wide one."""
-    m64 = m.double()
+def _gram_eigh(m64: torch.Tensor, tall: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of the Gram matrix of the
+    smaller side of the float64 ``m64``: mᵀm for a tall matrix, m mᵀ for a wide one."""
     gram = m64.mT @ m64 if tall else m64 @ m64.mT
     evals, evecs = torch.linalg.eigh(gram)
     return evals.flip(0).clamp_min(0), evecs.flip(1)
@@ -48,7 +47,7 @@ def _gram_eigh(m: torch.Tensor, tall: bool) -> tuple[torch.Tensor, torch.Tensor]
 
 def singular_values(m: torch.Tensor) -> torch.Tensor:
     """All min(m, n) singular values of a 2-D tensor, descending, in float64."""
-    evals, _ = _gram_eigh(m, m.shape[0] >= m.shape[1])
+    evals, _ = _gram_eigh(m.double(), m.shape[0] >= m.shape[1])
     return evals.sqrt()
 
 
@@ -60,13 +59,15 @@ def top_svd(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     """
     rows, cols = m.shape
     tall = rows >= cols
-    evals, evecs = _gram_eigh(m, tall)
+    m64 = m.double()                    # converted once: the Gram matrix and the other side use it
+    evals, evecs = _gram_eigh(m64, tall)
     s = evals.sqrt()
     floor = rank_floor(float(s[0]) if s.numel() else 0.0, (rows, cols))
     k = min(r, int((s > floor).sum()))
     s_k, w = s[:k], evecs[:, :k]
     # the other side from the Gram eigenvectors: m w / σ (float64, then float32)
-    other = (m.double() @ w if tall else m.double().mT @ w) / s_k
+    other = (m64 @ w if tall else m64.mT @ w) / s_k
+    del m64
     u = torch.zeros(rows, r, dtype=m.dtype, device=m.device)
     vt = torch.zeros(r, cols, dtype=m.dtype, device=m.device)
     sigma = torch.zeros(r, dtype=m.dtype, device=m.device)
@@ -85,15 +86,21 @@ def polar(a: torch.Tensor) -> torch.Tensor:
     Tall ``a``: a (aᵀa)^(−1/2); wide ``a``: (a aᵀ)^(−1/2) a — through the eigendecomposition of
     the smaller Gram matrix.
     """
+    return polar_and_singular_values(a)[0]
+
+
+def polar_and_singular_values(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`polar` of ``a`` and its :func:`singular_values`, from one Gram matrix and one
+    ``eigh`` (the same bytes as the two calls)."""
     rows, cols = a.shape
     tall = rows >= cols
-    evals, evecs = _gram_eigh(a, tall)
+    a64 = a.double()
+    evals, evecs = _gram_eigh(a64, tall)
     s = evals.sqrt()
     keep = s > rank_floor(float(s[0]) if s.numel() else 0.0, (rows, cols))
     w = evecs[:, keep]
     inv_sqrt = (w / s[keep]) @ w.mT
-    a64 = a.double()
-    return a64 @ inv_sqrt if tall else inv_sqrt @ a64
+    return (a64 @ inv_sqrt if tall else inv_sqrt @ a64), s
 
 
 class FactorCache:

@@ -126,5 +126,5 @@ def _merge(ctx: TensorContext) -> torch.Tensor:
 METHODS = (
     Batch("tsv", "https://arxiv.org/abs/2412.00081",
           "Task Singular Vectors (TSV-M): each task's top singular vectors, decorrelated by polar factors",
-          (WEIGHT, Param("alpha", 1.0, help="scale of the merged task vector")), _merge),
+          (WEIGHT, Param("alpha", 1.0, help="scale of the merged task vector")), _merge, threaded=True),
 )

@@ -73,5 +73,6 @@ METHODS = (
           "WUDI: each projection optimised, without data, against the interference its task vectors span",
           (WEIGHT, Param("iter_num", 400, type="int", low=0, high=MAX_STEPS, help="Adam steps per matrix"),
            Param("lr", 1e-5, low=0.0, low_open=True, help="Adam learning rate"),
-           flag("project_embeddings", False, "optimise embeddings too (default: averaged like biases)")), _merge),
+           flag("project_embeddings", False, "optimise embeddings too (default: averaged like biases)")), _merge,
+          threaded=True),
 )
