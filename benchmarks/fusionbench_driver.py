@@ -26,6 +26,15 @@ second copy of the embedding, and DOP would optimise it as a Linear layer agains
 embedding it has just averaged. The checkpoints hold the embedding once; surgery merges it once.
 WUDI runs with the embedding in ``exclude_keys`` (surgery's default averages embeddings; an
 embedding's interference matrices are vocabulary × vocabulary in FusionBench's form).
+
+A failing SVD is retried, nothing else changes: on the SmolLM2 workload FusionBench's iso_cts
+stops with ``linalg.svd: The algorithm failed to converge because the input matrix is
+ill-conditioned or has too many repeated singular values`` (float32 ``gesdd`` on a task-specific
+residual w − U_c U_cᵀ w, iso_utils.py). The driver wraps ``torch.linalg.svd``: a call that raises
+``torch.linalg.LinAlgError`` is recomputed in float64 (``gesdd``, then SciPy's ``gesvd`` where
+that fails too) and cast back to the input's dtype; every retry is
+reported on stderr and counted in the printed JSON (``svd_retries``, with the shapes). A run
+whose SVDs all converge is untouched.
 """
 
 from __future__ import annotations
@@ -40,6 +49,32 @@ def _value(text: str):
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _retrying_svd(torch, retries: list):
+    """``torch.linalg.svd`` that retries a call that fails to converge in float64 (see above)."""
+    original = torch.linalg.svd
+
+    def svd(a, full_matrices=True, *, driver=None, out=None):
+        try:
+            return original(a, full_matrices=full_matrices, driver=driver, out=out)
+        except torch.linalg.LinAlgError as e:
+            import sys
+
+            retries.append(list(a.shape))
+            print(f"fusionbench_driver: float32 SVD of a {tuple(a.shape)} matrix failed ({str(e).splitlines()[0]}); "
+                  "retrying in float64", file=sys.stderr, flush=True)
+            a64 = a.double()
+            try:
+                u, s, vh = original(a64, full_matrices=full_matrices)
+            except torch.linalg.LinAlgError:      # LAPACK's gesvd (QR iteration) on the CPU, through SciPy
+                import scipy.linalg
+
+                u, s, vh = (torch.from_numpy(x).to(a.device) for x in scipy.linalg.svd(
+                    a64.cpu().numpy(), full_matrices=full_matrices, lapack_driver="gesvd"))
+            return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+    torch.linalg.svd = svd
 
 
 def main() -> None:
@@ -60,6 +95,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    retries: list = []
+    _retrying_svd(torch, retries)
     torch.set_grad_enabled(args.method == "dop" or args.method == "wudi")
     params = {k: _value(v) for k, v in (p.split("=", 1) for p in args.param)}
 
@@ -102,7 +139,8 @@ def main() -> None:
                        "evaluate_on_every_step": False, **params})
     merged = algo.run(pool)
     merged.to(getattr(torch, args.dtype)).save_pretrained(args.out)
-    print(json.dumps({"method": args.method, "seconds": time.perf_counter() - t0, "params": params}))
+    print(json.dumps({"method": args.method, "seconds": time.perf_counter() - t0, "params": params,
+                      "svd_retries": len(retries), "svd_retry_shapes": retries}))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def iso_c_matrix(total: torch.Tensor) -> torch.Tensor:
     with single_thread():
         # one Gram matrix and one eigh give both the polar factor and the singular values
         factor, s = polar_and_singular_values(total)
-        return (factor * s.mean()).to(total.dtype)
+        return factor.mul_(s.mean()).to(total.dtype)
 
 
 def common_rank(k: int, n: int, fraction: float) -> tuple[int, int]:
@@ -88,10 +88,12 @@ def iso_cts_matrix(taus: Sequence[torch.Tensor], fraction: float) -> torch.Tenso
         return (polar(u) @ polar(vt) * mean).to(taus[0].dtype)
 
 
-def _summed(taus: list[torch.Tensor]) -> torch.Tensor:
-    total = taus[0]
-    for t in taus[1:]:
-        total.add_(t)
+def _weighted_sum(ctx: TensorContext) -> torch.Tensor:
+    """Σ w_i τ_i, added in model order with one task vector read at a time."""
+    weights = ctx.weights()
+    total = ctx.tau(0).mul_(weights[0])
+    for i in range(1, ctx.n):
+        total.add_(ctx.tau(i).mul_(weights[i]))
     return total
 
 
@@ -101,17 +103,18 @@ def _iso(ctx: TensorContext, key: tuple, matrix) -> torch.Tensor:
         return mean_task_vector(weighted_taus(ctx)).mul_(scale).add_(ctx.base())
     # Δ depends on the task vectors, the weights and ``key``, not on ``scaling_factor``: a run
     # that merges the same models at several scales (surgery tune) keeps it
-    delta = cached(ctx.options, (ctx.name, *key, tuple(ctx.weights())), lambda: matrix(weighted_taus(ctx)))
-    return delta.mul(scale).add_(ctx.base())
+    delta = cached(ctx.options, (ctx.name, *key, tuple(ctx.weights())), lambda: matrix(ctx))
+    delta = delta.mul_(scale) if ctx.options.get("factor_cache") is None else delta.mul(scale)
+    return delta.add_(ctx.base())
 
 
 def _iso_c(ctx: TensorContext) -> torch.Tensor:
-    return _iso(ctx, ("iso_c",), lambda taus: iso_c_matrix(_summed(taus)))
+    return _iso(ctx, ("iso_c",), lambda ctx: iso_c_matrix(_weighted_sum(ctx)))
 
 
 def _iso_cts(ctx: TensorContext) -> torch.Tensor:
     fraction = float(ctx.params["common_space_fraction"])
-    return _iso(ctx, ("iso_cts", fraction), lambda taus: iso_cts_matrix(taus, fraction))
+    return _iso(ctx, ("iso_cts", fraction), lambda ctx: iso_cts_matrix(weighted_taus(ctx), fraction))
 
 
 METHODS = (

@@ -29,7 +29,7 @@ a trial costs one matrix product per tensor, with the bytes ``surgery merge`` wr
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -37,11 +37,14 @@ from ..method import WEIGHT, Batch, Param, TensorContext
 from .subspace import cached, polar, single_thread, top_svd
 
 
-def tsv_factors(taus: Sequence[torch.Tensor], n: int | None = None) -> tuple[torch.Tensor, ...] | None:
+def tsv_factors(taus: Sequence[torch.Tensor | Callable[[], torch.Tensor]],
+                n: int | None = None) -> tuple[torch.Tensor, ...] | None:
     """TSV-M's factors of unweighted task matrices: (polar(U), σ, polar(Vᵀ)), float32.
 
     Args:
-        taus: The task matrices of the models with a non-zero weight (float32, same 2-D shape).
+        taus: The task matrices of the models with a non-zero weight (float32, same 2-D shape),
+            or functions returning them: each is then read when its turn comes and dropped
+            after its decomposition, so one task matrix is in memory at a time.
         n: The number of models merged (T, which sets r = int(min(m, n) / T)); default len(taus).
 
     Returns:
@@ -50,17 +53,23 @@ def tsv_factors(taus: Sequence[torch.Tensor], n: int | None = None) -> tuple[tor
     n = len(taus) if n is None else n
     if not taus:
         return None
-    rows, cols = taus[0].shape
-    r = int(min(rows, cols) * (1 / n))   # the reference's int(k · sv_reduction), rounding included
-    if r == 0:
-        return None
+    parts = []
     with single_thread():
-        parts = [top_svd(t, r) for t in taus]
+        for tau in taus:
+            t = tau() if callable(tau) else tau
+            r = int(min(t.shape) * (1 / n))   # the reference's int(k · sv_reduction), rounding included
+            if r == 0:
+                return None
+            parts.append(top_svd(t, r))
+            dtype = t.dtype
+            del t
         u = torch.cat([p[0] for p in parts], 1)
         s = torch.cat([p[1] for p in parts])
         vt = torch.cat([p[2] for p in parts], 0)
         del parts
-        return polar(u).to(taus[0].dtype), s, polar(vt).to(taus[0].dtype)
+        pu = polar(u).to(dtype)
+        del u
+        return pu, s, polar(vt).to(dtype)
 
 
 def tsv_from_factors(factors: tuple[torch.Tensor, ...] | None, weights: Sequence[float],
@@ -116,7 +125,8 @@ def _merge(ctx: TensorContext) -> torch.Tensor:
         # values: a run that merges the same models many times (surgery tune) keeps them
         weights = ctx.weights()
         kept = tuple(i for i, w in enumerate(weights) if w != 0)
-        factors = cached(ctx.options, (ctx.name, "tsv", kept), lambda: tsv_factors([ctx.tau(i) for i in kept], ctx.n))
+        factors = cached(ctx.options, (ctx.name, "tsv", kept),
+                         lambda: tsv_factors([lambda i=i: ctx.tau(i) for i in kept], ctx.n))
         delta = tsv_from_factors(factors, [weights[i] for i in kept], ctx.shape)
     else:
         delta = mean_task_vector(weighted_taus(ctx))

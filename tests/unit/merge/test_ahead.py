@@ -20,7 +20,7 @@ FTS = [LLAMA / f"ft-{c}" for c in "abc"]
 
 
 def _req(method):
-    params = {"iter_num": 20} if method == "wudi" else {}
+    params = {"iter_num": 5} if method == "wudi" else {}
     return MergeRequest(method, str(LLAMA / "base"), [ModelEntry(str(m)) for m in FTS], params)
 
 
