@@ -84,7 +84,7 @@ def bench_method(method: str, work: Path, base: Path, fts: list[Path], py: Path,
             shutil.rmtree(d, ignore_errors=True)
         fb = measured([str(py), str(DRIVER), method, str(base), str(fb_out), *map(str, fts), "--dtype", "float32",
                        *theirs_p], env, timeout=timeout)
-        fb.pop("stdout", None)
+        fb["svd_retries"] = _svd_retries(fb.pop("stdout", None))
         fb_runs.append(fb)
         s = measured([*surgery_cmd(), "merge", "-m", method, "--base", str(base), *map(str, fts), "-o", str(s_out),
                       "--dtype", "float32", "--quiet", *ours_p], timeout=timeout)
@@ -98,6 +98,7 @@ def bench_method(method: str, work: Path, base: Path, fts: list[Path], py: Path,
         done = [r for r in runs if not r.get("timed_out")]
         row[key] = ({"wall_s": min(r["wall_s"] for r in done), "rss_mb": max(r["rss_mb"] for r in done)} if done
                     else {"timed_out": True, "wall_s": runs[-1]["wall_s"]})
+    row["fusionbench"]["svd_retries"] = max((r.get("svd_retries") or [] for r in fb_runs), key=len, default=[])
     if not row["fusionbench"].get("timed_out") and not row["surgery"].get("timed_out"):
         row["vs_fusionbench"] = relative_per_tensor(s_out, fb_out)
         row["vs_fusionbench_task_vector"] = relative_per_tensor(s_out, fb_out, base)
@@ -106,6 +107,17 @@ def bench_method(method: str, work: Path, base: Path, fts: list[Path], py: Path,
     for d in (fb_out, s_out):
         shutil.rmtree(d, ignore_errors=True)
     return row
+
+
+def _svd_retries(stdout: str | None) -> list:
+    """The shapes of the SVDs the driver retried in float64 (its JSON line's ``svd_retry_shapes``)."""
+    for line in reversed((stdout or "").splitlines()):
+        if line.startswith("{"):
+            try:
+                return list(json.loads(line).get("svd_retry_shapes", []))
+            except ValueError:
+                return []
+    return []
 
 
 def _ok(value: float, goal: float) -> str:
@@ -167,7 +179,19 @@ def write_doc(results: dict, out: Path) -> None:
               "task), so these two take FusionBench far longer than the closed-form methods. `--timeout` stops a run "
               "that does not finish and the table says so.",
               "- The tiny-fixture anchor tests (tests/cli/test_merge_literature.py, `-m anchor`) check the same "
-              "equality on every CI run that has the FusionBench venv."]
+              "equality on every CI run that has the FusionBench venv.",
+              "- A FusionBench SVD that fails to converge is retried in float64 by the driver (then cast back), "
+              "nothing else changes: FusionBench's `iso_cts` stops on the workload with `linalg.svd: The algorithm "
+              "failed to converge` (float32 `gesdd`) on the task-specific residual w − U_c U_cᵀ w of "
+              "`model.layers.3.mlp.down_proj.weight` (576 × 1536), which is exactly rank 117 = 576 − c: "
+              "projecting out the c = 459 common directions leaves 459 singular values at rounding level, the "
+              "cluster of repeated values gesdd may fail on. surgery's `iso_cts` takes that residual's top 39 "
+              "directions from the float64 Gram matrix and ignores directions below its rank floor "
+              "(surgery/merge/methods/subspace.py); on that tensor it is within 7.6e-7 of the same algorithm in "
+              "float64. Retried SVDs: " + (", ".join(
+                  f"`{r['method']}` {len(r['fusionbench'].get('svd_retries', []))} "
+                  f"({', '.join('×'.join(map(str, sh)) for sh in r['fusionbench'].get('svd_retries', [])) or 'none'})"
+                  for r in results.get("rows", [])) or "none") + "."]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
 
