@@ -81,11 +81,14 @@ def iso_cts_matrix(taus: Sequence[torch.Tensor], fraction: float) -> torch.Tenso
             u, s, vt = top_svd(specific, per)
             us.append(u), ss.append(s), vts.append(vt)
             del specific
-        u = torch.cat(us + [u_c], 1)
+        # every task-specific left vector lies in the complement of the common ones (U_c has
+        # orthonormal columns and was projected out of each residual), so the polar factor of
+        # [U_ts U_c] is [polar(U_ts) U_c]: an eigh of the (k − c)-wide block instead of k-wide
+        pu = torch.cat([polar(torch.cat(us, 1)), u_c.double()], 1)
         vt = torch.cat(vts + [vt_c], 0)
         mean = torch.cat(ss + [s_c]).double().mean()
         del us, vts
-        return (polar(u) @ polar(vt) * mean).to(taus[0].dtype)
+        return (pu @ polar(vt)).mul_(mean).to(taus[0].dtype)
 
 
 def _weighted_sum(ctx: TensorContext) -> torch.Tensor:
