@@ -35,7 +35,7 @@ def _threads(n: int):
     return _Set()
 
 
-@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", pytest.param("wudi", marks=pytest.mark.slow)])
 def test_bytes_do_not_depend_on_the_worker_count(tmp_path, monkeypatch, method):
     """1 worker, 2 workers, 2 workers with room for one tensor in flight, and no pool at all
     (each tensor computed when the writer asks for it) write the same bytes."""
