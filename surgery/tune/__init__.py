@@ -306,12 +306,12 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
                 state["stopped"] = "the time budget was spent"
                 raise Stop
             t0 = time.perf_counter()
-            prepared = ev.factor_cache.seconds
+            prepared = ev.prepared_seconds()
             request = space.request(x)
             ev.load(request, seed=seed)
-            # decompositions computed for the first time (TSV-M's factors): a one-time cost of
-            # the method, reported apart from the trial's own time
-            prepare = ev.factor_cache.seconds - prepared
+            # decompositions and sorted magnitudes computed for the first time (TSV-M's factors,
+            # trimming's |τ| order): a one-time cost of the method, reported apart from the trial's own time
+            prepare = ev.prepared_seconds() - prepared
             t1 = time.perf_counter()
             # raced against the best so far: stopped once it provably cannot beat it
             incumbent = state["best"]
@@ -433,6 +433,7 @@ def tune(target: str, *, base: str | None, models: list[str], probes: list[str],
         "resumed_from": replayed_from, "stopped": state["stopped"],
         "trial_seconds_median": typical("trial_seconds"), "setup_seconds": ev.setup_seconds,
         "prepare_seconds": state["prepare_seconds"], "factor_cache_peak_bytes": ev.factor_cache.peak_bytes,
+        "sorted_cache_bytes": ev.sorted_cache.nbytes,
         "recipe": recipe_dict(request), "budget_seconds": budget_s,
     }
     from ..merge import MergeOptions, merge

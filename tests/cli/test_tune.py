@@ -91,6 +91,33 @@ def test_tsv_trials_rescale_cached_factors_to_the_bytes_merge_writes(cli, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["breadcrumbs_ties", "ties"])
+def test_trimming_trials_reuse_sorted_magnitudes_and_write_the_bytes_merge_writes(cli, tmp_path, probes, one_thread,
+                                                                                  method):
+    texts = [(p.split("=")[0], p.split("=")[1], Path(p.split("=")[1]).read_text(), 1.0) for p in probes]
+    ev = Evaluator(str(LLAMA / "base"), [str(m) for m in MODELS], texts, holdout=0.5, ctx=32)
+
+    def request(density):
+        return MergeRequest(method, str(LLAMA / "base"), [ModelEntry(str(m), {"weight": w}) for m, w in
+                                                          zip(MODELS, (1.0, 0.5, 1.5))], {"density": density}, None)
+
+    ev.load(request(1.0))                             # nothing trimmed: nothing sorted
+    assert ev.sorted_cache.seconds == 0
+    ev.load(request(0.7))                             # sorts every model's |τ| once
+    sorted_once, held = ev.sorted_cache.seconds, ev.sorted_cache.nbytes
+    numel = sum(ev.base._data[n].numel() for n in ev.names)
+    assert sorted_once > 0 and held == 4 * numel * len(MODELS)
+    ev.load(request(0.35))                            # another density: binary searches only
+    assert ev.sorted_cache.seconds == sorted_once
+    res = cli("merge", "-m", method, "--base", LLAMA / "base", *MODELS, "-p", "1:weight=1.0", "-p", "2:weight=0.5",
+              "-p", "3:weight=1.5", "-p", "density=0.35", "-o", tmp_path / "merged", "--quiet")
+    assert res.code == 0, res.stderr
+    merged = open_checkpoint(tmp_path / "merged")
+    for n in merged.names:
+        assert torch.equal(ev.targets[n].detach().to(merged.info(n).dtype), merged.get_raw(n)), n
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
 def test_iso_trials_rescale_the_cached_task_matrix_to_the_bytes_merge_writes(cli, tmp_path, probes, one_thread, method):
     texts = [(p.split("=")[0], p.split("=")[1], Path(p.split("=")[1]).read_text(), 1.0) for p in probes]

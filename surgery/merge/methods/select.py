@@ -8,6 +8,9 @@ O(numel), any chunking, so tensors larger than memory are handled in row blocks.
   gives), or highest first (the order a stable *ascending* sort leaves at the top).
 - :func:`order_values`: the values at given ranks of the ascending order (arcee_fusion's
   quantiles), for values of any sign.
+- :func:`sorted_bits` / :func:`sorted_thresholds`: the same thresholds from a tensor's
+  magnitudes sorted once (two binary searches per threshold), for a run that trims the same
+  task vectors at many densities (``surgery tune``), with :class:`SortedCache` to keep them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+import time
+
+import numpy as np
 import torch
 
 _INF_BITS = 0x7F800000
@@ -172,6 +178,84 @@ def magnitude_thresholds(chunks: Callable[[], Iterable[Sequence[torch.Tensor]]],
             quota = k - above - above_lo
             out[j] = Threshold((b << 16) | low, quota, int(hist[low]) - quota if last else 0)
     return out
+
+
+# ---- thresholds from sorted magnitudes ----------------------------------------------------------
+
+def sorted_bits(chunks: Iterable[torch.Tensor], numel: int) -> torch.Tensor:
+    """The float32 bit patterns of non-negative magnitudes given as chunks in flat order
+    (``numel`` in all), sorted ascending: an int32 tensor on the CPU (numpy's integer sort)."""
+    out = np.empty(numel, dtype=np.int32)
+    at = 0
+    for c in chunks:
+        b = _bits(c).cpu().numpy()
+        out[at:at + b.size] = b
+        at += b.size
+    assert at == numel, (at, numel)
+    out.sort()
+    return torch.from_numpy(out)
+
+
+def sorted_thresholds(order: torch.Tensor,
+                      targets: Sequence[tuple[int | Callable[[int, int], int], bool]]) -> list[Threshold]:
+    """:func:`magnitude_thresholds` of one stream from its :func:`sorted_bits` ``order``: the
+    same :class:`Threshold` per ``(k, last)`` target (the same rules), found by binary search."""
+    total = order.numel()
+
+    def count_le(v: int) -> int:          # entries whose bits are at most v
+        return int(torch.searchsorted(order, torch.tensor([v], dtype=order.dtype), right=True))
+
+    zeros = count_le(0)
+    out = []
+    for k, last in targets:
+        k = k(total, zeros) if callable(k) else k
+        nonzero = total - zeros
+        if k >= total:
+            out.append(KEEP_ALL)
+        elif k <= 0:
+            out.append(KEEP_NONE)
+        elif nonzero <= k:
+            quota = k - nonzero
+            out.append(Threshold(0, quota, zeros - quota if last else 0))
+        else:
+            v = int(order[total - k])                 # the k-th largest
+            at_most = count_le(v)
+            above = total - at_most
+            equal = at_most - int(torch.searchsorted(order, torch.tensor([v], dtype=order.dtype)))
+            quota = k - above
+            out.append(Threshold(v, quota, equal - quota if last else 0))
+    return out
+
+
+class SortedCache:
+    """Sorted magnitudes (:func:`sorted_bits`) kept across merges of the same task vectors
+    (``surgery tune`` trims them once per trial): entries are admitted while they fit in
+    ``max_bytes`` and never evicted, so an entry that does not fit is never computed and its
+    thresholds come from the radix passes (an LRU cache walked in tensor order would evict
+    every entry before its next use).
+
+    Attributes:
+        seconds: Time spent sorting (the one-time cost the cache saves later).
+        nbytes: Bytes held now (4 per entry).
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.seconds = 0.0
+        self.nbytes = 0
+        self._entries: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: tuple, numel: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """The entry of ``key`` (``compute()`` the first time), or None when it would not fit."""
+        hit = self._entries.get(key)
+        if hit is not None or self.nbytes + 4 * numel > self.max_bytes:
+            return hit
+        t0 = time.perf_counter()
+        value = compute()
+        self.seconds += time.perf_counter() - t0
+        self._entries[key] = value
+        self.nbytes += 4 * numel
+        return value
 
 
 # ---- values of any sign ------------------------------------------------------------------

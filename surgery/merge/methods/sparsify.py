@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from ..method import Param, TensorContext, flag, unit
-from .select import Threshold, _bits, magnitude_thresholds
+from .select import Threshold, _bits, magnitude_thresholds, sorted_bits, sorted_thresholds
 from .streaming import Inputs, OrderedRows, as64, sum64
 from .task_arithmetic import INT8_MASK, LAMBDA  # noqa: F401  (the family's shared declarations)
 
@@ -387,44 +387,61 @@ class GtaRows(OrderedRows):
 
     def prepare(self) -> None:
         inp = self.inputs
-        targets, owner = [], []
-        for i, rule in enumerate(self.rules):
-            for k, last in rule.targets(inp.numel):
-                targets.append((i, k, last))
-                owner.append(i)
+        targets = [(i, k, last) for i, rule in enumerate(self.rules) for k, last in rule.targets(inp.numel)]
         if targets:
-            streams = sorted(set(owner))
+            found = self._thresholds(targets)
+            for (i, _, _), t in zip(targets, found):
+                self.thresholds[i].append(t)
+        active = [i for i, r in enumerate(self.rules) if r.active]
+        live = active if self.rescale else []
+        # the L1 pass of a held tensor keeps its masks (one byte per entry): drawn, ranked and
+        # counted once; without it the output pass makes them from the τ it computes anyway
+        hold = inp.held and live
+        if hold:
+            self.cached = {i: torch.empty(self.shape, dtype=torch.bool, device=inp.ctx.device) for i in active}
+        if live:
+            maskers = self._maskers()
+            total, kept = dict.fromkeys(live, 0.0), dict.fromkeys(live, 0.0)
+            for a, e in self.blocks:
+                base = inp.base(a, e)
+                for i in live:
+                    tau = inp.tau(i, a, e, base).abs_()      # the masks depend on |τ| only
+                    mask = maskers[i](tau, a)
+                    if hold:
+                        self.cached[i][a:e] = mask
+                    mags = as64(tau)
+                    total[i] += sum64(mags)
+                    # the same float64 copy times the 0/1 mask: exactly the kept magnitudes
+                    kept[i] += sum64(np.multiply(mags, mask.reshape(-1).cpu().numpy(), out=mags))
+            for i in live:
+                self.factors[i] = l1_factor(total[i], kept[i])
+
+    def _thresholds(self, targets: list[tuple[int, int, bool]]) -> list[Threshold]:
+        """The :class:`Threshold` of every ``(model, k, last)`` target: from the run's
+        :class:`~.select.SortedCache` (``options["sorted_cache"]``) where it holds (or admits)
+        the model's sorted |τ|, else from the radix passes over the canonical blocks."""
+        inp = self.inputs
+        cache = inp.ctx.options.get("sorted_cache")
+        orders: dict[int, torch.Tensor] = {}
+        if cache is not None:
+            for i in sorted({i for i, _, _ in targets}):
+                order = cache.get((inp.ctx.name, inp.shape, inp.has_base, i), inp.numel,
+                                  lambda i=i: sorted_bits((inp.tau(i, a, e).abs_() for a, e in self.blocks), inp.numel))
+                if order is not None:
+                    orders[i] = order
+        rest = [t for t in targets if t[0] not in orders]
+        radix = iter([])
+        if rest:
+            streams = sorted({i for i, _, _ in rest})
 
             def chunks():
                 for a, e in self.blocks:
                     base = inp.base(a, e)
                     yield {i: inp.tau(i, a, e, base).abs_() for i in streams}
 
-            for i, t in zip(owner, magnitude_thresholds(chunks, targets)):
-                self.thresholds[i].append(t)
-        active = [i for i, r in enumerate(self.rules) if r.active]
-        live = active if self.rescale else []
-        # a held tensor keeps its masks (one byte per entry): drawn, ranked and counted once
-        hold = inp.held and active
-        if hold:
-            self.cached = {i: torch.empty(self.shape, dtype=torch.bool, device=inp.ctx.device) for i in active}
-        if live or hold:
-            maskers = self._maskers()
-            total, kept = dict.fromkeys(live, 0.0), dict.fromkeys(live, 0.0)
-            for a, e in self.blocks:
-                base = inp.base(a, e)
-                for i in active if hold else live:
-                    tau = inp.tau(i, a, e, base).abs_()      # the masks depend on |τ| only
-                    mask = maskers[i](tau, a)
-                    if hold:
-                        self.cached[i][a:e] = mask
-                    if i in total:
-                        mags = as64(tau)
-                        total[i] += sum64(mags)
-                        # the same float64 copy times the 0/1 mask: exactly the kept magnitudes
-                        kept[i] += sum64(np.multiply(mags, mask.reshape(-1).cpu().numpy(), out=mags))
-            for i in live:
-                self.factors[i] = l1_factor(total[i], kept[i])
+            radix = iter(magnitude_thresholds(chunks, rest))
+        return [sorted_thresholds(orders[i], [(k, last)])[0] if i in orders else next(radix)
+                for i, k, last in targets]
 
     def reset(self) -> None:
         self.maskers = self._maskers()

@@ -100,6 +100,83 @@ def test_magnitude_threshold_is_the_same_for_any_chunking():
     assert torch.equal(keep_whole, expect)
 
 
+def _magnitude_cases():
+    g = torch.Generator().manual_seed(6)
+    ties_and_zeros = (torch.randn(6_000, generator=g) * 0.01).bfloat16().float().abs()
+    ties_and_zeros[::3] = 0.0                                  # bf16: few distinct values, many ties
+    return {"bf16 ties and zeros": ties_and_zeros, "all zero": torch.zeros(300), "all equal": torch.full((300,), 0.5),
+            "special": torch.tensor([0.0, float("inf"), 1e-45, 3.0, 0.0, float("inf"), 3.0, 1e-45, 0.0]),
+            "distinct": torch.randn(2_000, generator=g).abs()}
+
+
+@pytest.mark.parametrize("case", list(_magnitude_cases()))
+def test_sorted_thresholds_equal_the_radix_passes(case):
+    """Thresholds from sorted magnitudes (two binary searches) are the radix selection's, for
+    every k around the ties, the zeros and the ends, either tie order, and k as a function."""
+    from surgery.merge.methods.select import magnitude_thresholds, sorted_bits, sorted_thresholds
+
+    mag = _magnitude_cases()[case]
+    n, nonzero = mag.numel(), int((mag > 0).sum())
+    order = sorted_bits(mag.split(97), n)
+    assert torch.equal(order, torch.sort(mag.view(torch.int32)).values)
+    ks = {-1, 0, 1, 2, n // 3, n // 2, n - 1, n, n + 5, nonzero - 1, nonzero, nonzero + 1}
+    targets = [(k, last) for k in sorted(ks) for last in (False, True)]
+    targets.append((lambda numel, zeros: (numel - zeros) // 2 + 1, True))
+    radix = magnitude_thresholds(lambda: ([c] for c in mag.split(101)), [(0, k, last) for k, last in targets])
+    got = sorted_thresholds(order, targets)
+    assert [(t.bits, t.quota, t.skip) for t in got] == [(t.bits, t.quota, t.skip) for t in radix]
+
+
+def test_sorted_cache_admits_until_full_and_never_evicts():
+    from surgery.merge.methods.select import SortedCache
+
+    cache = SortedCache(40)
+    calls = []
+
+    def compute(v):
+        calls.append(v)
+        return torch.full((v,), v, dtype=torch.int32)
+
+    assert cache.get(("a",), 6, lambda: compute(6)).tolist() == [6] * 6
+    assert cache.get(("b",), 5, lambda: compute(5)) is None            # 24 + 20 > 40 bytes: not admitted
+    assert cache.get(("c",), 4, lambda: compute(4)) is not None         # 24 + 16 fits
+    assert cache.get(("a",), 6, lambda: compute(6)) is not None and calls == [6, 4]
+    assert cache.nbytes == 40
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "breadcrumbs"])
+@pytest.mark.parametrize("held", [True, False])
+def test_gta_rows_with_a_sorted_cache_write_the_same_bytes(monkeypatch, method, held):
+    """Trimming from the run's sorted magnitudes (admitted, or too big for the cache: the radix
+    passes) gives the bytes of a merge without the cache, on a second merge at other densities too."""
+    from surgery.merge.methods.select import SortedCache
+
+    monkeypatch.setattr(streaming, "SUB_ELEMENTS", 40)
+    monkeypatch.setattr(streaming, "STATS_ELEMENTS", 40)
+    monkeypatch.setattr(streaming, "IN_MEMORY_BYTES", 1 << 30 if held else 0)
+    g = torch.Generator().manual_seed(7)
+    base = (torch.randn(37, 11, generator=g) * 0.1).bfloat16().float()
+    models = [(base + (torch.randn(37, 11, generator=g) * 0.01).bfloat16().float()).bfloat16().float()
+              for _ in range(3)]
+    models[1][::2] = base[::2]                                  # entries that never moved: |τ| = 0
+    kind = "magnitude" if method == "ties" else "outliers"
+    cache = SortedCache(2 * 37 * 11 * 4)                        # two of the three models fit
+
+    def run(densities, options):
+        rules = [sparsify.Sparsify(kind, d, gamma=0.05) for d in densities]
+        inputs = sparsify.row_inputs(base.shape, lambda a, e: base[a:e].clone(), lambda i, a, e: models[i][a:e].clone(),
+                                     3)
+        inputs.ctx.options.update(options)
+        rows = sparsify.GtaRows(inputs, rules, [1.0, 0.6, 0.8], consensus=method != "breadcrumbs", normalize=True,
+                                lam=0.9, rescale=False, seed=0, name="tensor")
+        return rows(0, 37)
+
+    for densities in ([0.5, 0.3, 0.9], [0.97, 0.6, 0.2]):
+        expect = run(densities, {})
+        assert torch.equal(run(densities, {"sorted_cache": cache}), expect)
+    assert cache.nbytes == 2 * 37 * 11 * 4 and len(cache._entries) == 2
+
+
 @pytest.mark.parametrize("blocks", [[(0, 37)], [(0, 5), (5, 20), (20, 37)], [(20, 37), (0, 20)]])
 def test_ties_rows_streams_the_same_result(monkeypatch, blocks):
     """Row-block TIES (thresholds from streamed passes, requested in or out of order) equals
