@@ -84,7 +84,7 @@ class Keeper:
         if self.left == 0:
             return keep
         tied = bits == self.bits
-        n = int(tied.sum())
+        n = _count(tied)
         if self.skip >= n:
             self.skip -= n
             return keep
@@ -99,13 +99,26 @@ class Keeper:
         return keep.logical_or_(tied)
 
 
+def _count(mask: torch.Tensor) -> int:
+    """True entries of a flat bool mask (numpy's count on the CPU: many times torch's bool sum)."""
+    if mask.device.type == "cpu":
+        return int(np.count_nonzero(mask.numpy()))
+    return int(torch.count_nonzero(mask))
+
+
 def _position(mask: torch.Tensor, j: int, block: int = 1 << 14) -> int:
     """Flat index of the ``j``-th (1-based) True of ``mask``: counts per block, then one block scanned."""
     whole = mask.numel() // block * block
-    counts = mask[:whole].view(-1, block).sum(1)
-    if mask.numel() > whole:
-        counts = torch.cat([counts, mask[whole:].sum().view(1)])
-    counts = counts.cpu()
+    if mask.device.type == "cpu":
+        m = mask.numpy()
+        counts = torch.from_numpy(np.count_nonzero(m[:whole].reshape(-1, block), axis=1).astype(np.int64))
+        if mask.numel() > whole:
+            counts = torch.cat([counts, torch.tensor([np.count_nonzero(m[whole:])], dtype=torch.int64)])
+    else:
+        counts = mask[:whole].view(-1, block).sum(1)
+        if mask.numel() > whole:
+            counts = torch.cat([counts, mask[whole:].sum().view(1)])
+        counts = counts.cpu()
     before = torch.cumsum(counts, 0)
     b = int(torch.searchsorted(before, torch.tensor([j], dtype=before.dtype)))
     skip = int(before[b - 1]) if b else 0
