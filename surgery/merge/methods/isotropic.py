@@ -38,7 +38,7 @@ full polar factor on the SmolLM2 workload).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -70,20 +70,30 @@ def common_rank(k: int, n: int, fraction: float) -> tuple[int, int]:
     return c, (k - c) // n
 
 
-def iso_cts_matrix(taus: Sequence[torch.Tensor], fraction: float) -> torch.Tensor:
-    """Iso-CTS's merged task matrix (see the module docstring) of the T task matrices ``taus``."""
+def iso_cts_matrix(taus: Sequence[torch.Tensor | Callable[[], torch.Tensor]], fraction: float) -> torch.Tensor:
+    """Iso-CTS's merged task matrix (see the module docstring) of the T task matrices ``taus``.
+
+    ``taus`` may hold functions returning the task matrices instead: each is then called twice
+    (for the sum, then for its residual) and one task matrix is in memory at a time.
+    """
     n = len(taus)
-    rows, cols = taus[0].shape
-    c, per = common_rank(min(rows, cols), n, fraction)
+
+    def tau(i: int) -> torch.Tensor:
+        return taus[i]() if callable(taus[i]) else taus[i]
+
     with single_thread():
-        total = taus[0].clone()
-        for t in taus[1:]:
-            total.add_(t)
+        total = tau(0) if callable(taus[0]) else taus[0].clone()   # a fresh tensor, added into
+        for i in range(1, n):
+            total.add_(tau(i))
+        rows, cols = total.shape
+        c, per = common_rank(min(rows, cols), n, fraction)
         u_c, s_c, vt_c = top_svd(total, c)
         del total
         us, ss, vts = [], [], []
-        for t in taus:
+        for i in range(n):
+            t = tau(i)
             specific = t - u_c @ (u_c.mT @ t)          # the common subspace projected out
+            del t
             u, s, vt = top_svd(specific, per)
             us.append(u), ss.append(s), vts.append(vt)
             del specific
@@ -94,7 +104,7 @@ def iso_cts_matrix(taus: Sequence[torch.Tensor], fraction: float) -> torch.Tenso
         vt = torch.cat(vts + [vt_c], 0)
         mean = torch.cat(ss + [s_c]).double().mean()
         del us, vts
-        return (pu @ polar(vt)).mul_(mean).to(taus[0].dtype)
+        return (pu @ polar(vt)).mul_(mean).to(u_c.dtype)
 
 
 def _weighted_sum(ctx: TensorContext) -> torch.Tensor:
@@ -123,7 +133,9 @@ def _iso_c(ctx: TensorContext) -> torch.Tensor:
 
 def _iso_cts(ctx: TensorContext) -> torch.Tensor:
     fraction = float(ctx.params["common_space_fraction"])
-    return _iso(ctx, ("iso_cts", fraction), lambda ctx: iso_cts_matrix(weighted_taus(ctx), fraction))
+    weights = ctx.weights()
+    taus = [lambda i=i: ctx.tau(i).mul_(weights[i]) for i in range(ctx.n)]     # read when needed
+    return _iso(ctx, ("iso_cts", fraction), lambda ctx: iso_cts_matrix(taus, fraction))
 
 
 METHODS = (
