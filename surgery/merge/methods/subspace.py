@@ -15,7 +15,9 @@ matrices (every real fine-tune) this changes nothing.
 
 Decompositions run on one intra-op thread (:func:`surgery.core.determinism.one_thread`):
 LAPACK and BLAS results can differ in the last bits between thread counts, and the merged
-bytes must not.
+bytes must not. The cores are used by tensor instead: the methods are declared ``threaded``,
+and ``surgery merge`` computes whole tensors ahead on one worker thread per core
+(:mod:`surgery.merge.ahead`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ Same arithmetic as the reference, with less work: ∇L = 2 (W K − C) with K = 
 (n × n) and C = Σ τ_i τ_iᵀτ_i/‖τ_i‖² computed once, one product per step instead of the
 reference's m × m interference matrices and their gradients through autograd. A task vector
 of norm 0 contributes nothing (the reference divides 0 by 0). The steps run on one thread so
-the bytes do not depend on the machine's thread count.
+the bytes do not depend on the machine's thread count; ``surgery merge`` runs one matrix per
+core on worker threads (:mod:`surgery.merge.ahead`).
 """
 
 from __future__ import annotations
