@@ -29,12 +29,13 @@ embedding's interference matrices are vocabulary × vocabulary in FusionBench's 
 
 A failing SVD is retried, nothing else changes: on the SmolLM2 workload FusionBench's iso_cts
 stops with ``linalg.svd: The algorithm failed to converge because the input matrix is
-ill-conditioned or has too many repeated singular values`` (float32 ``gesdd`` on a task-specific
-residual w − U_c U_cᵀ w, iso_utils.py). The driver wraps ``torch.linalg.svd``: a call that raises
-``torch.linalg.LinAlgError`` is recomputed in float64 (``gesdd``, then SciPy's ``gesvd`` where
-that fails too) and cast back to the input's dtype; every retry is
-reported on stderr and counted in the printed JSON (``svd_retries``, with the shapes). A run
-whose SVDs all converge is untouched.
+ill-conditioned or has too many repeated singular values`` (float32 ``gesdd`` on 2 threads; it
+converges on 1) on the task-specific residual w − U_c U_cᵀ w of layers.3's down_proj
+(iso_utils.py), which is exactly rank 117 of 576. The driver wraps ``torch.linalg.svd``: a call
+that raises ``torch.linalg.LinAlgError`` is recomputed in float64 (``gesdd``, then SciPy's
+``gesvd`` where that fails too) and cast back to the input's dtype; every retry is reported on
+stderr and listed in the printed JSON (``svd_retries``, ``svd_retry_shapes``). A run whose SVDs
+all converge is untouched.
 """
 
 from __future__ import annotations

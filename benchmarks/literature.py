@@ -182,7 +182,7 @@ def write_doc(results: dict, out: Path) -> None:
               "equality on every CI run that has the FusionBench venv.",
               "- A FusionBench SVD that fails to converge is retried in float64 by the driver (then cast back), "
               "nothing else changes: FusionBench's `iso_cts` stops on the workload with `linalg.svd: The algorithm "
-              "failed to converge` (float32 `gesdd`) on the task-specific residual w − U_c U_cᵀ w of "
+              "failed to converge` (float32 `gesdd` on 2 threads; the same call converges on 1) on the task-specific residual w − U_c U_cᵀ w of "
               "`model.layers.3.mlp.down_proj.weight` (576 × 1536), which is exactly rank 117 = 576 − c: "
               "projecting out the c = 459 common directions leaves 459 singular values at rounding level, the "
               "cluster of repeated values gesdd may fail on. surgery's `iso_cts` takes that residual's top 39 "
