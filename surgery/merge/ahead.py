@@ -81,7 +81,7 @@ class Ahead:
 
     Register each job with :meth:`add` (in plan order, with its size in elements), enter the
     context around the write, and ask for results with :meth:`result`. A job is submitted once
-    the ones before it are, at most :attr:`Pool.window` · 4 jobs ahead of the one asked for and
+    the ones before it are, at most :attr:`Pool.window` · 16 jobs ahead of the one asked for and
     within the memory budget: the largest job's working set plus a quarter, so that the largest
     tensor runs beside small ones but never beside another large one. A finished job not yet
     consumed counts for its result's bytes.
@@ -127,7 +127,9 @@ class Ahead:
         return sum(rb if f.done() else cost for f, cost, rb in self.futures.values())
 
     def _fill(self, want: int) -> None:
-        window = 4 * self.pool.window
+        # wide enough that the other workers keep going while one decomposes the embedding
+        # (the first tensor of the plan): held results count against the budget anyway
+        window = 16 * self.pool.window
         while self.next < len(self.jobs) and self.next < want + window:
             compute, numel = self.jobs[self.next]
             cost = Pool.footprint(numel)
