@@ -109,12 +109,7 @@ def test_trimming_trials_reuse_sorted_magnitudes_and_write_the_bytes_merge_write
     assert sorted_once > 0 and held == 4 * numel * len(MODELS)
     ev.load(request(0.35))                            # another density: binary searches only
     assert ev.sorted_cache.seconds == sorted_once
-    res = cli("merge", "-m", method, "--base", LLAMA / "base", *MODELS, "-p", "1:weight=1.0", "-p", "2:weight=0.5",
-              "-p", "3:weight=1.5", "-p", "density=0.35", "-o", tmp_path / "merged", "--quiet")
-    assert res.code == 0, res.stderr
-    merged = open_checkpoint(tmp_path / "merged")
-    for n in merged.names:
-        assert torch.equal(ev.targets[n].detach().to(merged.info(n).dtype), merged.get_raw(n)), n
+    _assert_loaded_equals_merge(cli, tmp_path, ev, method, "density=0.35")
 
 
 @pytest.mark.slow
@@ -132,12 +127,7 @@ def test_iso_trials_rescale_the_cached_task_matrix_to_the_bytes_merge_writes(cli
     assert computed > 0
     ev.load(request(0.6))
     assert ev.factor_cache.seconds == computed        # rescaled, not decomposed again
-    res = cli("merge", "-m", method, "--base", LLAMA / "base", *MODELS, "-p", "1:weight=1.0", "-p", "2:weight=0.5",
-              "-p", "3:weight=1.5", "-p", "scaling_factor=0.6", "-o", tmp_path / "merged", "--quiet")
-    assert res.code == 0, res.stderr
-    merged = open_checkpoint(tmp_path / "merged")
-    for n in merged.names:
-        assert torch.equal(ev.targets[n].detach().to(merged.info(n).dtype), merged.get_raw(n)), n
+    _assert_loaded_equals_merge(cli, tmp_path, ev, method, "scaling_factor=0.6")
 
 
 @pytest.mark.slow
@@ -267,3 +257,14 @@ def test_tune_errors_are_one_line(cli, tmp_path, probes):
     # a choice is refused by the parser, before the library runs, naming the valid ones
     res = cli("tune", "ties", *base, "--probe", probes[0], "--objective", "best", "-o", tmp_path / "o")
     assert res.code == 2 and "'mean', 'worst', 'weighted'" in res.stderr and not (tmp_path / "o").exists()
+
+
+def _assert_loaded_equals_merge(cli, tmp_path, ev, method, param):
+    """The tensors tune loaded for weights 1.0 / 0.5 / 1.5 and ``param`` are the bytes
+    ``surgery merge`` writes for the same request."""
+    res = cli("merge", "-m", method, "--base", LLAMA / "base", *MODELS, "-p", "1:weight=1.0", "-p", "2:weight=0.5",
+              "-p", "3:weight=1.5", "-p", param, "-o", tmp_path / "merged", "--quiet")
+    assert res.code == 0, res.stderr
+    merged = open_checkpoint(tmp_path / "merged")
+    for n in merged.names:
+        assert torch.equal(ev.targets[n].detach().to(merged.info(n).dtype), merged.get_raw(n)), n
