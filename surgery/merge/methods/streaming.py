@@ -118,13 +118,12 @@ def gram64(blocks: Sequence[tuple[int, int]], vectors: Callable[[int, int], list
         blocks: Row blocks in order (:func:`canonical_blocks`).
         vectors: ``vectors(a, e)``: the k tensors' rows ``[a, e)``.
     """
-    g = None
-    work = _Scratch()
+    g = buf = tmp = None
     for a, e in blocks:
         vs = [_flat_numpy(v) for v in vectors(a, e)]
-        if g is None:
-            g = np.zeros((len(vs), len(vs)))
-        g += _pairwise_products(vs, work)
+        if g is None:                  # the pieces' float64 buffers, made once for the whole matrix
+            g, buf, tmp = np.zeros((len(vs), len(vs))), np.empty((len(vs), PAIRWISE_LEAF)), np.empty(PAIRWISE_LEAF)
+        g += _pairwise_products(vs, buf, tmp)
     return g
 
 
@@ -137,20 +136,7 @@ def _flat_numpy(x: torch.Tensor) -> np.ndarray:
 PAIRWISE_LEAF = 1 << 15       # entries per piece whose float64 products are formed at once (in cache)
 
 
-class _Scratch:
-    """float64 buffers for :func:`_pairwise_products`, kept for a whole Gram computation (one
-    allocation, not one per block: freed and re-made buffers fragment the heap)."""
-
-    def __init__(self) -> None:
-        self.buf = self.tmp = None
-
-    def get(self, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.buf is None or self.buf.shape[0] < k or self.buf.shape[1] < m:
-            self.buf, self.tmp = np.empty((k, m)), np.empty(m)
-        return self.buf, self.tmp
-
-
-def _pairwise_products(vs: Sequence[np.ndarray], work: _Scratch | None = None) -> np.ndarray:
+def _pairwise_products(vs: Sequence[np.ndarray], buf: np.ndarray, tmp: np.ndarray) -> np.ndarray:
     """The k×k matrix of ``sum64(v_i * v_j)`` (float64 products of float32 vectors), with the
     very bits of ``np.add.reduce`` over each whole product vector, without forming the vectors.
 
@@ -159,10 +145,10 @@ def _pairwise_products(vs: Sequence[np.ndarray], work: _Scratch | None = None) -
     pieces of at most :data:`PAIRWISE_LEAF` entries, summing each piece with ``np.add.reduce``
     (the same subtree) and adding the halves in the same order (Python floats: the same IEEE
     additions) gives the same floats, while the products of a piece stay in cache (about 3×
-    faster than whole-block products for 3 models).
+    faster than whole-block products for 3 models). ``buf`` (k × :data:`PAIRWISE_LEAF`) and
+    ``tmp`` (:data:`PAIRWISE_LEAF`) are float64 work space.
     """
     k, n = len(vs), vs[0].size
-    buf, tmp = (work or _Scratch()).get(k, min(n, PAIRWISE_LEAF))
     upper = [(i, j) for i in range(k) for j in range(i, k)]
     sums = _piece(vs, upper, buf, tmp, 0, n) if n else [0.0] * len(upper)
     g = np.empty((k, k))
