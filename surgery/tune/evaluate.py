@@ -27,6 +27,7 @@ import torch
 from ..checkpoint.reader import Checkpoint
 from ..core.errors import IncompatibleCheckpointsError, UsageError
 from ..eval.perplexity import Scorer, _token_nll, corpus_windows, load_causal_lm, make_scorer
+from ..merge.ahead import Gate, Pool, run_in_order
 from ..merge.batch import output_tensors
 from ..merge.inputs import Inputs
 from ..merge.methods.select import SortedCache
@@ -163,6 +164,10 @@ class Evaluator:
         # density is then two binary searches per tensor instead of two radix passes; at most
         # the models' size in float32 (1.6 GB for three 135M models), the rest uses the passes
         self.sorted_cache = SortedCache(len(models) * fp32 if sorted_cache_bytes is None else sorted_cache_bytes)
+        # what the caches compute runs alone: a trial's one-time preparation is then exactly
+        # the wall time nothing else ran (prepared_seconds), the rest is the trial's own
+        self.gate = Gate()
+        self.factor_cache.exclusive = self.sorted_cache.exclusive = self.gate.alone
         self.probes = [self._probe(tok, name, path, text, weight, holdout, ctx, stride, batch_size,
                                    search_windows, seed) for name, path, text, weight in probes]
         # the surrogate is the exact search score when it keeps every window of every probe
@@ -222,15 +227,22 @@ class Evaluator:
                              f"(merge it with surgery merge).")
         plan = plan_merge(method, request, device=self.device, inputs=self.inputs)
         target = plan.dtype
-        with torch.inference_mode():
-            options = {"trim_ties": "index", "factor_cache": self.factor_cache, "sorted_cache": self.sorted_cache}
-            for out in output_tensors(plan, seed=seed, device=self.device, options=options, copies=False):
-                if out.rows is None:
-                    continue                      # copied from an input unmerged
+        options = {"trim_ties": "index", "factor_cache": self.factor_cache, "sorted_cache": self.sorted_cache}
+        # tensors copied from an input unmerged have no rows: the model holds the base's already
+        outs = [o for o in output_tensors(plan, seed=seed, device=self.device, options=options, copies=False)
+                if o.rows is not None]
+
+        def put(out: Any) -> None:
+            with self.gate.job(), torch.inference_mode():
                 param = self.targets[out.name]
                 merged = out.rows(0, out.shape[0] if out.shape else 1)
                 param.copy_(merged.to(target or out.dtype).reshape(param.shape))
-                del merged
+
+        # whole tensors on one worker per core, one intra-op thread each (ahead.Pool): a
+        # tensor's bytes do not depend on the thread count, and the small steps of the many
+        # small tensors overlap instead of waiting on each other
+        with Pool(self.device, enabled=True) as pool:
+            run_in_order(pool, put, outs)
 
     def load_checkpoint(self, ckpt: MemoryCheckpoint) -> None:
         """Put one of the inputs (base or a model) into the model, for reference numbers."""

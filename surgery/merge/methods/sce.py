@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from ..method import Batch, Param, TensorContext
-from .select import Keeper, _bits, magnitude_thresholds
+from .select import Keeper, _bits, magnitude_thresholds, mask_values
 from .sparsify import INT8_MASK
 from .streaming import Inputs, OrderedRows, as64, sum64
 
@@ -97,7 +97,8 @@ class SceRows(OrderedRows):
         if self.keeper is None:
             return [torch.zeros_like(t) for t in taus]
         keep = self.keeper(self._bits(taus, a, e)).view(taus[0].shape)
-        return [t.mul_(keep) for t in taus]
+        values = mask_values(keep, taus[0].dtype)
+        return [t.mul_(values) for t in taus]
 
     def prepare(self) -> None:
         if 0 < self.topk < 1:

@@ -15,8 +15,9 @@ O(numel), any chunking, so tensors larger than memory are handled in row blocks.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import time
 
@@ -61,6 +62,22 @@ class Threshold:
         return Keeper(self.bits, self.quota, self.skip)
 
 
+def mask_values(keep: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """A bool mask as values of ``dtype``: ``scale`` where kept, 0 elsewhere (0·scale, so a
+    negative scale gives −0). ``x * mask_values(keep, x.dtype, w)`` has the bits of
+    ``(x * keep) * w``: multiplying by 1 or by 0 is exact, and the scale is rounded to ``dtype``
+    as a tensor-scalar product rounds it. On the CPU the conversion is numpy's (a multiply
+    by torch's bool mask converts it several times slower)."""
+    if keep.device.type != "cpu" or dtype not in _NUMPY_FLOATS:
+        return keep.to(dtype).mul_(scale) if scale != 1.0 else keep.to(dtype)
+    kind = _NUMPY_FLOATS[dtype]
+    out = np.empty(keep.shape, dtype=kind)
+    np.multiply(keep.numpy(), kind(scale), out=out)
+    return torch.from_numpy(out)
+
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+
 KEEP_ALL = Threshold(-1, 0)
 KEEP_NONE = Threshold(0x7FFFFFFF, 0)      # no float32 bit pattern is above it
 
@@ -75,16 +92,18 @@ class Keeper:
         """Zero the dropped entries of the next chunk of the flat task vector, in place."""
         keep = self(_bits(flat.abs().float()))
         if self.bits < _INF_BITS:          # every dropped entry is finite: a multiply is exact and fast
-            return flat.mul_(keep)
+            return flat.mul_(mask_values(keep, flat.dtype))
         return flat.masked_fill_(keep.logical_not_(), 0)
 
     def __call__(self, bits: torch.Tensor) -> torch.Tensor:
         """Mask of the kept entries of the next chunk (``bits``: int32 magnitudes, flat)."""
+        if bits.device.type == "cpu":     # numpy's integer comparisons: several times torch's on the CPU
+            return torch.from_numpy(self._numpy(bits.numpy()))
         keep = bits > self.bits
         if self.left == 0:
             return keep
         tied = bits == self.bits
-        n = _count(tied)
+        n = int(torch.count_nonzero(tied))
         if self.skip >= n:
             self.skip -= n
             return keep
@@ -98,27 +117,49 @@ class Keeper:
         self.left -= n
         return keep.logical_or_(tied)
 
+    def _numpy(self, bits: np.ndarray) -> np.ndarray:
+        """:meth:`__call__` on a numpy array of the bit patterns."""
+        keep = bits > self.bits
+        if self.left == 0:
+            return keep
+        tied = bits == self.bits
+        n = int(np.count_nonzero(tied))
+        if self.skip >= n:
+            self.skip -= n
+            return keep
+        if self.skip:
+            tied[:_position_np(tied, self.skip) + 1] = False
+            n -= self.skip
+            self.skip = 0
+        if n > self.left:
+            tied[_position_np(tied, self.left) + 1:] = False
+            n = self.left
+        self.left -= n
+        return np.logical_or(keep, tied, out=keep)
 
-def _count(mask: torch.Tensor) -> int:
-    """True entries of a flat bool mask (numpy's count on the CPU: many times torch's bool sum)."""
-    if mask.device.type == "cpu":
-        return int(np.count_nonzero(mask.numpy()))
-    return int(torch.count_nonzero(mask))
+
+def _position_np(mask: np.ndarray, j: int, block: int = 1 << 16) -> int:
+    """Flat index of the ``j``-th (1-based) True of a flat numpy bool ``mask``: counted block
+    by block up to the block that holds it, which is then scanned."""
+    for a in range(0, mask.size, block):
+        part = mask[a:a + block]
+        c = int(np.count_nonzero(part))
+        if j <= c:
+            return a + int(np.flatnonzero(part)[j - 1])
+        j -= c
+    raise IndexError("fewer True entries than asked")
 
 
 def _position(mask: torch.Tensor, j: int, block: int = 1 << 14) -> int:
-    """Flat index of the ``j``-th (1-based) True of ``mask``: counts per block, then one block scanned."""
-    whole = mask.numel() // block * block
+    """Flat index of the ``j``-th (1-based) True of ``mask`` (on any device): counts per
+    block, then one block scanned."""
     if mask.device.type == "cpu":
-        m = mask.numpy()
-        counts = torch.from_numpy(np.count_nonzero(m[:whole].reshape(-1, block), axis=1).astype(np.int64))
-        if mask.numel() > whole:
-            counts = torch.cat([counts, torch.tensor([np.count_nonzero(m[whole:])], dtype=torch.int64)])
-    else:
-        counts = mask[:whole].view(-1, block).sum(1)
-        if mask.numel() > whole:
-            counts = torch.cat([counts, mask[whole:].sum().view(1)])
-        counts = counts.cpu()
+        return _position_np(mask.numpy(), j)
+    whole = mask.numel() // block * block
+    counts = mask[:whole].view(-1, block).sum(1)
+    if mask.numel() > whole:
+        counts = torch.cat([counts, mask[whole:].sum().view(1)])
+    counts = counts.cpu()
     before = torch.cumsum(counts, 0)
     b = int(torch.searchsorted(before, torch.tensor([j], dtype=before.dtype)))
     skip = int(before[b - 1]) if b else 0
@@ -257,17 +298,24 @@ class SortedCache:
         self.seconds = 0.0
         self.nbytes = 0
         self._entries: dict[tuple, torch.Tensor] = {}
+        # entered around every computation (surgery tune: ahead.Gate.alone, so that it runs by
+        # itself and :attr:`seconds` is wall time nothing else used)
+        self.exclusive: Callable[[], ContextManager[Any]] = nullcontext
 
     def get(self, key: tuple, numel: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         """The entry of ``key`` (``compute()`` the first time), or None when it would not fit."""
         hit = self._entries.get(key)
         if hit is not None or self.nbytes + 4 * numel > self.max_bytes:
             return hit
-        t0 = time.perf_counter()
-        value = compute()
-        self.seconds += time.perf_counter() - t0
-        self._entries[key] = value
-        self.nbytes += 4 * numel
+        with self.exclusive():
+            hit = self._entries.get(key)
+            if hit is not None or self.nbytes + 4 * numel > self.max_bytes:
+                return hit
+            t0 = time.perf_counter()
+            value = compute()
+            self.seconds += time.perf_counter() - t0
+            self._entries[key] = value
+            self.nbytes += 4 * numel
         return value
 
 

@@ -51,11 +51,12 @@ import numpy as np
 import torch
 
 from ..method import Param, TensorContext, flag, unit
-from .select import Threshold, _bits, magnitude_thresholds, sorted_bits, sorted_thresholds
+from .select import Threshold, _bits, magnitude_thresholds, mask_values, sorted_bits, sorted_thresholds
 from .streaming import Inputs, OrderedRows, as64, sum64
 from .task_arithmetic import INT8_MASK, LAMBDA  # noqa: F401  (the family's shared declarations)
 
 CHUNK = 1 << 23          # sign election runs over flat chunks (32 MB in float32)
+COMBINE_CHUNK = 1 << 18  # TIES' combine: flat chunks whose temporaries stay in cache (1 MB in float32)
 UNIFORM_BITS = 24        # resolution of a draw: u = r / 2^24, r an integer
 RESCALE_EPS = 1e-7       # mergekit's: no rescale when either L1 norm is below this
 KINDS = ("none", "magnitude", "random", "outliers", "della")
@@ -303,8 +304,26 @@ def elect_sign(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
     return (total >= 0).to(total.dtype).mul_(2).sub_(1)
 
 
+def _indicator(compare: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = 1.0 where ``x`` compares true with 0 (``compare``: ge, gt, lt or eq), else 0.0
+    (numpy's comparison on the CPU: several times torch's)."""
+    if x.device.type == "cpu":
+        getattr(np, {"ge": "greater_equal", "gt": "greater", "lt": "less", "eq": "equal"}[compare])(
+            x.numpy(), 0, out=out.numpy(), casting="unsafe")
+        return out
+    return out.copy_(getattr(torch, compare)(x, 0))
+
+
 def ties_combine_weighted(weighted: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
     """Sign election plus disjoint (weighted) mean of already sparsified and weighted task vectors.
+
+    The elected sign is that of S = Σ_i wd_i (summed in model order; 0 counts as +). The
+    models agreeing with it at an element are those whose wd_i is nonzero and of that sign,
+    so the sum of the agreeing wd_i is P = Σ max(wd_i, 0) where S ≥ 0 and N = Σ min(wd_i, 0)
+    where S < 0 — each summed in model order from +0, the bits of Σ wd_i · agree_i (the
+    dropped terms are zeros) — and the divisor likewise. The choice is P · u + N · (1 − u)
+    with u = [S ≥ 0]: products by 1 and 0 are exact, and adding the other side's ±0 changes
+    nothing (for finite values). Computed over flat chunks whose temporaries stay in cache.
 
     Args:
         weighted: w_i · sparsified τ_i.
@@ -314,19 +333,40 @@ def ties_combine_weighted(weighted: Sequence[torch.Tensor], weights: Sequence[fl
     """
     shape = weighted[0].shape
     flats = [w.reshape(-1) for w in weighted]
+    numel = flats[0].numel()
     out = torch.empty_like(flats[0])
-    for a in range(0, out.numel(), CHUNK):
-        parts = [f[a:a + CHUNK] for f in flats]
-        sign = elect_sign(parts)
-        mixed = out[a:a + CHUNK].zero_()
-        divisor = torch.zeros_like(mixed)
-        for wd, w in zip(parts, weights):
-            agree = (wd * sign > 0).to(mixed.dtype)     # 1 where nonzero and of the elected sign
-            mixed.addcmul_(wd, agree)
-            divisor.add_(agree, alpha=float(w))
+    size = min(COMBINE_CHUNK, numel)
+
+    def buffer() -> torch.Tensor:
+        return torch.empty(size, dtype=out.dtype, device=out.device)
+
+    total, pos, neg, tmp, up, down = (buffer() for _ in range(6))
+    dpos, dneg = (buffer(), buffer()) if normalize else (None, None)
+    for a in range(0, numel, COMBINE_CHUNK):
+        e = min(numel, a + COMBINE_CHUNK)
+        parts = [f[a:e] for f in flats]
+        m = e - a
+        s, p, q, t, u, v = total[:m], pos[:m], neg[:m], tmp[:m], up[:m], down[:m]
+        s.copy_(parts[0])
+        p.zero_()
+        q.zero_()
+        for j, x in enumerate(parts):
+            if j:
+                s.add_(x)
+            p.add_(torch.clamp(x, min=0, out=t))
+            q.add_(torch.clamp(x, max=0, out=t))
+        _indicator("ge", s, u)
+        torch.sub(1, u, out=v)
+        o = torch.mul(p, u, out=out[a:e])
+        o.addcmul_(q, v)
         if normalize:
-            divisor.add_((divisor == 0).to(divisor.dtype))
-            mixed.div_(divisor)
+            dp, dq = dpos[:m].zero_(), dneg[:m].zero_()
+            for x, w in zip(parts, weights):
+                dp.add_(_indicator("gt", x, t), alpha=float(w))
+                dq.add_(_indicator("lt", x, t), alpha=float(w))
+            d = dp.mul_(u).addcmul_(dq, v)
+            d.add_(_indicator("eq", d, t))          # 1 where no model agrees
+            o.div_(d)
     return out.view(shape)
 
 
@@ -470,11 +510,12 @@ class GtaRows(OrderedRows):
         for i in range(len(self.rules)):
             tau = inp.tau(i, a, e, base)
             mask = self._mask(i, tau, a, e)
-            if mask is not None:
-                tau.mul_(mask)
-                if self.factors[i] != 1.0:
-                    tau.mul_(self.factors[i])
-            weighted.append(tau.mul_(self.weights[i]))
+            if mask is None:
+                weighted.append(tau.mul_(self.weights[i]))
+            elif self.factors[i] != 1.0:
+                weighted.append(tau.mul_(mask_values(mask, tau.dtype)).mul_(self.factors[i]).mul_(self.weights[i]))
+            else:                       # one pass: τ · (mask · w) has the bits of (τ · mask) · w
+                weighted.append(tau.mul_(mask_values(mask, tau.dtype, self.weights[i])))
         combine = ties_combine_weighted if self.consensus else linear_combine
         mixed = combine(weighted, self.weights, self.normalize)
         if self.lam != 1.0:

@@ -135,3 +135,65 @@ def test_off_the_pool_jobs_run_when_asked():
         assert ah.result(0) == 7
     assert calls == [threading.current_thread().name]
     assert ahead_mod.available_memory() > 0
+
+
+def test_gate_runs_alone_sections_by_themselves():
+    """A job that asks to run alone waits for the running job to finish, no job starts while it
+    runs, and two jobs asking at once take turns (no deadlock)."""
+    gate = ahead_mod.Gate()
+    log, lock = [], threading.Lock()
+
+    def note(what):
+        with lock:
+            log.append((what, time.perf_counter()))
+
+    def job(name, alone):
+        with gate.job():
+            note(f"{name} start")
+            time.sleep(0.05)
+            if alone:
+                with gate.alone():
+                    note(f"{name} alone in")
+                    time.sleep(0.05)
+                    note(f"{name} alone out")
+            time.sleep(0.02)
+            note(f"{name} end")
+
+    with Pool("cpu", True) as pool:
+        ahead_mod.run_in_order(pool, lambda a: job(*a), [("a", True), ("b", False), ("c", True), ("d", False)])
+    times = {w: t for w, t in log}
+    # while a job runs alone nothing else starts, runs or ends
+    for name in "ac":
+        t_in, t_out = times[f"{name} alone in"], times[f"{name} alone out"]
+        others = [t for w, t in log if not w.startswith(name) and t_in < t < t_out]
+        assert others == []
+    assert len(log) == 4 * 2 + 2 * 2
+
+
+def test_gate_alone_outside_a_job_waits_for_running_jobs():
+    gate = ahead_mod.Gate()
+    started, seen = threading.Event(), []
+
+    def job():
+        with gate.job():
+            started.set()
+            time.sleep(0.1)
+            seen.append("job done")
+
+    t = threading.Thread(target=job)
+    t.start()
+    started.wait()
+    with gate.alone():
+        seen.append("alone")
+    t.join()
+    assert seen == ["job done", "alone"]
+
+
+def test_run_in_order_raises_the_first_failure():
+    def fn(i):
+        if i == 2:
+            raise ValueError("two")
+        return i
+
+    with Pool("cpu", True) as pool, pytest.raises(ValueError, match="two"):
+        ahead_mod.run_in_order(pool, fn, [0, 1, 2, 3])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from surgery.core.errors import UsageError
-from surgery.merge.methods import continual, dare, linear, opcm, slerp, sparsify, streaming, task_arithmetic, ties
+from surgery.merge.methods import (continual, dare, linear, opcm, select, slerp, sparsify, streaming,
+                                   task_arithmetic, ties)
 
 
 def _rand(*shape, seed=0):
@@ -239,6 +240,74 @@ def test_ties_matches_elementwise_reference():
     w, dens = [1.0, 0.6, 0.8], [0.5, 0.7, 0.3]
     got = ties.ties(base, ms, w, dens, lam=0.9)
     assert torch.allclose(got, _ties_reference(base, ms, w, dens, 0.9), atol=1e-12)
+
+
+def _ties_combine_reference(weighted, weights, normalize):
+    """mergekit's combine spelled out per model, in the inputs' dtype: the sign of Σ wd_i
+    (0 counts as +), then the agreeing entries (nonzero, of that sign) added in model order
+    onto +0, and the agreeing weights likewise."""
+    total = weighted[0].clone()
+    for wd in weighted[1:]:
+        total = total + wd
+    sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    mixed, divisor = torch.zeros_like(total), torch.zeros_like(total)
+    for wd, w in zip(weighted, weights):
+        agree = wd * sign > 0
+        mixed = mixed + torch.where(agree, wd, torch.zeros_like(wd))
+        divisor = divisor + torch.where(agree, torch.full_like(wd, w), torch.zeros_like(wd))
+    if normalize:
+        mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return mixed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_ties_combine_has_the_bits_of_the_per_model_reference(monkeypatch, dtype, normalize):
+    """The chunked P/N form (positive and negative parts, chosen by the elected sign) gives the
+    reference's bits: signed zeros included (+0 where no model agrees), negative weights, a
+    divisor that cancels to 0, and chunk edges (a chunk of 1000 entries over 4321)."""
+    monkeypatch.setattr(sparsify, "COMBINE_CHUNK", 1000)
+    g = torch.Generator().manual_seed(5)
+    n = 4321
+    weights = [0.7, -0.3, 1.2, 0.3]
+    weighted = []
+    for w in weights:
+        tau = (torch.randn(n, generator=g) * 0.01).bfloat16().to(dtype)
+        tau[torch.rand(n, generator=g) < 0.3] = 0.0
+        tau[torch.rand(n, generator=g) < 0.1] = -0.0
+        weighted.append(tau * w)
+    for wd in weighted:
+        wd[:50] = -0.0                         # nothing agrees there: the result is +0
+    weighted[1][60:70], weighted[3][60:70] = -1.0, 1.0    # the weights -0.3 and 0.3 agree: divisor 0
+    want = _ties_combine_reference(weighted, weights, normalize)
+    got = sparsify.ties_combine_weighted([w.clone() for w in weighted], weights, normalize)
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    assert torch.equal(got.view(bits), want.view(bits))
+    assert not torch.signbit(got[:50]).any()
+
+
+@pytest.mark.parametrize("w", [1.0, 0.37, -0.37, 0.0, -0.0])
+def test_mask_values_times_x_has_the_bits_of_mask_then_weight(w):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5000, generator=g)
+    x[::7] = -0.0
+    keep = torch.rand(5000, generator=g) < 0.6
+    for dtype, bits in [(torch.float32, torch.int32), (torch.float64, torch.int64)]:
+        xs = x.to(dtype)
+        got = xs * select.mask_values(keep, dtype, w)
+        want = (xs * keep) * w
+        assert torch.equal(got.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 16])
+def test_position_finds_the_jth_true_entry(block):
+    g = torch.Generator().manual_seed(7)
+    mask = (torch.rand(3001, generator=g) < 0.2).numpy()
+    where = mask.nonzero()[0]
+    for j in [1, 2, len(where) // 2, len(where)]:
+        assert select._position_np(mask, j, block) == where[j - 1]
+    with pytest.raises(IndexError):
+        select._position_np(mask, len(where) + 1, block)
 
 
 # ---- DARE -----------------------------------------------------------------------------------
