@@ -160,7 +160,7 @@ class Ahead:
 class Gate:
     """Jobs on a :class:`Pool` that may ask to run alone: :meth:`alone`, entered inside a job
     (:meth:`job`), waits until every other job has finished or is itself waiting to run alone,
-    and no job starts while one runs alone. ``surgery tune`` computes what it keeps across
+    and no job starts while one waits to run alone or runs alone. ``surgery tune`` computes what it keeps across
     trials (sorted magnitudes, decompositions) alone, so the wall time of that one-time work is
     exactly the time nothing else ran, and a trial's own time is the rest.
     """
@@ -168,13 +168,14 @@ class Gate:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._running = 0
+        self._waiting = 0          # asking to run alone: no job starts meanwhile, or they could starve
         self._alone = False
         self._local = threading.local()
 
     @contextmanager
     def job(self) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: not self._alone)
+            self._cond.wait_for(lambda: not self._alone and not self._waiting)
             self._running += 1
         self._local.depth = getattr(self._local, "depth", 0) + 1
         try:
@@ -191,8 +192,10 @@ class Gate:
         with self._cond:
             if inside:
                 self._running -= 1          # a job waiting here does not hold the others back
-                self._cond.notify_all()
+            self._waiting += 1
+            self._cond.notify_all()
             self._cond.wait_for(lambda: not self._alone and self._running == 0)
+            self._waiting -= 1
             self._alone = True
         try:
             yield

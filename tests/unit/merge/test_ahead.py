@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,7 @@ def test_gate_runs_alone_sections_by_themselves():
             time.sleep(0.02)
             note(f"{name} end")
 
-    with Pool("cpu", True) as pool:
+    with ThreadPoolExecutor(2) as pool:       # two workers whatever torch's thread count
         ahead_mod.run_in_order(pool, lambda a: job(*a), [("a", True), ("b", False), ("c", True), ("d", False)])
     times = {w: t for w, t in log}
     # while a job runs alone nothing else starts, runs or ends
@@ -197,3 +198,27 @@ def test_run_in_order_raises_the_first_failure():
 
     with Pool("cpu", True) as pool, pytest.raises(ValueError, match="two"):
         ahead_mod.run_in_order(pool, fn, [0, 1, 2, 3])
+
+
+def test_gate_starts_no_job_while_one_waits_to_run_alone():
+    """A stream of short jobs on the other worker must not keep a job waiting to run alone:
+    the jobs queued behind the running one start only after the alone section."""
+    gate = ahead_mod.Gate()
+    log, lock = [], threading.Lock()
+
+    def job(i):
+        with gate.job():
+            if i == 0:
+                time.sleep(0.02)
+                with gate.alone():
+                    with lock:
+                        log.append("alone")
+            else:
+                time.sleep(0.03)
+                with lock:
+                    log.append(i)
+
+    with ThreadPoolExecutor(2) as pool:
+        ahead_mod.run_in_order(pool, job, list(range(8)))
+    # job 1 ran beside job 0 and may finish before the alone section; the rest start after it
+    assert log.index("alone") <= 1
