@@ -28,8 +28,10 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager
 
+import numpy as np
 import torch
 
+from ...core.determinism import numpy_blas_one_thread, numpy_linalg
 from ...core.determinism import one_thread as single_thread  # noqa: F401  (the methods' name for it)
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -40,11 +42,29 @@ def rank_floor(s_max: float, shape: tuple[int, ...]) -> float:
     return s_max * math.sqrt(max(shape)) * EPS32
 
 
+def _on_numpy(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and numpy_linalg()
+
+
+def matmul64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of float64 matrices: numpy's BLAS on one thread on the CPU (about twice torch's
+    dgemm here, :func:`surgery.core.determinism.numpy_linalg`), torch elsewhere."""
+    if not _on_numpy(a):
+        return a @ b
+    with numpy_blas_one_thread():
+        return torch.from_numpy(a.numpy() @ b.numpy())
+
+
 def _gram_eigh(m64: torch.Tensor, tall: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending, clamped at 0) and eigenvectors of the Gram matrix of the
     smaller side of the float64 ``m64``: mᵀm for a tall matrix, m mᵀ for a wide one."""
-    gram = m64.mT @ m64 if tall else m64 @ m64.mT
-    evals, evecs = torch.linalg.eigh(gram)
+    gram = matmul64(m64.mT, m64) if tall else matmul64(m64, m64.mT)
+    if _on_numpy(gram):
+        with numpy_blas_one_thread():
+            e, v = np.linalg.eigh(gram.numpy())
+        evals, evecs = torch.from_numpy(e), torch.from_numpy(v)
+    else:
+        evals, evecs = torch.linalg.eigh(gram)
     return evals.flip(0).clamp_min(0), evecs.flip(1)
 
 
@@ -69,7 +89,7 @@ def top_svd(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     k = min(r, int((s > floor).sum()))
     s_k, w = s[:k], evecs[:, :k]
     # the other side from the Gram eigenvectors: m w / σ (float64, then float32)
-    other = (m64 @ w if tall else m64.mT @ w) / s_k
+    other = (matmul64(m64, w) if tall else matmul64(m64.mT, w)) / s_k
     del m64
     u = torch.zeros(rows, r, dtype=m.dtype, device=m.device)
     vt = torch.zeros(r, cols, dtype=m.dtype, device=m.device)
@@ -102,8 +122,8 @@ def polar_and_singular_values(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     s = evals.sqrt()
     keep = s > rank_floor(float(s[0]) if s.numel() else 0.0, (rows, cols))
     w = evecs[:, keep]
-    inv_sqrt = (w / s[keep]) @ w.mT
-    return (a64 @ inv_sqrt if tall else inv_sqrt @ a64), s
+    inv_sqrt = matmul64(w / s[keep], w.mT)
+    return (matmul64(a64, inv_sqrt) if tall else matmul64(inv_sqrt, a64)), s
 
 
 class FactorCache:
