@@ -17,10 +17,8 @@ the write stops (an error) is cancelled on exit.
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -155,56 +153,6 @@ class Ahead:
             wait([f for f, _, _ in self.futures.values() if not f.done()], return_when=FIRST_COMPLETED)
             self._fill(i)
         return self.futures.pop(i)[0].result()
-
-
-class Gate:
-    """Jobs on a :class:`Pool` that may ask to run alone: :meth:`alone`, entered inside a job
-    (:meth:`job`), waits until every other job has finished or is itself waiting to run alone,
-    and no job starts while one waits to run alone or runs alone. ``surgery tune`` computes what it keeps across
-    trials (sorted magnitudes, decompositions) alone, so the wall time of that one-time work is
-    exactly the time nothing else ran, and a trial's own time is the rest.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._running = 0
-        self._waiting = 0          # asking to run alone: no job starts meanwhile, or they could starve
-        self._alone = False
-        self._local = threading.local()
-
-    @contextmanager
-    def job(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._alone and not self._waiting)
-            self._running += 1
-        self._local.depth = getattr(self._local, "depth", 0) + 1
-        try:
-            yield
-        finally:
-            self._local.depth -= 1
-            with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def alone(self) -> Iterator[None]:
-        inside = getattr(self._local, "depth", 0) > 0
-        with self._cond:
-            if inside:
-                self._running -= 1          # a job waiting here does not hold the others back
-            self._waiting += 1
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: not self._alone and self._running == 0)
-            self._waiting -= 1
-            self._alone = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._alone = False
-                if inside:
-                    self._running += 1
-                self._cond.notify_all()
 
 
 def run_in_order(pool: Pool, fn: Callable[[Any], Any], items: list[Any]) -> None:

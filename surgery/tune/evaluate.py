@@ -27,7 +27,7 @@ import torch
 from ..checkpoint.reader import Checkpoint
 from ..core.errors import IncompatibleCheckpointsError, UsageError
 from ..eval.perplexity import Scorer, _token_nll, corpus_windows, load_causal_lm, make_scorer
-from ..merge.ahead import Gate, Pool, run_in_order
+from ..merge.ahead import Pool, run_in_order
 from ..merge.batch import output_tensors
 from ..merge.inputs import Inputs
 from ..merge.methods.select import SortedCache
@@ -164,10 +164,6 @@ class Evaluator:
         # density is then two binary searches per tensor instead of two radix passes; at most
         # the models' size in float32 (1.6 GB for three 135M models), the rest uses the passes
         self.sorted_cache = SortedCache(len(models) * fp32 if sorted_cache_bytes is None else sorted_cache_bytes)
-        # what the caches compute runs alone: a trial's one-time preparation is then exactly
-        # the wall time nothing else ran (prepared_seconds), the rest is the trial's own
-        self.gate = Gate()
-        self.factor_cache.exclusive = self.sorted_cache.exclusive = self.gate.alone
         self.probes = [self._probe(tok, name, path, text, weight, holdout, ctx, stride, batch_size,
                                    search_windows, seed) for name, path, text, weight in probes]
         # the surrogate is the exact search score when it keeps every window of every probe
@@ -213,10 +209,11 @@ class Evaluator:
 
     # ---- candidates ---------------------------------------------------------------------------
 
-    def prepared_seconds(self) -> float:
-        """Time spent so far on what is kept across trials (decompositions, sorted magnitudes):
-        a trial that fills the caches reports it apart as its one-time preparation."""
-        return self.factor_cache.seconds + self.sorted_cache.seconds
+    def cache_state(self) -> tuple[int, int]:
+        """(entries computed, entries dropped) so far by the caches kept across trials
+        (decompositions, sorted magnitudes): a merge that changed the first but not the second
+        filled them for good, and the next merge of the same request finds everything cached."""
+        return (self.factor_cache.fills + self.sorted_cache.fills, self.factor_cache.evictions)
 
     def load(self, request: MergeRequest, *, seed: int = 0) -> None:
         """Merge ``request`` in memory and put the result into the model (rounded to the dtype
@@ -233,7 +230,7 @@ class Evaluator:
                 if o.rows is not None]
 
         def put(out: Any) -> None:
-            with self.gate.job(), torch.inference_mode():
+            with torch.inference_mode():
                 param = self.targets[out.name]
                 merged = out.rows(0, out.shape[0] if out.shape else 1)
                 param.copy_(merged.to(target or out.dtype).reshape(param.shape))

@@ -113,6 +113,31 @@ def test_trimming_trials_reuse_sorted_magnitudes_and_write_the_bytes_merge_write
 
 
 @pytest.mark.slow
+def test_a_trial_that_fills_the_caches_times_a_second_merge(cli, tmp_path, probes, monkeypatch):
+    """The first tsv trial computes the factors: its whole first merge is reported as
+    prepare_seconds, and it merges again with everything cached (nothing computed) for its own
+    time; later trials compute nothing and report no preparation."""
+    loads = []
+    load = Evaluator.load
+
+    def counting(self, request, *, seed=0):
+        before = self.cache_state()
+        load(self, request, seed=seed)
+        loads.append((request.method, before, self.cache_state()))
+
+    monkeypatch.setattr(Evaluator, "load", counting)
+    res = cli("tune", "tsv", "--base", LLAMA / "base", *MODELS, *sum((["--probe", p] for p in probes), []),
+              "-o", tmp_path / "tuned", "--trials", "3", "--ctx", "32", "--json", "--quiet")
+    assert res.code == 0, res.stderr
+    trials = res.json()["trials"]
+    assert trials[0]["prepare_seconds"] > 0 and [t["prepare_seconds"] for t in trials[1:]] == [0.0, 0.0]
+    first, again = loads[0], loads[1]
+    assert first[2][0] > first[1][0]              # the first merge computed the factors
+    assert again[1] == again[2] == first[2]        # the second found them all
+    assert all(after == before for _, before, after in loads[2:5])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
 def test_iso_trials_rescale_the_cached_task_matrix_to_the_bytes_merge_writes(cli, tmp_path, probes, one_thread, method):
     texts = [(p.split("=")[0], p.split("=")[1], Path(p.split("=")[1]).read_text(), 1.0) for p in probes]

@@ -15,11 +15,10 @@ O(numel), any chunking, so tensors larger than memory are handled in row blocks.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Sequence
-
+import threading
 import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -289,33 +288,32 @@ class SortedCache:
     every entry before its next use).
 
     Attributes:
-        seconds: Time spent sorting (the one-time cost the cache saves later).
+        seconds: Time spent sorting (the one-time cost the cache saves later; summed over threads).
         nbytes: Bytes held now (4 per entry).
+        fills: Entries computed so far.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.seconds = 0.0
         self.nbytes = 0
+        self.fills = 0
         self._entries: dict[tuple, torch.Tensor] = {}
-        # entered around every computation (surgery tune: ahead.Gate.alone, so that it runs by
-        # itself and :attr:`seconds` is wall time nothing else used)
-        self.exclusive: Callable[[], ContextManager[Any]] = nullcontext
+        self._lock = threading.Lock()       # tensors are merged on several worker threads
 
     def get(self, key: tuple, numel: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         """The entry of ``key`` (``compute()`` the first time), or None when it would not fit."""
-        hit = self._entries.get(key)
-        if hit is not None or self.nbytes + 4 * numel > self.max_bytes:
-            return hit
-        with self.exclusive():
+        with self._lock:
             hit = self._entries.get(key)
             if hit is not None or self.nbytes + 4 * numel > self.max_bytes:
                 return hit
-            t0 = time.perf_counter()
-            value = compute()
+            self.nbytes += 4 * numel         # reserved: another thread's entry cannot take the room
+        t0 = time.perf_counter()
+        value = compute()
+        with self._lock:
             self.seconds += time.perf_counter() - t0
             self._entries[key] = value
-            self.nbytes += 4 * numel
+            self.fills += 1
         return value
 
 

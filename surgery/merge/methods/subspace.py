@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 import time
+import threading
 from collections import OrderedDict
-from contextlib import nullcontext
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -134,8 +134,10 @@ class FactorCache:
     with the same bytes, when it is needed again.
 
     Attributes:
-        seconds: Time spent computing the entries (the one-time cost the cache saves later).
+        seconds: Time spent computing the entries (the one-time cost the cache saves later;
+            summed over threads).
         nbytes: Bytes held now.
+        fills, evictions: Entries computed and dropped so far.
     """
 
     def __init__(self, max_bytes: int):
@@ -143,30 +145,30 @@ class FactorCache:
         self.seconds = 0.0
         self.nbytes = 0
         self.peak_bytes = 0
+        self.fills = 0
+        self.evictions = 0
         self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
-        # entered around every computation and eviction (surgery tune: ahead.Gate.alone, so that
-        # it runs by itself and :attr:`seconds` is wall time nothing else used)
-        self.exclusive: Callable[[], ContextManager[Any]] = nullcontext
+        self._lock = threading.Lock()       # tensors are merged on several worker threads
 
     def get(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        hit = self._entries.get(key)
-        if hit is not None:
-            self._entries.move_to_end(key)
-            return hit[0]
-        with self.exclusive():
+        with self._lock:
             hit = self._entries.get(key)
             if hit is not None:
+                self._entries.move_to_end(key)
                 return hit[0]
-            t0 = time.perf_counter()
-            value = compute()
+        t0 = time.perf_counter()
+        value = compute()
+        parts = (value,) if isinstance(value, torch.Tensor) else (value or ())
+        size = sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+        with self._lock:
             self.seconds += time.perf_counter() - t0
-            parts = (value,) if isinstance(value, torch.Tensor) else (value or ())
-            size = sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+            self.fills += 1
             self._entries[key] = (value, size)
             self.nbytes += size
             while self.nbytes > self.max_bytes and len(self._entries) > 1:
                 _, (_, old) = self._entries.popitem(last=False)
                 self.nbytes -= old
+                self.evictions += 1
             self.peak_bytes = max(self.peak_bytes, self.nbytes)
         return value
 

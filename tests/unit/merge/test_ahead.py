@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -138,58 +137,6 @@ def test_off_the_pool_jobs_run_when_asked():
     assert ahead_mod.available_memory() > 0
 
 
-def test_gate_runs_alone_sections_by_themselves():
-    """A job that asks to run alone waits for the running job to finish, no job starts while it
-    runs, and two jobs asking at once take turns (no deadlock)."""
-    gate = ahead_mod.Gate()
-    log, lock = [], threading.Lock()
-
-    def note(what):
-        with lock:
-            log.append((what, time.perf_counter()))
-
-    def job(name, alone):
-        with gate.job():
-            note(f"{name} start")
-            time.sleep(0.05)
-            if alone:
-                with gate.alone():
-                    note(f"{name} alone in")
-                    time.sleep(0.05)
-                    note(f"{name} alone out")
-            time.sleep(0.02)
-            note(f"{name} end")
-
-    with ThreadPoolExecutor(2) as pool:       # two workers whatever torch's thread count
-        ahead_mod.run_in_order(pool, lambda a: job(*a), [("a", True), ("b", False), ("c", True), ("d", False)])
-    times = {w: t for w, t in log}
-    # while a job runs alone nothing else starts, runs or ends
-    for name in "ac":
-        t_in, t_out = times[f"{name} alone in"], times[f"{name} alone out"]
-        others = [t for w, t in log if not w.startswith(name) and t_in < t < t_out]
-        assert others == []
-    assert len(log) == 4 * 2 + 2 * 2
-
-
-def test_gate_alone_outside_a_job_waits_for_running_jobs():
-    gate = ahead_mod.Gate()
-    started, seen = threading.Event(), []
-
-    def job():
-        with gate.job():
-            started.set()
-            time.sleep(0.1)
-            seen.append("job done")
-
-    t = threading.Thread(target=job)
-    t.start()
-    started.wait()
-    with gate.alone():
-        seen.append("alone")
-    t.join()
-    assert seen == ["job done", "alone"]
-
-
 def test_run_in_order_raises_the_first_failure():
     def fn(i):
         if i == 2:
@@ -198,27 +145,3 @@ def test_run_in_order_raises_the_first_failure():
 
     with Pool("cpu", True) as pool, pytest.raises(ValueError, match="two"):
         ahead_mod.run_in_order(pool, fn, [0, 1, 2, 3])
-
-
-def test_gate_starts_no_job_while_one_waits_to_run_alone():
-    """A stream of short jobs on the other worker must not keep a job waiting to run alone:
-    the jobs queued behind the running one start only after the alone section."""
-    gate = ahead_mod.Gate()
-    log, lock = [], threading.Lock()
-
-    def job(i):
-        with gate.job():
-            if i == 0:
-                time.sleep(0.02)
-                with gate.alone():
-                    with lock:
-                        log.append("alone")
-            else:
-                time.sleep(0.03)
-                with lock:
-                    log.append(i)
-
-    with ThreadPoolExecutor(2) as pool:
-        ahead_mod.run_in_order(pool, job, list(range(8)))
-    # job 1 ran beside job 0 and may finish before the alone section; the rest start after it
-    assert log.index("alone") <= 1
