@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -97,44 +97,29 @@ class Keeper:
     def __call__(self, bits: torch.Tensor) -> torch.Tensor:
         """Mask of the kept entries of the next chunk (``bits``: int32 magnitudes, flat)."""
         if bits.device.type == "cpu":     # numpy's integer comparisons: several times torch's on the CPU
-            return torch.from_numpy(self._numpy(bits.numpy()))
-        keep = bits > self.bits
-        if self.left == 0:
-            return keep
-        tied = bits == self.bits
-        n = int(torch.count_nonzero(tied))
-        if self.skip >= n:
-            self.skip -= n
-            return keep
-        if self.skip:
-            tied[:_position(tied, self.skip) + 1] = False
-            n -= self.skip
-            self.skip = 0
-        if n > self.left:
-            tied[_position(tied, self.left) + 1:] = False
-            n = self.left
-        self.left -= n
-        return keep.logical_or_(tied)
+            return torch.from_numpy(self._mask(bits.numpy(), lambda m: int(np.count_nonzero(m)), _position_np))
+        return self._mask(bits, lambda m: int(torch.count_nonzero(m)), _position)
 
-    def _numpy(self, bits: np.ndarray) -> np.ndarray:
-        """:meth:`__call__` on a numpy array of the bit patterns."""
+    def _mask(self, bits: Any, count: Callable[[Any], int], position: Callable[[Any, int], int]) -> Any:
+        """The mask of a numpy array or a tensor of bit patterns (the same operators on both)."""
         keep = bits > self.bits
         if self.left == 0:
             return keep
         tied = bits == self.bits
-        n = int(np.count_nonzero(tied))
+        n = count(tied)
         if self.skip >= n:
             self.skip -= n
             return keep
         if self.skip:
-            tied[:_position_np(tied, self.skip) + 1] = False
+            tied[:position(tied, self.skip) + 1] = False
             n -= self.skip
             self.skip = 0
         if n > self.left:
-            tied[_position_np(tied, self.left) + 1:] = False
+            tied[position(tied, self.left) + 1:] = False
             n = self.left
         self.left -= n
-        return np.logical_or(keep, tied, out=keep)
+        keep |= tied
+        return keep
 
 
 def _position_np(mask: np.ndarray, j: int, block: int = 1 << 16) -> int:
