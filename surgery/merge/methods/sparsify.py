@@ -55,7 +55,6 @@ from .select import Threshold, _bits, magnitude_thresholds, mask_values, sorted_
 from .streaming import Inputs, OrderedRows, as64, sum64
 from .task_arithmetic import INT8_MASK, LAMBDA  # noqa: F401  (the family's shared declarations)
 
-CHUNK = 1 << 23          # sign election runs over flat chunks (32 MB in float32)
 COMBINE_CHUNK = 1 << 18  # TIES' combine: flat chunks whose temporaries stay in cache (1 MB in float32)
 UNIFORM_BITS = 24        # resolution of a draw: u = r / 2^24, r an integer
 RESCALE_EPS = 1e-7       # mergekit's: no rescale when either L1 norm is below this
@@ -295,14 +294,6 @@ class _Masker:
 
 
 # ---- combining the sparsified task vectors ---------------------------------------------------
-
-def elect_sign(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The sign (+1/−1) of Σ of the weighted trimmed task vectors per element (0 counts as +)."""
-    total = weighted[0].clone()
-    for w in weighted[1:]:
-        total.add_(w)
-    return (total >= 0).to(total.dtype).mul_(2).sub_(1)
-
 
 def _indicator(compare: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` = 1.0 where ``x`` compares true with 0 (``compare``: ge, gt, lt or eq), else 0.0

@@ -22,7 +22,7 @@ import torch
 
 from ..method import WEIGHT, Batch, TensorContext
 from .select import magnitude_threshold  # noqa: F401  (TIES' threshold, re-exported)
-from .sparsify import (INT8_MASK, LAMBDA, GtaRows, Sparsify, density_param, elect_sign,  # noqa: F401
+from .sparsify import (INT8_MASK, LAMBDA, GtaRows, Sparsify, density_param,  # noqa: F401
                        gta_rows, kept_count, l1_factor, normalize_param, rescale_param, row_inputs,
                        ties_combine_weighted)
 
