@@ -298,7 +298,7 @@ class _Masker:
 def _indicator(compare: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` = 1.0 where ``x`` compares true with 0 (``compare``: ge, gt, lt or eq), else 0.0
     (numpy's comparison on the CPU: several times torch's)."""
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):   # numpy has no bfloat16
         getattr(np, {"ge": "greater_equal", "gt": "greater", "lt": "less", "eq": "equal"}[compare])(
             x.numpy(), 0, out=out.numpy(), casting="unsafe")
         return out

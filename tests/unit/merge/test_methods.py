@@ -260,7 +260,7 @@ def _ties_combine_reference(weighted, weights, normalize):
     return mixed
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_ties_combine_has_the_bits_of_the_per_model_reference(monkeypatch, dtype, normalize):
     """The chunked P/N form (positive and negative parts, chosen by the elected sign) gives the
@@ -281,7 +281,7 @@ def test_ties_combine_has_the_bits_of_the_per_model_reference(monkeypatch, dtype
     weighted[1][60:70], weighted[3][60:70] = -1.0, 1.0    # the weights -0.3 and 0.3 agree: divisor 0
     want = _ties_combine_reference(weighted, weights, normalize)
     got = sparsify.ties_combine_weighted([w.clone() for w in weighted], weights, normalize)
-    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}.get(dtype, torch.int16)
     assert torch.equal(got.view(bits), want.view(bits))
     assert not torch.signbit(got[:50]).any()
 
