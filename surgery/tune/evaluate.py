@@ -224,7 +224,8 @@ class Evaluator:
                              f"(merge it with surgery merge).")
         plan = plan_merge(method, request, device=self.device, inputs=self.inputs)
         target = plan.dtype
-        options = {"trim_ties": "index", "factor_cache": self.factor_cache, "sorted_cache": self.sorted_cache}
+        options = {"trim_ties": "index", "factor_cache": self.factor_cache, "sorted_cache": self.sorted_cache,
+                   "fused": True}
         # tensors copied from an input unmerged have no rows: the model holds the base's already
         outs = [o for o in output_tensors(plan, seed=seed, device=self.device, options=options, copies=False)
                 if o.rows is not None]

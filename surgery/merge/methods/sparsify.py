@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from ..method import Param, TensorContext, flag, unit
+from . import fused
 from .select import Threshold, _bits, magnitude_thresholds, mask_values, sorted_bits, sorted_thresholds
 from .streaming import Inputs, OrderedRows, as64, sum64
 from .task_arithmetic import INT8_MASK, LAMBDA  # noqa: F401  (the family's shared declarations)
@@ -497,10 +498,25 @@ class GtaRows(OrderedRows):
     def block(self, a: int, e: int) -> torch.Tensor:
         inp = self.inputs
         base = inp.base(a, e)
+        # TIES in one pass (:mod:`.fused`) where the run asks for it (tune's repeated in-memory
+        # merges; a one-off merge gains nothing from it and would pay numba's start and memory):
+        # a model whose mask needs no τ (none, or cached) goes in as θ_i's rows, read in place
+        fuse = self.consensus and base is not None and bool(inp.ctx.options.get("fused"))
+        xs, is_model = [], []
+        for i, rule in enumerate(self.rules):
+            if fuse and (self.cached is not None or not rule.active):
+                xs.append(inp.model_view(i, a, e))
+                is_model.append(True)
+            else:
+                xs.append(inp.tau(i, a, e, base))
+                is_model.append(False)
+        masks = [self._mask(i, x, a, e) for i, x in enumerate(xs)]   # θ_i's rows are never looked at
+        if fuse and fused.usable(base, *xs):
+            return fused.ties_block(base, xs, is_model, masks, self.weights, self.factors,
+                                    normalize=self.normalize, lam=self.lam)
         weighted = []
-        for i in range(len(self.rules)):
-            tau = inp.tau(i, a, e, base)
-            mask = self._mask(i, tau, a, e)
+        for i, (x, model, mask) in enumerate(zip(xs, is_model, masks)):
+            tau = x - base if model else x
             if mask is None:
                 weighted.append(tau.mul_(self.weights[i]))
             elif self.factors[i] != 1.0:
@@ -539,23 +555,23 @@ def gta_rows(ctx: TensorContext, rules: Sequence[Sparsify], *, consensus: bool) 
 
 def row_inputs(shape: Sequence[int], base_rows: Callable[[int, int], torch.Tensor] | None,
                model_rows: Callable[[int, int, int], torch.Tensor], n: int, *, seed: int = 0,
-               name: str = "tensor", device: str = "cpu") -> Inputs:
+               name: str = "tensor", device: str = "cpu", options: dict | None = None) -> Inputs:
     """:class:`Inputs` over row-reading functions (for callers without a merge context)."""
     ctx = TensorContext(name=name, shape=tuple(shape), n=n, layer=None, depth=0.0, seed=seed, params={},
                         model_params=[{} for _ in range(n)], rows=None, device=device, _base_rows=base_rows,
-                        _model_rows=model_rows)
+                        _model_rows=model_rows, options=dict(options or {}))
     return Inputs(ctx)
 
 
 def whole(rules: Sequence[Sparsify], base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float], *,
           consensus: bool, normalize: bool = False, lam: float = 1.0, rescale: bool = False, seed: int = 0,
-          name: str = "tensor") -> torch.Tensor:
+          name: str = "tensor", fused: bool = False) -> torch.Tensor:
     """The family's computation on in-memory tensors (tests, notebooks): the same bytes as a merge
-    (float64 inputs compute in float64)."""
+    (float64 inputs compute in float64), with TIES' one-pass kernel where ``fused`` (:mod:`.fused`)."""
     shape = tuple(base.shape) or (1,)
     flat = [x.reshape(shape) for x in (base, *models)]
     inputs = row_inputs(shape, lambda a, e: flat[0][a:e].clone(), lambda i, a, e: flat[i + 1][a:e].clone(),
-                        len(models), seed=seed, name=name, device=str(base.device))
+                        len(models), seed=seed, name=name, device=str(base.device), options={"fused": fused})
     rows = GtaRows(inputs, rules, weights, consensus=consensus, normalize=normalize, lam=lam, rescale=rescale,
                    seed=seed, name=name)
     return rows(0, shape[0]).reshape(base.shape)

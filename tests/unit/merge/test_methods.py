@@ -553,3 +553,45 @@ def test_continual_baselines_fold():
     assert torch.equal(s, stacked.gather(0, idx)[0])
     # a later task vector wins a tie in magnitude
     assert continual.magmax_step(torch.tensor([1.0]), torch.tensor([-1.0]), 2).item() == -1.0
+
+
+def _gta_inputs(dtype, nonfinite):
+    """A base and three models with the edge cases of TIES' combine: τ = +0 (a model equal to
+    the base), −0 in the base, models whose τ cancel, chunk edges (19200 = 9·2048 + 768), and
+    with ``nonfinite`` a NaN and ±inf meeting at one entry."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(64, 300, generator=g, dtype=dtype)
+    models = [base + 0.01 * torch.randn(64, 300, generator=g, dtype=dtype) for _ in range(3)]
+    models[1][0, :20] = base[0, :20]
+    models[2][1, :10] = 2 * base[1, :10] - models[0][1, :10]
+    base[2, :5], models[0][2, :5] = -0.0, 0.0
+    if nonfinite:
+        models[0][3, 0] = float("nan")
+        models[1][3, 1], models[2][3, 1] = float("inf"), float("-inf")
+    return base, models
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["none", "magnitude", "random", "outliers", "della"])
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_fused_ties_kernel_has_the_bits_of_the_torch_path(dtype, kind, nonfinite):
+    """TIES in one numba pass (tune's merges) against GtaRows' torch passes, bit for bit (NaN
+    at the same entries: a NaN's payload is not a value), over every sparsification, density
+    1 and below, negative and zero weights, normalize, λ and the L1 rescale."""
+    from surgery.merge.methods import fused
+
+    assert fused.kernel() is not None          # numba is a dependency: the kernel must compile here
+    base, models = _gta_inputs(dtype, nonfinite)
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    for density in (1.0, 0.7):
+        rules = [sparsify.Sparsify(kind, density, 0.05 if kind == "outliers" else 0.0,
+                                   0.1 if kind == "della" else 0.0)] * 3
+        for w in [(1.0, 1.0, 1.0), (0.5, -0.3, 1.2), (0.0, 0.0, 0.0), (1.0, -1.0, 0.0)]:
+            for normalize in (False, True):
+                for lam, rescale in [(1.0, False), (0.7, False), (1.0, True), (0.7, True)]:
+                    got, want = (sparsify.whole(rules, base, models, w, consensus=True, normalize=normalize, lam=lam,
+                                                rescale=rescale, seed=3, fused=f) for f in (True, False))
+                    nan = want.isnan()
+                    assert torch.equal(got.isnan(), nan)
+                    assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (density, w, normalize, lam,
+                                                                                       rescale)
