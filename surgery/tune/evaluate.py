@@ -30,6 +30,7 @@ from ..eval.perplexity import Scorer, _token_nll, corpus_windows, load_causal_lm
 from ..merge.ahead import Pool, run_in_order
 from ..merge.batch import output_tensors
 from ..merge.inputs import Inputs
+from ..merge.methods import fused
 from ..merge.methods.select import SortedCache
 from ..merge.methods.subspace import FactorCache
 from ..merge.plan import plan_merge
@@ -211,9 +212,10 @@ class Evaluator:
 
     def cache_state(self) -> tuple[int, int]:
         """(entries computed, entries dropped) so far by the caches kept across trials
-        (decompositions, sorted magnitudes): a merge that changed the first but not the second
-        filled them for good, and the next merge of the same request finds everything cached."""
-        return (self.factor_cache.fills + self.sorted_cache.fills, self.factor_cache.evictions)
+        (decompositions, sorted magnitudes, the compiled TIES loop of :mod:`..merge.methods.fused`):
+        a merge that changed the first but not the second filled them for good, and the next
+        merge of the same request finds everything cached."""
+        return (self.factor_cache.fills + self.sorted_cache.fills + fused.compiled(), self.factor_cache.evictions)
 
     def load(self, request: MergeRequest, *, seed: int = 0) -> None:
         """Merge ``request`` in memory and put the result into the model (rounded to the dtype

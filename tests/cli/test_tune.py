@@ -138,6 +138,32 @@ def test_a_trial_that_fills_the_caches_times_a_second_merge(cli, tmp_path, probe
 
 
 @pytest.mark.slow
+def test_compiling_the_fused_ties_loop_counts_as_preparation_once(probes, one_thread, monkeypatch):
+    """The first TIES merge of a process compiles (or loads from numba's disk cache) the fused
+    loop for its dtype and model count: cache_state counts it, so tune reports it with the
+    preparation instead of as that trial's merge; later merges compile nothing."""
+    from surgery.merge.methods import fused
+    if fused.kernel() is None:
+        pytest.skip("numba is not installed: the torch path runs and nothing is compiled")
+    monkeypatch.setattr(fused, "_kernel", None)       # a fresh process's state
+    monkeypatch.setattr(fused, "_tried", False)
+    texts = [(p.split("=")[0], p.split("=")[1], Path(p.split("=")[1]).read_text(), 1.0) for p in probes]
+    ev = Evaluator(str(LLAMA / "base"), [str(m) for m in MODELS], texts, holdout=0.5, ctx=32)
+
+    def request(*weights):
+        return MergeRequest("ties", str(LLAMA / "base"), [ModelEntry(str(m), {"weight": w}) for m, w in
+                                                          zip(MODELS, weights)], {"density": 1.0}, None)
+
+    before = ev.cache_state()
+    ev.load(request(1.0, 0.5, 1.5))
+    after = ev.cache_state()
+    assert fused.compiled() == 1                       # float32, three models: one specialization
+    assert after == (before[0] + 1, before[1])
+    ev.load(request(0.5, 1.0, 1.0))
+    assert ev.cache_state() == after
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
 def test_iso_trials_rescale_the_cached_task_matrix_to_the_bytes_merge_writes(cli, tmp_path, probes, one_thread, method):
     texts = [(p.split("=")[0], p.split("=")[1], Path(p.split("=")[1]).read_text(), 1.0) for p in probes]

@@ -4,7 +4,7 @@
 masked x_i, the elected sign, the agreeing sum (and divisor), λ and θ0 again: about fifty
 elementwise torch passes over chunks of the block. :func:`ties_block` does the same
 arithmetic on one element at a time, in the same order and in the tensors' dtype, so its
-bytes are :meth:`GtaRows.block`'s (tests/merge/test_fused.py compares them bit for bit,
+bytes are :meth:`GtaRows.block`'s (tests/unit/merge/test_methods.py compares them bit for bit,
 signed zeros, NaN and infinities included):
 
 - x_i = τ_i · w_i without a mask; τ_i · (mask · w_i) with one (``mask_values``: the scale
@@ -134,6 +134,14 @@ def kernel() -> Any:
                     _kernel = None
                 _tried = True
     return _kernel
+
+
+def compiled() -> int:
+    """How many specializations (one per dtype and model count) the kernel holds in this
+    process, compiled or loaded from numba's disk cache: a one-time cost that ``surgery tune``
+    reports with its preparation, not as a trial's merge."""
+    k = _kernel
+    return len(k.signatures) if k is not None else 0
 
 
 def usable(*tensors: torch.Tensor) -> bool:
